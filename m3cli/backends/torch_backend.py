@@ -1,0 +1,242 @@
+"""PyTorch / transformers backend: a Hugging Face LLaVA with M3 pooling after the projector."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError
+from m3cli.scales import nested_scales, pool
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def pick_device(requested: str = "auto") -> str:
+    """cuda > mps > cpu for ``auto``; otherwise the requested device, checked to exist."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {requested}: CUDA is not available on this machine")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("--device mps: MPS is not available on this machine")
+    if requested != "cpu" and not requested.startswith(("cuda", "mps")):
+        raise ModelLoadError(f"unknown --device {requested!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return requested
+
+
+def pick_dtype(device: str, requested: str = "auto"):
+    """bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS, fp32 on CPU; or as requested."""
+    import torch
+
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ModelLoadError(f"unknown --dtype {requested!r} (use auto, float32, float16 or bfloat16)")
+        return getattr(torch, DTYPES[requested])
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class TorchBackend:
+    """Transformers ``LlavaForConditionalGeneration`` with pooled features and greedy decoding."""
+
+    name = "torch"
+
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model_id = str(model)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.model, self.processor = _load(self.model_id, self.device, self.dtype)
+        self.tokenizer = self.processor.tokenizer
+        cfg = self.model.config
+        if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
+            raise ModelLoadError(f"{model}: only LLaVA models that drop CLS ('default' strategy) are supported")
+        vision = cfg.vision_config
+        self.grid_side = vision.image_size // vision.patch_size
+        self.scales = nested_scales(self.grid_side)
+        self.image_token_id = cfg.image_token_id
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    # -- prompts -------------------------------------------------------------------------
+    def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
+        """Token ids of the chat prompt with exactly ``n_image_tokens`` image placeholders.
+
+        The prompt is tokenized once with a single placeholder (a special token, so its
+        neighbours tokenize as in the full prompt) and the placeholder is then repeated.
+        """
+        ids = self._prompt_cache.get(question)
+        if ids is None:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=True).input_ids
+            if ids.count(self.image_token_id) != 1:
+                raise ModelLoadError(f"{self.model_id}: chat template must place exactly one image token")
+            if len(self._prompt_cache) > 4096:
+                self._prompt_cache.clear()
+            self._prompt_cache[question] = ids
+        at = ids.index(self.image_token_id)
+        return ids[:at] + [self.image_token_id] * n_image_tokens + ids[at + 1 :]
+
+    # -- encoding ------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence):
+        """The processor's normalised pixel tensor for a list of PIL images."""
+        out = self.processor.image_processor(list(images), return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype)
+
+    def encode(self, images: Sequence) -> list[Encoded]:
+        """Vision tower + projector once per image: one (G*G, D) grid each."""
+        import torch
+
+        if not images:
+            return []
+        start = time.perf_counter()
+        with torch.inference_mode():
+            features = self.model.model.get_image_features(pixel_values=self.pixel_values(images))
+            grids = list(features.pooler_output)
+        _sync(self.device)
+        per_image = (time.perf_counter() - start) * 1000 / len(images)
+        return [Encoded(grid=g, side=self.grid_side, encode_ms=per_image) for g in grids]
+
+    # -- answering -----------------------------------------------------------------------
+    def answer(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
+        """Pool each grid to its scale, prefill the batch (left-padded) and decode greedily."""
+        import torch
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if not requests:
+            return []
+        pooled = [pool(r.encoded.grid, r.scale) for r in requests]
+        prompts = [self.prompt_ids(r.question, r.scale) for r in requests]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        max_new = max(r.max_new_tokens for r in requests)
+
+        tokens: list[list[int]] = [[] for _ in requests]
+        logprobs: list[list[float]] = [[] for _ in requests]
+        done = [False] * len(requests)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            cache = DynamicCache(config=self.model.config.text_config)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pooled)},
+            )
+            _sync(self.device)
+            prefill_ms = (time.perf_counter() - start) * 1000
+            start = time.perf_counter()
+            last_pos = positions[:, -1]
+            for step in range(max_new):
+                scores = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+                best = scores.argmax(dim=-1)
+                best_lp = scores.gather(-1, best[:, None])[:, 0]
+                for row, (tok, lp) in enumerate(zip(best.tolist(), best_lp.tolist(), strict=True)):
+                    if done[row]:
+                        continue
+                    if tok in self.eos_ids or len(tokens[row]) >= requests[row].max_new_tokens:
+                        done[row] = True
+                        continue
+                    tokens[row].append(tok)
+                    logprobs[row].append(lp)
+                if all(done) or step == max_new - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                last_pos = last_pos + 1
+                out = self.model(
+                    input_ids=best[:, None],
+                    attention_mask=mask,
+                    position_ids=last_pos[:, None],
+                    cache=cache,
+                    use_cache=True,
+                )
+            _sync(self.device)
+            decode_ms = (time.perf_counter() - start) * 1000
+        n = len(requests)
+        return [
+            Generation(
+                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                token_ids=ids,
+                logprobs=lps,
+                prefill_ms=prefill_ms / n,
+                decode_ms=decode_ms / n,
+            )
+            for ids, lps in zip(tokens, logprobs, strict=True)
+        ]
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work so timings are real."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _load(model: str, device: str, dtype):
+    """Load model + processor, turning every failure into one line."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(f"model directory not found: {model}")
+    if looks_local and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{model}: not a Hugging Face model directory (no config.json)")
+    source = str(path) if looks_local else model
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        net = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {model}: {_first_line(exc)}") from exc
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelLoadError(f"{model}: not a loadable LLaVA model: {_first_line(exc)}") from exc
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise ModelLoadError(f"{model}: processor lacks a tokenizer or an image processor")
+    net.to(device)
+    net.eval()
+    return net, processor
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,69 @@
+"""Resolve a ``--model`` value: a registry name, a local directory or GGUF file, or a hub id."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULT_MODEL = "m3-shapes"
+
+
+class RegistryError(Exception):
+    """The model name or registry is unusable; one user-facing line."""
+
+
+def models_dir() -> Path:
+    """Where shipped models live: $M3CLI_MODELS_DIR, else the repository's ``models/``."""
+    env = os.environ.get("M3CLI_MODELS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    location: str
+    format: str
+    description: str = ""
+    scales: tuple[int, ...] = ()
+
+
+def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
+    """Entries of ``models/registry.yaml`` (empty if the file is absent)."""
+    path = path or models_dir() / "registry.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+    entries = {}
+    for name, spec in (data.get("models") or {}).items():
+        location = spec.get("path") or spec.get("hub")
+        if spec.get("path"):
+            location = str((path.parent / spec["path"]).resolve())
+        entries[name] = ModelEntry(
+            name=name,
+            location=location,
+            format=spec.get("format", "hf"),
+            description=spec.get("description", ""),
+            scales=tuple(spec.get("scales", ())),
+        )
+    return entries
+
+
+def resolve_model(value: str | None) -> str:
+    """A path or hub id for ``value``; ``None`` means the shipped default model."""
+    name = value or DEFAULT_MODEL
+    entry = load_registry().get(name)
+    if entry is not None:
+        if entry.format == "hf" and not entry.location.count("/") == 1 and not Path(entry.location).exists():
+            raise RegistryError(f"model {name!r} is registered but missing at {entry.location}")
+        return entry.location
+    if value is None:
+        raise RegistryError(f"the default model {DEFAULT_MODEL!r} is not installed; pass --model PATH")
+    return value
