@@ -16,6 +16,13 @@ from m3cli.scales import BudgetError
 USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, RegistryError, BudgetError)
 
 
+def _train_errors():
+    from m3cli.train.config import ConfigError
+    from m3cli.train.trainer import TrainError
+
+    return ConfigError, TrainError
+
+
 def _media_error():
     from m3cli.media import MediaError
 
@@ -37,7 +44,7 @@ class M3Group(click.Group):
         except click.exceptions.Abort:
             click.echo("m3: interrupted", err=True)
             rv = 130
-        except (*USER_ERRORS, _media_error(), ValueError) as exc:
+        except (*USER_ERRORS, _media_error(), *_train_errors(), ValueError) as exc:
             click.echo(f"m3: error: {exc}", err=True)
             rv = 2
         if standalone_mode:
@@ -160,6 +167,96 @@ def ask(image, question, tokens, auto_scale, threshold, ladder, model, backend, 
         click.echo(result.answer)
 
 
+BATCH_EXAMPLE = """
+\b
+Examples:
+  m3 batch ./photos -q "what colour is the background?" --tokens 9 -o answers.jsonl
+  m3 batch clip.mp4 --fps 1 -q "how many shapes are there?" --auto-scale
+  find . -name '*.png' | m3 batch - -q "is there a red shape?" --format csv
+  jq -c '{image: .path, question: .q}' todo.jsonl | m3 batch - -o out.jsonl --resume
+"""
+
+
+@cli.command(epilog=BATCH_EXAMPLE)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-q", "--question", default=None,
+              help="The question for every item (stdin JSONL rows may set their own).")
+@policy_options
+@model_options
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write rows here (default: stdout).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text"]), default="jsonl", show_default=True)
+@click.option("--resume", is_flag=True, help="Skip items whose id already has a row in -o FILE (JSONL).")
+@click.option("--retry-errors", is_flag=True, help="With --resume: answer again the items whose row was an error.")
+@click.option("-b", "--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None, help="Video: frames per second.")
+@click.option("--every", type=click.IntRange(1), default=None, help="Video: every Nth frame.")
+@click.option("--max-frames", type=click.IntRange(1), default=None,
+              help="Video: at most K frames (alone: K frames spread evenly; default 8).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a TTY).")
+def batch(inputs, question, tokens, auto_scale, threshold, ladder, model, backend, device, dtype, threads, output, fmt,
+          resume, retry_errors, batch_size, fps, every, max_frames, max_new_tokens, progress):
+    """Answer a question about every image, video frame or stdin row; one output row per item.
+
+    INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
+    rows with image/question/tokens/id). Exit code 0: all items answered; 1: some rows have an error;
+    2: bad usage or model, before any work.
+    """
+    from m3cli.media import iter_inputs
+    from m3cli.output import OrderedWriter, Summary, open_sink, read_done_ids, read_error_ids
+    from m3cli.policy import DEFAULT_THRESHOLD
+    from m3cli.runner import BatchOptions, run_batch
+    from m3cli.scales import parse_budget
+
+    if tokens is not None:
+        parse_budget(tokens)
+    if fps is not None and every is not None:
+        raise click.UsageError("--fps and --every cannot be combined")
+    if resume and (not output or fmt != "jsonl"):
+        raise click.UsageError("--resume needs -o FILE in jsonl format")
+    if retry_errors and not resume:
+        raise click.UsageError("--retry-errors goes with --resume")
+    if not auto_scale and (ladder is not None or threshold is not None):
+        raise click.UsageError("--ladder and --threshold need --auto-scale")
+    done = read_done_ids(output, retry_errors=retry_errors) if resume else set()
+    engine = open_backend(model, backend, device, dtype, threads)
+    opts = BatchOptions(
+        question=question, tokens=int(tokens) if tokens is not None else None, auto_scale=auto_scale,
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=_parse_ladder(ladder),
+        batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
+        done_ids=done, failed_ids=read_error_ids(output) & done if resume else set(),
+    )
+    if opts.auto_scale:
+        from m3cli.policy import make_ladder
+
+        make_ladder(engine.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
+    writer = OrderedWriter(open_sink(fmt, output, append=resume))
+    summary = Summary()
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="m3 batch", unit="item", file=sys.stderr, dynamic_ncols=True)
+    interrupted = False
+    try:
+        run_batch(engine, iter_inputs(list(inputs)), opts, writer, summary,
+                  on_row=(lambda row: bar.update(1)) if bar else None)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        writer.close()
+        if bar:
+            bar.close()
+        summary.stop()
+    click.echo(f"m3 batch: {summary.line()}" + (" (interrupted; rerun with --resume)" if interrupted else ""),
+               err=True)
+    if interrupted:
+        raise SystemExit(130)
+    raise SystemExit(1 if summary.failed or summary.skipped_failed else 0)
+
+
 @cli.group()
 def bench():
     """Measure speed on your hardware (results go to docs/benchmarks.md)."""
@@ -182,6 +279,158 @@ def bench_latency(model, backend, device, dtype, threads, image, scales, repeat,
     rows = latency_by_scale(engine, image_path=image, scales=picked, repeat=repeat,
                             batch_size=batch_size, max_new_tokens=max_new_tokens)
     click.echo(format_latency_table(rows, engine))
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Training YAML, e.g. models/m3-shapes.yaml.")
+@click.option("-o", "--out", default=None, help="Run directory (default: runs/<config name>).")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's last checkpoint.")
+@click.option("--init", "init_from", default=None, type=click.Path(file_okay=False),
+              help="Start from a saved model directory instead of random weights.")
+@click.option("--stages", default=None, help="Run only these stages, e.g. m3 (default: all in the config).")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a TTY).")
+def train(config_path, out, resume, init_from, stages, threads, progress):
+    """Train an M3 model with the staged recipe (vision, full-scale VQA, M3 nested loss).
+
+    \b
+    Example:
+      m3 train --config models/m3-shapes.yaml --out runs/m3-shapes
+      m3 train --config models/m3-shapes.yaml --out runs/m3-shapes --resume
+    """
+    from pathlib import Path
+
+    from m3cli.train.config import load_config
+    from m3cli.train.trainer import Progress, Trainer
+
+    config = load_config(config_path)
+    if threads:
+        config.threads = threads
+    run_dir = Path(out or Path("runs") / config.name)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _TrainBar(show)
+    trainer = Trainer(config, run_dir, init=Path(init_from) if init_from else None, progress=Progress(bar.update))
+    try:
+        final = trainer.run(resume=resume, only=stages.split(",") if stages else None)
+    finally:
+        bar.close()
+    click.echo(str(final))
+
+
+class _TrainBar:
+    """A tqdm bar per stage with the latest per-scale losses; a log line every 50 steps otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.stage = None
+
+    def update(self, stage: str, step: int, total: int, losses: dict[str, float]) -> None:
+        text = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
+        if not self.enabled:
+            if step % 50 == 0 or step == total:
+                click.echo(f"m3 train: {stage} {step}/{total} {text}", err=True)
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, initial=step - 1, desc=stage, file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(1)
+        self.bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@cli.command("eval")
+@model_options
+@click.option("--tokens", "scales", default=None, help="Scales to evaluate, e.g. 1,9,36,144,576 (default: all).")
+@click.option("-n", "--n", "count", type=click.IntRange(1, 1_000_000), default=600, show_default=True,
+              help="Questions, balanced over the families.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--family", "families", multiple=True, help="Only these question families (repeatable).")
+@click.option("--auto-scale", is_flag=True, help="Also replay confidence escalation at each --thresholds value.")
+@click.option("--thresholds", default="0.5,0.8,0.9,0.95", show_default=True)
+@click.option("--measure", default=None, help="Confidence measure (default: the tuned one).")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the full report as JSON.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Write accuracy vs visual tokens as a PNG (needs matplotlib).")
+def eval_cmd(model, backend, device, dtype, threads, scales, count, split, families, auto_scale, thresholds, measure,
+             batch_size, json_path, plot_path):
+    """Accuracy per question family and scale on the synthetic scenes, with the oracle.
+
+    \b
+    Example:
+      m3 eval --n 600 --split test --plot docs/img/accuracy.png
+      m3 eval --auto-scale --thresholds 0.5,0.8,0.9,0.95 --split val
+    """
+    from m3cli.confidence import DEFAULT_MEASURE, MEASURES
+    from m3cli.evaluate import evaluate, format_report, plot
+
+    measure = measure or DEFAULT_MEASURE
+    if measure not in MEASURES:
+        raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib: pip install 'm3cli[plot]'") from None
+    engine = open_backend(model, backend, device, dtype, threads)
+    picked = _parse_scales(scales, engine.scales)
+    levels = _parse_thresholds(thresholds) if auto_scale else []
+    report = evaluate(engine, split=split, n=count, scales=picked, families=list(families) or None,
+                      batch_size=batch_size, progress=_progress_line("m3 eval"))
+    escalations = [report.escalation(t, measure) for t in levels]
+    click.echo(format_report(report, escalations))
+    if json_path:
+        data = report.to_dict() | {"model": engine.model_id, "backend": engine.name, "measure": measure,
+                                   "escalation": escalations,
+                                   "calibration": [report.calibration(m, s) for m in MEASURES for s in report.scales]}
+        with open(json_path, "w") as fh:
+            json.dump(data, fh, indent=2)
+    if plot_path:
+        plot(report, plot_path, escalations)
+
+
+def _parse_scales(text, valid):
+    if not text:
+        return None
+    try:
+        picked = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"--tokens must be comma-separated integers, got {text!r}") from None
+    bad = [s for s in picked if s not in valid]
+    if bad:
+        raise click.UsageError(f"{bad} are not nested scales of this model ({', '.join(map(str, valid))})")
+    return picked
+
+
+def _parse_thresholds(text):
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise click.UsageError("--thresholds must lie in [0, 1]")
+    return values
+
+
+def _progress_line(label):
+    """A stderr progress line when stderr is a terminal; silent otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done, total):
+        click.echo(f"\r{label}: {done}/{total}", err=True, nl=done >= total)
+
+    return show
 
 
 @cli.command("models")

@@ -486,9 +486,8 @@ def _walk(root: str, visited: set[tuple[int, int]]) -> Iterator[tuple[str, str] 
         with os.scandir(root) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
-        yield BadInput(
-            id=os.path.normpath(root), source=root, error=f"{root}: cannot read directory ({_one_line(e)})"
-        )
+        error = f"{root}: cannot read directory ({_one_line(e)})"
+        yield BadInput(id=os.path.normpath(root), source=root, error=error)
         return
     for entry in entries:
         if entry.name.startswith("."):
@@ -566,7 +565,7 @@ def _jsonl_row(line: str, lineno: int) -> Iterator[Item | BadInput]:
     elif tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         problem = "'tokens' must be a positive integer"
     if problem:
-        yield BadInput(id=item_id or bad_id, source=image, error=f"{where}: {problem}")
+        yield BadInput(id=item_id or os.path.normpath(image), source=image, error=f"{where}: {problem}")
         return
     yield from _expand_path(image, item_id=item_id, question=question, tokens=tokens)
 

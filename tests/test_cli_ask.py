@@ -41,7 +41,8 @@ def test_ask_json(run, tiny_model_dir, scene_png, tokens):
 
 
 def test_ask_json_answer_matches_text(run, tiny_model_dir, scene_png):
-    args = ("ask", scene_png, "is there a red circle?", "--tokens", 36, "--model", tiny_model_dir, "--max-new-tokens", 4)
+    args = ("ask", scene_png, "is there a red circle?", "--tokens", 36, "--model", tiny_model_dir,
+            "--max-new-tokens", 4)
     text = run(*args).stdout.strip()
     assert json.loads(run(*args, "--json").stdout)["answer"] == text
 

@@ -231,15 +231,22 @@ def test_empty_truncated_corrupt_missing_dir(tmp_path):
         load_image(b"")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permissions")
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(tmp_path, monkeypatch):
     path = _save(Image.new("RGB", (2, 2)), tmp_path / "secret.png")
-    os.chmod(path, 0)
-    try:
-        with pytest.raises(MediaError, match="permission denied"):
-            load_image(path)
-    finally:
-        os.chmod(path, 0o644)
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root ignores file modes
+        os.chmod(path, 0)
+        try:
+            with pytest.raises(MediaError, match="secret.png: permission denied"):
+                load_image(path)
+        finally:
+            os.chmod(path, 0o644)
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(media, "open", deny, raising=False)  # shadows the builtin inside the module
+    with pytest.raises(MediaError, match="secret.png: permission denied"):
+        load_image(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,6 +358,27 @@ def test_truncated_and_broken_videos(tmp_path):
         probe_video(str(text))
 
 
+def test_mkv_without_frame_count_and_rotation(tmp_path):
+    frames = [np.full((48, 64, 3), _level(i), np.uint8) for i in range(N_FRAMES)]
+    mkv = _write_video(str(tmp_path / "clip.mkv"), frames)
+    _check(list(sample_frames(mkv, max_frames=4)), [0, 6, 13, 19])  # count comes from a demux pass
+
+    strip = np.zeros((48, 64, 3), np.uint8)
+    strip[:, :16] = 255  # white strip on the left
+    path = str(tmp_path / "rot.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream(_codec(), rate=RATE)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)  # counter-clockwise, like a phone held sideways
+        for packet in stream.encode(av.VideoFrame.from_ndarray(strip, format="rgb24")):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    (fr,) = list(sample_frames(path, every=1))
+    assert fr.image.size == (48, 64)
+    assert fr.image.getpixel((24, 60))[0] > 200 and fr.image.getpixel((24, 3))[0] < 50  # left -> bottom
+
+
 def test_expand_video(video):
     item = Item(id="clips/clip.mp4", source=video, kind="video", question="what?")
     pairs = list(expand_video(item, every=10))
@@ -449,6 +477,20 @@ def test_stdin_jsonl(tree):
     assert isinstance(rows[5], BadInput) and "image" in rows[5].error
     assert isinstance(rows[6], BadInput) and "tokens" in rows[6].error
     assert rows[7].question == "Q" and rows[7].source == os.path.join("data/sub", "deep", "c.gif")
+
+
+def test_unreadable_directory_is_bad_input(tree, monkeypatch):
+    real = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "deep":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(media.os, "scandir", scandir)
+    rows = list(iter_inputs(["data/sub", "data/b.jpg"]))
+    assert _ids(rows) == ["data/sub/deep", "data/b.jpg"]
+    assert isinstance(rows[0], BadInput) and "Permission denied" in rows[0].error
 
 
 def test_id_suffix_never_collides():

@@ -361,6 +361,31 @@ def questions(scene: Scene, rng: np.random.Generator) -> tuple[QA, ...]:
     return tuple(qas)
 
 
+def all_questions(scene: Scene) -> tuple[QA, ...]:
+    """Every question the families can ask of a scene (training packs them all per image).
+
+    ``exists`` is asked for every colour (present: yes, absent: no), ``corner`` for every
+    quadrant holding exactly one shape, ``colour_of`` for every kind that occurs once.
+    """
+    qas = [QA("background", TEMPLATES["background"], scene.background)]
+    present = {s.colour for s in scene.shapes}
+    for colour in COLOUR_NAMES:
+        answer = "yes" if colour in present else "no"
+        qas.append(QA("exists", TEMPLATES["exists"].format(article=_article(colour), colour=colour), answer))
+    qas.append(QA("count", TEMPLATES["count"], NUMBER_WORDS[len(scene.shapes)]))
+    corners = _unique_by(scene, quadrant)
+    for q in QUADRANTS:
+        if q in corners:
+            qas.append(QA("corner", TEMPLATES["corner"].format(quadrant=q), corners[q].kind))
+    kinds = _unique_by(scene, lambda s: s.kind)
+    for k in KINDS:
+        if k in kinds:
+            qas.append(QA("colour_of", TEMPLATES["colour_of"].format(kind=k), kinds[k].colour))
+    if scene.glyph is not None:
+        qas.append(QA("letter", TEMPLATES["letter"], scene.glyph.char.lower()))
+    return tuple(qas)
+
+
 def caption(scene: Scene) -> str:
     """Short description, e.g. 'gray background. large red circle top left. letter k in green.'"""
     parts = [f"{scene.background} background."]

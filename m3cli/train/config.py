@@ -1,0 +1,85 @@
+"""Training configuration (YAML): the model spec and the stages of the M3 recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from m3cli.build import ModelSpec
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; one user-facing line."""
+
+
+@dataclass
+class StageConfig:
+    """One stage: ``vision`` (dense patch heads on the tower), ``vqa`` or ``m3`` (LM loss over ``scales``)."""
+
+    kind: str
+    steps: int
+    batch: int = 16
+    lr: float = 1e-3
+    warmup: float = 0.05
+    scales: list[int] = field(default_factory=lambda: [576])
+    align_weight: float = 0.0  # projected patches vs. the tied embeddings of the words naming them
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    seed: int
+    model: ModelSpec
+    stages: dict[str, StageConfig]
+    pool_images: int = 8000  # train-split scenes whose frozen tower features are cached after stage 0
+    checkpoint_every: int = 100
+    threads: int | None = None
+
+
+STAGE_KINDS = ("vision", "vqa", "m3")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+    try:
+        spec = ModelSpec(**(raw.get("model") or {}))
+        stages = {}
+        for name, body in (raw.get("stages") or {}).items():
+            stage = StageConfig(**body)
+            if stage.kind not in STAGE_KINDS:
+                raise ConfigError(f"{path}: stage {name}: kind must be one of {STAGE_KINDS}")
+            stages[name] = stage
+        config = TrainConfig(
+            name=raw.get("name", path.stem),
+            seed=int(raw.get("seed", 0)),
+            model=spec,
+            stages=stages,
+            pool_images=int(raw.get("pool_images", 8000)),
+            checkpoint_every=int(raw.get("checkpoint_every", 100)),
+            threads=raw.get("threads"),
+        )
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not stages:
+        raise ConfigError(f"{path}: no stages")
+    scales = [s for st in stages.values() for s in st.scales]
+    valid = {side * side for side in _sides(spec.grid)}
+    bad = sorted({s for s in scales if s not in valid})
+    if bad:
+        raise ConfigError(f"{path}: scales {bad} are not nested scales of a {spec.grid}x{spec.grid} grid")
+    return config
+
+
+def _sides(grid: int) -> list[int]:
+    from m3cli.scales import scale_sides
+
+    return scale_sides(grid)
