@@ -61,7 +61,12 @@ def resolve_model(value: str | None) -> str:
     name = value or DEFAULT_MODEL
     entry = load_registry().get(name)
     if entry is not None:
-        if entry.format == "hf" and not entry.location.count("/") == 1 and not Path(entry.location).exists():
+        if entry.format == "llava-original":
+            raise RegistryError(
+                f"{name} ({entry.location}) is stored in the original LLaVA layout: download it, run "
+                f"`m3 convert DIR --to hf OUT`, then pass --model OUT"
+            )
+        if entry.format == "hf" and Path(entry.location).is_absolute() and not Path(entry.location).exists():
             raise RegistryError(f"model {name!r} is registered but missing at {entry.location}")
         return entry.location
     if value is None:

@@ -99,3 +99,24 @@ def test_help_shows_example(run):
     res = run("ask", "--help")
     assert res.exit_code == 0
     assert "Examples:" in res.stdout and "--tokens 9" in res.stdout
+
+
+def test_ask_auto_scale_records_rungs(run, tiny_model_dir, scene_png):
+    res = run("ask", scene_png, "what colour is the background?", "--auto-scale", "--threshold", "1.0",
+              "--model", tiny_model_dir, "--json", "--max-new-tokens", 2)
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)
+    assert [r["tokens"] for r in row["scales_tried"]] == [1, 9, 36, 144, 576]
+    assert row["tokens"] == 576 and row["answer"] == row["scales_tried"][-1]["answer"]
+
+
+def test_ask_auto_scale_budget_caps_ladder(run, tiny_model_dir, scene_png):
+    res = run("ask", scene_png, "what colour is the background?", "--auto-scale", "--threshold", "1.0",
+              "--tokens", 40, "--ladder", "9,36,576", "--model", tiny_model_dir, "--json", "--max-new-tokens", 2)
+    row = json.loads(res.stdout)
+    assert [r["tokens"] for r in row["scales_tried"]] == [9, 36]
+
+
+def test_ask_threshold_needs_auto_scale(run, tiny_model_dir, scene_png):
+    _one_line_error(run("ask", scene_png, "q?", "--threshold", "0.5", "--model", tiny_model_dir))
+    _one_line_error(run("ask", scene_png, "q?", "--auto-scale", "--ladder", "10,36", "--model", tiny_model_dir))
