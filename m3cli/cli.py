@@ -433,6 +433,68 @@ def _progress_line(label):
     return show
 
 
+@bench.command("batch")
+@model_options
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--workdir", default="runs/bench-scenes", show_default=True, help="Where the scene PNGs are written.")
+@click.option("--skip-naive", is_flag=True, help="Do not time the naive stock-generate loop.")
+def bench_batch(model, backend, device, dtype, threads, count, batch_size, max_new_tokens, workdir, skip_naive):
+    """Images/s of m3 batch (--tokens 9, 576 and --auto-scale) against a naive stock generate() loop."""
+    from m3cli.bench import (
+        BENCH_QUESTION,
+        format_throughput,
+        naive_generate_loop,
+        runner_throughput,
+        scene_files,
+    )
+
+    engine = open_backend(model, backend, device, dtype, threads)
+    paths = scene_files(workdir, count)
+    runner_throughput(engine, paths[:batch_size], BENCH_QUESTION, 9, batch_size, max_new_tokens)  # warm-up
+    rows = []
+    if not skip_naive:
+        rows.append(naive_generate_loop(engine, paths, BENCH_QUESTION, max_new_tokens))
+    rows.append(runner_throughput(engine, paths, BENCH_QUESTION, 576, batch_size, max_new_tokens))
+    rows.append(runner_throughput(engine, paths, BENCH_QUESTION, 9, batch_size, max_new_tokens))
+    rows.append(runner_throughput(engine, paths, BENCH_QUESTION, None, batch_size, max_new_tokens, auto_scale=True))
+    click.echo(format_throughput(rows, rows[0], engine))
+
+
+@bench.command("escalation")
+@model_options
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=120, show_default=True)
+@click.option("--threshold", type=float, default=None, help="Default: the tuned threshold.")
+def bench_escalation(model, backend, device, dtype, threads, count, threshold):
+    """--auto-scale time per item against one fixed pass at the scale where that item ended."""
+    from m3cli.bench import escalation_overhead, machine_line
+
+    engine = open_backend(model, backend, device, dtype, threads)
+    t = escalation_overhead(engine, n=count, threshold=threshold)
+    click.echo(f"model `{engine.model_id}`; {machine_line(engine)}\n\n"
+               "| items | auto-scale ms/item | fixed pass at final scale ms/item | ratio | mean tokens | mean rungs |\n"
+               "|---:|---:|---:|---:|---:|---:|\n"
+               f"| {t.items} | {t.auto_ms:.1f} | {t.fixed_ms:.1f} | {t.ratio:.2f}x | {t.mean_tokens:.1f} "
+               f"| {t.mean_rungs:.2f} |")
+
+
+@bench.command("memory")
+@click.option("-m", "--model", default=None)
+@click.option("--small", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--large", type=click.IntRange(1), default=5000, show_default=True)
+@click.option("--workdir", default="runs/bench-scenes", show_default=True)
+def bench_memory(model, small, large, workdir):
+    """Peak RSS of m3 batch over a short and a long stream of items (memory must stay flat)."""
+    from m3cli.bench import peak_rss_of_batch, scene_files
+
+    paths = scene_files(workdir, 50)
+    a = peak_rss_of_batch(model, paths, small)
+    b = peak_rss_of_batch(model, paths, large)
+    click.echo("| items | peak RSS MiB |\n|---:|---:|\n"
+               f"| {small} | {a:.0f} |\n| {large} | {b:.0f} |\n\nratio {b / a:.3f} ({100 * (b / a - 1):+.1f}%)")
+
+
 @cli.command("models")
 def list_models():
     """List the models in the registry (models/registry.yaml)."""

@@ -1,0 +1,212 @@
+"""GGUF conversion and the llama.cpp backend, on the tiny random LLaVA (skips without llama_cpp/gguf)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+from m3cli.backends.base import AnswerRequest, ModelLoadError  # noqa: E402
+from m3cli.build import ModelSpec, make_tiny_model  # noqa: E402
+from m3cli.convert.gguf_writer import (  # noqa: E402
+    LAYOUT_KEY,
+    VARIANT_KEY,
+    ConvertError,
+    convert_to_gguf,
+    load_hf_llava,
+    mmproj_kv,
+    mmproj_tensor_list,
+    mmproj_tensors_from_hf,
+    write_gguf,
+)
+from m3cli.convert.mmproj_fix import MmprojError, fix_mmproj, validate_mmproj  # noqa: E402
+
+QUESTIONS = ["what colour is the background?", "how many shapes are there?"]
+
+
+def write_legacy_mmproj(hf_dir, path):
+    """An mmproj as llama.cpp's legacy LLaVA converter writes it: L-1 blocks, no feature_layer,
+    natural position order, post-layernorm kept."""
+    m = load_hf_llava(hf_dir)
+    tensors = mmproj_tensors_from_hf(m)
+    n_layers = int(m.vision["num_hidden_layers"])
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(f"v.blk.{n_layers - 1}.")}
+    tensors["v.post_ln.weight"] = m.tensors["vision.post_layernorm.weight"]
+    tensors["v.post_ln.bias"] = m.tensors["vision.post_layernorm.bias"]
+    v = m.vision
+    kv = mmproj_kv(name="legacy", image_size=v["image_size"], patch_size=v["patch_size"], hidden=v["hidden_size"],
+                   ff=v["intermediate_size"], n_blocks=n_layers - 1, n_heads=v["num_attention_heads"],
+                   eps=v.get("layer_norm_eps", 1e-5), proj_dim=v.get("projection_dim", 768), mean=m.image_mean,
+                   std=m.image_std, use_gelu=False, file_type=0, layout="natural", variant="main")
+    kv = [item for item in kv if item[0] not in ("clip.vision.feature_layer", LAYOUT_KEY, VARIANT_KEY)]
+    return write_gguf(path, "clip", kv, mmproj_tensor_list(tensors, "f32"))
+
+
+def cosines(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    lm, mm = convert_to_gguf(tiny_model_dir, out, "f32", name="tiny")
+    return lm, mm
+
+
+@pytest.fixture(scope="module")
+def cpp(gguf_files):
+    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(str(gguf_files[0]), patch0="exact", threads=2)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def images():
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i, (bg, fg) in enumerate([((90, 90, 90), (220, 30, 30)), ((20, 140, 40), (240, 240, 20))]):
+        img = Image.new("RGB", (48, 48), bg)
+        draw = ImageDraw.Draw(img)
+        draw.ellipse((4 + 3 * i, 4, 20 + 3 * i, 20), fill=fg)
+        draw.rectangle((28, 26 - 4 * i, 42, 40), fill=(30, 40, 220))
+        out.append(img)
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_grids(tiny_backend, images):
+    return [e.grid.float().numpy() for e in tiny_backend.encode(images)]
+
+
+def test_convert_layout(gguf_files):
+    lm, mm = gguf_files
+    assert lm.is_file() and mm.is_file()
+    assert mm.with_name(mm.name.replace(".gguf", ".rot180.gguf")).is_file()
+    info = validate_mmproj(mm, n_embd_text=64)
+    assert (info.layout, info.n_patches, info.n_blocks, info.feature_layers) == ("cls_last", 576, 2, [1])
+
+
+def test_convert_rejects_non_llava(tmp_path):
+    with pytest.raises(ConvertError) as exc:
+        convert_to_gguf(tmp_path, tmp_path / "out")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConvertError):
+        convert_to_gguf(tmp_path / "missing", tmp_path / "out")
+
+
+def test_probe_recognises_build():
+    from m3cli.backends.llamacpp_backend import SIG_BUGGY, SIG_FIXED, probe_llamacpp
+
+    assert probe_llamacpp().signature in (SIG_BUGGY, SIG_FIXED)
+
+
+def test_prompt_tokens_match_torch(cpp, tiny_backend):
+    for q in QUESTIONS:
+        assert cpp.prompt_ids(q, 9) == tiny_backend.prompt_ids(q, 9)
+
+
+def test_grid_matches_torch(cpp, images, torch_grids):
+    encoded = cpp.encode(images)
+    for enc, ref in zip(encoded, torch_grids, strict=True):
+        assert enc.grid.shape == (576, 64) and enc.side == 24
+        assert cosines(enc.grid, ref).min() > 0.999
+
+
+def test_every_scale_answers_and_agrees(cpp, tiny_backend, images):
+    enc_cpp = cpp.encode(images[:1])[0]
+    enc_t = tiny_backend.encode(images[:1])[0]
+    for scale in cpp.scales:
+        reqs = [AnswerRequest(enc_cpp, scale, q, max_new_tokens=4) for q in QUESTIONS]
+        gens = cpp.answer(reqs)
+        refs = tiny_backend.answer([AnswerRequest(enc_t, scale, q, max_new_tokens=4) for q in QUESTIONS])
+        for g, r in zip(gens, refs, strict=True):
+            assert len(g.token_ids) == len(g.logprobs) and all(lp <= 1e-6 for lp in g.logprobs)
+            assert g.token_ids == r.token_ids, (scale, g.text, r.text)
+            assert np.allclose(g.logprobs, r.logprobs, atol=2e-2)
+
+
+def test_auto_patch0_is_lazy(gguf_files, images, torch_grids):
+    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(str(gguf_files[0]), patch0="auto", threads=2)
+    try:
+        enc = backend.encode(images[:1])[0]
+        assert enc.patch0_exact is False
+        assert cosines(enc.grid[1:], torch_grids[0][1:]).min() > 0.999
+        backend.answer([AnswerRequest(enc, 1, QUESTIONS[0], max_new_tokens=1)])
+        assert enc.patch0_exact is False          # small scales never pay for the second pass
+        backend.answer([AnswerRequest(enc, 576, QUESTIONS[0], max_new_tokens=1)])
+        assert enc.patch0_exact is True
+        assert cosines(enc.grid, torch_grids[0]).min() > 0.999
+    finally:
+        backend.close()
+
+
+def _one_line_load_error(*args, **kwargs) -> str:
+    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+
+    with pytest.raises(ModelLoadError) as exc:
+        LlamaCppBackend(*args, **kwargs)
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_load_errors(gguf_files, tmp_path):
+    lm, mm = gguf_files
+    assert "not found" in _one_line_load_error(str(tmp_path / "nope.gguf"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    assert "not a GGUF" in _one_line_load_error(str(junk))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(lm, alone / lm.name)
+    assert "mmproj" in _one_line_load_error(str(alone / lm.name))
+    assert "language model" in _one_line_load_error(str(mm))
+
+
+def test_mismatched_mmproj(gguf_files, tmp_path):
+    spec = ModelSpec(vision_hidden=16, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1,
+                     text_heads=2, text_kv_heads=2, text_intermediate=64)
+    other = make_tiny_model(tmp_path / "other", ["red", "blue", "yes", "no"], spec)
+    _, other_mm = convert_to_gguf(other, tmp_path / "other-gguf", "f32", name="other", rot180=False)
+    with pytest.raises(MmprojError, match="mismatched"):
+        validate_mmproj(other_mm, 64)
+    assert "mismatched" in _one_line_load_error(str(gguf_files[0]), mmproj=str(other_mm))
+
+
+def test_truncated_position_table_is_caught(gguf_files, tmp_path, tiny_model_dir):
+    m = load_hf_llava(tiny_model_dir)
+    tensors = mmproj_tensors_from_hf(m)
+    tensors["v.position_embd.weight"] = tensors["v.position_embd.weight"][:100]
+    v = m.vision
+    kv = mmproj_kv(name="short", image_size=48, patch_size=2, hidden=v["hidden_size"], ff=v["intermediate_size"],
+                   n_blocks=2, n_heads=2, eps=1e-5, proj_dim=64, mean=m.image_mean, std=m.image_std,
+                   use_gelu=False, file_type=0, layout="cls_last", variant="main")
+    bad = write_gguf(tmp_path / "short-mmproj.gguf", "clip", kv, mmproj_tensor_list(tensors, "f32"))
+    with pytest.raises(MmprojError, match="position table"):
+        validate_mmproj(bad, 64)
+    assert "position table" in _one_line_load_error(str(gguf_files[0]), mmproj=str(bad))
+
+
+def test_fix_legacy_mmproj(gguf_files, tiny_model_dir, tmp_path, images, cpp):
+    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+
+    legacy = write_legacy_mmproj(tiny_model_dir, tmp_path / "mmproj-legacy-f32.gguf")
+    assert "fix-mmproj" in _one_line_load_error(str(gguf_files[0]), mmproj=str(legacy))
+    fixed = fix_mmproj(legacy, tmp_path / "fixed")
+    backend = LlamaCppBackend(str(gguf_files[0]), mmproj=str(fixed), patch0="exact", threads=2)
+    try:
+        got = backend.encode(images[:1])[0].grid
+    finally:
+        backend.close()
+    ref = cpp.encode(images[:1])[0].grid
+    assert np.abs(got - ref).max() < 1e-4
