@@ -121,6 +121,18 @@ class TorchBackend:
 
     # -- answering -----------------------------------------------------------------------
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
+        """Answer a batch; requests with different budgets run as separate sub-batches, so a 1-token
+        request is never padded to the length of a 576-token one."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.scale, []).append(i)
+        out: list[Generation | None] = [None] * len(requests)
+        for members in groups.values():
+            for i, gen in zip(members, self._answer_same_scale([requests[i] for i in members]), strict=True):
+                out[i] = gen
+        return out  # type: ignore[return-value]
+
+    def _answer_same_scale(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
         """Pool each grid to its scale, prefill the batch (left-padded) and decode greedily."""
         import torch
         from transformers import DynamicCache
