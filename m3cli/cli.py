@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -68,24 +69,35 @@ def cli(verbose: int) -> None:
 
 def model_options(fn):
     """Options shared by every command that loads a model."""
+    fn = click.option("--ctx", type=click.IntRange(64), default=None, help="GGUF: context length (default 2048).")(fn)
+    fn = click.option("--mmproj-offload/--no-mmproj-offload", default=None,
+                      help="GGUF: run the vision encoder on the GPU too (default: when the build has one).")(fn)
+    fn = click.option("--n-gpu-layers", type=int, default=None,
+                      help="GGUF: LM layers to offload (default: all when the build supports a GPU).")(fn)
+    fn = click.option("--mmproj", type=click.Path(dir_okay=False), default=None,
+                      help="GGUF: the vision projector file (default: a sibling *mmproj*.gguf).")(fn)
     fn = click.option("--threads", type=int, default=None, help="CPU threads for torch.")(fn)
     fn = click.option("--dtype", default="auto", show_default=True,
                       help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")(fn)
     fn = click.option("--device", default="auto", show_default=True,
                       help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")(fn)
-    fn = click.option("--backend", type=click.Choice(["auto", "torch"]), default="auto", show_default=True,
-                      help="Inference backend.")(fn)
+    fn = click.option("--backend", type=click.Choice(["auto", "torch", "llamacpp"]), default="auto",
+                      show_default=True, help="Inference backend (auto: llamacpp for .gguf models, else torch).")(fn)
     fn = click.option("-m", "--model", default=None,
-                      help="Registry name, local model directory or hub id (default: the shipped m3-shapes).")(fn)
+                      help="Registry name, model directory, .gguf file or hub id (default: the shipped m3-shapes).")(fn)
     return fn
 
 
-def open_backend(model, backend, device, dtype, threads):
+def open_backend(model=None, backend="auto", **options):
     """Resolve the model name and load the backend (errors are one line, exit 2)."""
+    from m3cli import logs
     from m3cli.backends import load_backend
     from m3cli.registry import resolve_model
 
-    return load_backend(backend, resolve_model(model), device=device, dtype=dtype, threads=threads)
+    path = resolve_model(model)
+    if backend == "llamacpp" or (backend == "auto" and path.lower().endswith(".gguf")):
+        options["verbose"] = logs.verbosity() >= 1
+    return load_backend(backend, path, **options)
 
 
 def policy_options(fn):
@@ -143,8 +155,8 @@ Examples:
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the answer text.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
-def ask(image, question, tokens, auto_scale, threshold, ladder, model, backend, device, dtype, threads,
-        as_json, max_new_tokens):
+def ask(image, question, tokens, auto_scale, threshold, ladder,
+        as_json, max_new_tokens, **model_kw):
     """Answer QUESTION about IMAGE using a budget of visual tokens."""
     from m3cli.answering import ask_images
     from m3cli.media import load_image
@@ -153,7 +165,7 @@ def ask(image, question, tokens, auto_scale, threshold, ladder, model, backend, 
     if tokens is not None:
         parse_budget(tokens)  # a bad budget is a usage error before the model loads
     picture = load_image(image)
-    engine = open_backend(model, backend, device, dtype, threads)
+    engine = open_backend(**model_kw)
     policy, note = build_policy(engine.grid_side, tokens, auto_scale, threshold, ladder)
     if note:
         click.echo(f"m3: note: {note}", err=True)
@@ -195,8 +207,8 @@ Examples:
               help="Video: at most K frames (alone: K frames spread evenly; default 8).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a TTY).")
-def batch(inputs, question, tokens, auto_scale, threshold, ladder, model, backend, device, dtype, threads, output, fmt,
-          resume, retry_errors, batch_size, fps, every, max_frames, max_new_tokens, progress):
+def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
+          resume, retry_errors, batch_size, fps, every, max_frames, max_new_tokens, progress, **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
@@ -220,7 +232,7 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, model, backen
     if not auto_scale and (ladder is not None or threshold is not None):
         raise click.UsageError("--ladder and --threshold need --auto-scale")
     done = read_done_ids(output, retry_errors=retry_errors) if resume else set()
-    engine = open_backend(model, backend, device, dtype, threads)
+    engine = open_backend(**model_kw)
     opts = BatchOptions(
         question=question, tokens=int(tokens) if tokens is not None else None, auto_scale=auto_scale,
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=_parse_ladder(ladder),
@@ -270,11 +282,11 @@ def bench():
 @click.option("--repeat", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
-def bench_latency(model, backend, device, dtype, threads, image, scales, repeat, batch_size, max_new_tokens):
+def bench_latency(image, scales, repeat, batch_size, max_new_tokens, **model_kw):
     """Per-scale latency: encode / prefill / decode ms (medians) and the speed-up over 576 tokens."""
     from m3cli.bench import format_latency_table, latency_by_scale
 
-    engine = open_backend(model, backend, device, dtype, threads)
+    engine = open_backend(**model_kw)
     picked = [int(s) for s in scales.split(",")] if scales else None
     rows = latency_by_scale(engine, image_path=image, scales=picked, repeat=repeat,
                             batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -299,7 +311,6 @@ def train(config_path, out, resume, init_from, stages, threads, progress):
       m3 train --config models/m3-shapes.yaml --out runs/m3-shapes
       m3 train --config models/m3-shapes.yaml --out runs/m3-shapes --resume
     """
-    from pathlib import Path
 
     from m3cli.train.config import load_config
     from m3cli.train.trainer import Progress, Trainer
@@ -362,8 +373,8 @@ class _TrainBar:
               help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write accuracy vs visual tokens as a PNG (needs matplotlib).")
-def eval_cmd(model, backend, device, dtype, threads, scales, count, split, families, auto_scale, thresholds, measure,
-             batch_size, json_path, plot_path):
+def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure,
+             batch_size, json_path, plot_path, **model_kw):
     """Accuracy per question family and scale on the synthetic scenes, with the oracle.
 
     \b
@@ -382,7 +393,7 @@ def eval_cmd(model, backend, device, dtype, threads, scales, count, split, famil
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install 'm3cli[plot]'") from None
-    engine = open_backend(model, backend, device, dtype, threads)
+    engine = open_backend(**model_kw)
     picked = _parse_scales(scales, engine.scales)
     levels = _parse_thresholds(thresholds) if auto_scale else []
     report = evaluate(engine, split=split, n=count, scales=picked, families=list(families) or None,
@@ -440,7 +451,7 @@ def _progress_line(label):
 @click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--workdir", default="runs/bench-scenes", show_default=True, help="Where the scene PNGs are written.")
 @click.option("--skip-naive", is_flag=True, help="Do not time the naive stock-generate loop.")
-def bench_batch(model, backend, device, dtype, threads, count, batch_size, max_new_tokens, workdir, skip_naive):
+def bench_batch(count, batch_size, max_new_tokens, workdir, skip_naive, **model_kw):
     """Images/s of m3 batch (--tokens 9, 576 and --auto-scale) against a naive stock generate() loop."""
     from m3cli.bench import (
         BENCH_QUESTION,
@@ -450,7 +461,7 @@ def bench_batch(model, backend, device, dtype, threads, count, batch_size, max_n
         scene_files,
     )
 
-    engine = open_backend(model, backend, device, dtype, threads)
+    engine = open_backend(**model_kw)
     paths = scene_files(workdir, count)
     runner_throughput(engine, paths[:batch_size], BENCH_QUESTION, 9, batch_size, max_new_tokens)  # warm-up
     rows = []
@@ -466,11 +477,11 @@ def bench_batch(model, backend, device, dtype, threads, count, batch_size, max_n
 @model_options
 @click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=120, show_default=True)
 @click.option("--threshold", type=float, default=None, help="Default: the tuned threshold.")
-def bench_escalation(model, backend, device, dtype, threads, count, threshold):
+def bench_escalation(count, threshold, **model_kw):
     """--auto-scale time per item against one fixed pass at the scale where that item ended."""
     from m3cli.bench import escalation_overhead, machine_line
 
-    engine = open_backend(model, backend, device, dtype, threads)
+    engine = open_backend(**model_kw)
     t = escalation_overhead(engine, n=count, threshold=threshold)
     click.echo(f"model `{engine.model_id}`; {machine_line(engine)}\n\n"
                "| items | auto-scale ms/item | fixed pass at final scale ms/item | ratio | mean tokens | mean rungs |\n"
@@ -493,6 +504,54 @@ def bench_memory(model, small, large, workdir):
     b = peak_rss_of_batch(model, paths, large)
     click.echo("| items | peak RSS MiB |\n|---:|---:|\n"
                f"| {small} | {a:.0f} |\n| {large} | {b:.0f} |\n\nratio {b / a:.3f} ({100 * (b / a - 1):+.1f}%)")
+
+
+CONVERT_EXAMPLE = """
+\b
+Examples:
+  m3 convert ~/ckpt/llava-v1.5-7b-m3 --to hf ~/models/llava-v1.5-7b-m3-hf
+  m3 convert models/m3-shapes --to gguf ~/models/m3-shapes-gguf --outtype q8_0
+  m3 convert --fix-mmproj mmproj-model-f16.gguf ~/models/fixed
+"""
+
+
+@cli.command(epilog=CONVERT_EXAMPLE)
+@click.argument("src")
+@click.argument("out")
+@click.option("--to", "target", type=click.Choice(["hf", "gguf"]), default=None,
+              help="hf: original-LLaVA checkpoint -> transformers layout; gguf: HF LLaVA -> LM + mmproj GGUF.")
+@click.option("--fix-mmproj", is_flag=True, help="Rewrite a legacy llama.cpp LLaVA mmproj (SRC) into OUT dir.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
+              help="gguf: weight type of the language model (the mmproj stays f32, or f16 with f16).")
+@click.option("--vision-tower", type=click.Path(file_okay=False), default=None,
+              help="hf: local CLIP directory when the checkpoint does not carry its tower.")
+@click.option("--dtype", default="auto", show_default=True, help="hf: auto (keep), float32, float16 or bfloat16.")
+def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
+    """Convert models: SRC --to hf OUT, SRC --to gguf OUT_DIR, or --fix-mmproj IN OUT_DIR."""
+    from m3cli.convert.errors import ConvertError
+
+    if fix_mmproj == (target is not None):
+        raise click.UsageError("give exactly one of --to hf|gguf or --fix-mmproj")
+    try:
+        if fix_mmproj:
+            from m3cli.convert.mmproj_fix import fix_mmproj as fix
+
+            click.echo(str(fix(src, out)))
+        elif target == "hf":
+            from m3cli.convert.original_llava import convert_original_to_hf
+
+            click.echo(str(convert_original_to_hf(src, out, dtype=dtype, vision_tower=vision_tower)))
+        else:
+            from m3cli.registry import resolve_model
+
+            try:
+                from m3cli.convert.gguf_writer import convert_to_gguf
+            except ImportError as exc:
+                raise click.UsageError(f"--to gguf needs the gguf extra: pip install 'm3cli[gguf]' ({exc})") from None
+            lm, mmproj = convert_to_gguf(resolve_model(src) if not Path(src).exists() else src, out, outtype)
+            click.echo(f"{lm}\n{mmproj}")
+    except ConvertError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command("models")

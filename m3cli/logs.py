@@ -6,11 +6,21 @@ import logging
 import os
 import warnings
 
+_VERBOSITY = 0
+
+
+def verbosity() -> int:
+    """The -v count given to the last ``configure`` call."""
+    return _VERBOSITY
+
+
 NOISY = ("transformers", "torch", "PIL", "huggingface_hub", "urllib3", "filelock", "av", "libav")
 
 
 def configure(verbosity: int = 0) -> None:
     """0: warnings of ours only; 1 (-v): our info + third-party warnings; 2 (-vv): debug everywhere."""
+    global _VERBOSITY
+    _VERBOSITY = verbosity
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="m3: %(levelname)s: %(message)s", force=True)
     logging.getLogger("m3cli").setLevel(level)

@@ -1,0 +1,65 @@
+"""m3 convert and the llamacpp backend through the CLI (skipped without the gguf extra)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from m3cli.cli import cli
+
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    res = _run("convert", tiny_model_dir, "--to", "gguf", out)
+    assert res.exit_code == 0, res.output
+    lm, mmproj = res.stdout.split()
+    return lm, mmproj
+
+
+def test_ask_with_gguf_model_every_scale(gguf_pair, tiny_model_dir, scene_png):
+    lm, _ = gguf_pair
+    for tokens in (576, 36, 1):
+        res = _run("ask", scene_png, "what colour is the background?", "--model", lm, "--tokens", tokens, "--json",
+                   "--max-new-tokens", 3)
+        assert res.exit_code == 0, res.output
+        row = json.loads(res.stdout)
+        assert row["backend"] == "llamacpp" and row["tokens"] == tokens
+        torch_row = json.loads(_run("ask", scene_png, "what colour is the background?", "--model", tiny_model_dir,
+                                    "--tokens", tokens, "--json", "--max-new-tokens", 3).stdout)
+        assert row["answer"] == torch_row["answer"]
+
+
+def _one_line_exit_2(res):
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_bad_gguf_inputs(gguf_pair, tmp_path, scene_png):
+    lm, mmproj = gguf_pair
+    _one_line_exit_2(_run("ask", scene_png, "q?", "--model", tmp_path / "nope.gguf"))
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"GGUF" + b"\0" * 20)
+    _one_line_exit_2(_run("ask", scene_png, "q?", "--model", bogus))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "lm.gguf").write_bytes(open(lm, "rb").read())
+    _one_line_exit_2(_run("ask", scene_png, "q?", "--model", alone / "lm.gguf"))  # no mmproj beside it
+    _one_line_exit_2(_run("ask", scene_png, "q?", "--model", lm, "--mmproj", lm))  # an LM is not an mmproj
+
+
+def test_gguf_flags_refused_for_torch(tiny_model_dir, scene_png):
+    _one_line_exit_2(_run("ask", scene_png, "q?", "--model", tiny_model_dir, "--n-gpu-layers", 3))
+
+
+def test_convert_usage_errors(tmp_path):
+    _one_line_exit_2(_run("convert", tmp_path, tmp_path / "o"))
+    _one_line_exit_2(_run("convert", tmp_path / "missing", tmp_path / "o", "--to", "hf"))
+    _one_line_exit_2(_run("convert", tmp_path / "missing", tmp_path / "o", "--to", "gguf"))
