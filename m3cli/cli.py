@@ -368,12 +368,15 @@ class _TrainBar:
 @click.option("--auto-scale", is_flag=True, help="Also replay confidence escalation at each --thresholds value.")
 @click.option("--thresholds", default="0.5,0.8,0.9,0.95", show_default=True)
 @click.option("--measure", default=None, help="Confidence measure (default: the tuned one).")
+@click.option("--tune", is_flag=True,
+              help="With --auto-scale: try every confidence measure and threshold; print the pick (fewest tokens "
+                   "within 1 point of full-grid accuracy).")
 @click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write accuracy vs visual tokens as a PNG (needs matplotlib).")
-def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure,
+def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tune,
              batch_size, json_path, plot_path, **model_kw):
     """Accuracy per question family and scale on the synthetic scenes, with the oracle.
 
@@ -400,9 +403,22 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure,
                       batch_size=batch_size, progress=_progress_line("m3 eval"))
     escalations = [report.escalation(t, measure) for t in levels]
     click.echo(format_report(report, escalations))
+    tuned = None
+    if tune:
+        from m3cli.evaluate import tune_escalation
+
+        if not auto_scale:
+            raise click.UsageError("--tune goes with --auto-scale")
+        rows, tuned = tune_escalation(report, list(MEASURES), levels)
+        click.echo("\n| measure | threshold | accuracy | mean tokens | mean rungs |\n|---|---:|---:|---:|---:|")
+        for r in rows:
+            click.echo(f"| {r['measure']} | {r['threshold']} | {100 * r['accuracy']:.1f} | {r['mean_tokens']:.1f} "
+                       f"| {r['mean_rungs']:.2f} |")
+        click.echo("\npick: " + (f"measure {tuned['measure']}, threshold {tuned['threshold']}" if tuned
+                                 else "none within 1 point of full-grid accuracy"))
     if json_path:
         data = report.to_dict() | {"model": engine.model_id, "backend": engine.name, "measure": measure,
-                                   "escalation": escalations,
+                                   "escalation": escalations, "tuned": tuned,
                                    "calibration": [report.calibration(m, s) for m in MEASURES for s in report.scales]}
         with open(json_path, "w") as fh:
             json.dump(data, fh, indent=2)

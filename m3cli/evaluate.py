@@ -196,3 +196,14 @@ def plot(report: EvalReport, path: str, escalations: Sequence[dict] = ()) -> Non
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def tune_escalation(report: EvalReport, measures: Sequence[str], thresholds: Sequence[float],
+                    tolerance: float = 0.01) -> tuple[list[dict], dict | None]:
+    """Every (measure, threshold) escalation row, and the pick: the fewest mean tokens among rows within
+    ``tolerance`` of fixed full-grid accuracy (ties: higher accuracy); None if no row gets that close."""
+    rows = [report.escalation(t, m) | {"measure": m} for m in measures for t in thresholds]
+    target = report.accuracy(max(report.scales)) - tolerance
+    good = [r for r in rows if r["accuracy"] >= target - 1e-12]
+    best = min(good, key=lambda r: (r["mean_tokens"], -r["accuracy"])) if good else None
+    return rows, best

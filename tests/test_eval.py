@@ -60,3 +60,16 @@ def test_eval_cli_table_json_plot(tiny_model_dir, tmp_path):
 def test_eval_rejects_bad_scales(tiny_model_dir):
     res = CliRunner().invoke(cli, ["eval", "--model", str(tiny_model_dir), "--tokens", "100"])
     assert res.exit_code == 2 and "not nested scales" in res.stderr
+
+
+def test_tune_picks_fewest_tokens_within_tolerance():
+    from m3cli.evaluate import tune_escalation
+
+    scales = [1, 576]
+    records = [_record("background", "red", {1: "red", 576: "red"}, {1: 0.95, 576: 0.99}),
+               _record("letter", "k", {1: "a", 576: "k"}, {1: 0.6, 576: 0.99})]
+    report = EvalReport("val", scales, records, 1.0, ["background", "letter"])
+    rows, best = tune_escalation(report, ["sequence"], [0.5, 0.7, 0.99])
+    assert [r["accuracy"] for r in rows] == [0.5, 1.0, 1.0]
+    assert best["threshold"] == 0.7  # 0.99 is as accurate but tries more rungs for the same tokens
+    assert best["mean_tokens"] == (1 + 576) / 2
