@@ -207,8 +207,10 @@ Examples:
               help="Video: at most K frames (alone: K frames spread evenly; default 8).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a TTY).")
+@click.option("--shard", "shard_spec", default=None, metavar="K/N",
+              help="Answer only shard K of N (stable hash of the item id); needs -o FILE. Merge with m3 merge.")
 def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
-          resume, retry_errors, batch_size, fps, every, max_frames, max_new_tokens, progress, **model_kw):
+          resume, retry_errors, batch_size, fps, every, max_frames, max_new_tokens, progress, shard_spec, **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
@@ -227,6 +229,16 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         raise click.UsageError("--fps and --every cannot be combined")
     if resume and (not output or fmt != "jsonl"):
         raise click.UsageError("--resume needs -o FILE in jsonl format")
+    shard = None
+    if shard_spec is not None:
+        from m3cli.shard import parse_shard
+
+        try:
+            shard = parse_shard(shard_spec)
+        except ValueError as exc:
+            raise click.UsageError(f"--shard: {exc}") from None
+        if not output or fmt != "jsonl":
+            raise click.UsageError("--shard needs -o FILE in jsonl format")
     if retry_errors and not resume:
         raise click.UsageError("--retry-errors goes with --resume")
     if not auto_scale and (ladder is not None or threshold is not None):
@@ -243,7 +255,16 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         from m3cli.policy import make_ladder
 
         make_ladder(engine.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
-    writer = OrderedWriter(open_sink(fmt, output, append=resume))
+    items = iter_inputs(list(inputs))
+    sink = open_sink(fmt, output, append=resume)
+    selector = None
+    if shard is not None:
+        from m3cli.shard import IndexingSink, ShardSelector, write_sidecar
+
+        k, n = shard
+        selector = ShardSelector(items, k, n, on_end=lambda total: write_sidecar(output, k, n, total, False))
+        items, sink = selector, IndexingSink(sink, selector)
+    writer = OrderedWriter(sink)
     summary = Summary()
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -253,7 +274,7 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         bar = tqdm(desc="m3 batch", unit="item", file=sys.stderr, dynamic_ncols=True)
     interrupted = False
     try:
-        run_batch(engine, iter_inputs(list(inputs)), opts, writer, summary,
+        run_batch(engine, items, opts, writer, summary,
                   on_row=(lambda row: bar.update(1)) if bar else None)
     except KeyboardInterrupt:
         interrupted = True
@@ -262,6 +283,8 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         if bar:
             bar.close()
         summary.stop()
+    if selector is not None and not interrupted and selector.total is not None:
+        write_sidecar(output, selector.k, selector.n, selector.total, True)
     click.echo(f"m3 batch: {summary.line()}" + (" (interrupted; rerun with --resume)" if interrupted else ""),
                err=True)
     if interrupted:
@@ -568,6 +591,28 @@ def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
             click.echo(f"{lm}\n{mmproj}")
     except ConvertError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Merged JSONL (default: stdout).")
+def merge(files, output):
+    """Merge `m3 batch --shard K/N` outputs into one JSONL in input order.
+
+    Reports duplicated and missing items; exit code 0 only when the shards cover the input exactly.
+
+    \b
+    Example:
+      m3 merge out/shard-*.jsonl -o all.jsonl
+    """
+    from m3cli.shard import MergeError, merge_outputs
+
+    try:
+        report = merge_outputs(list(files), output)
+    except MergeError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"m3 merge: {report.summary()}", err=True)
+    raise SystemExit(0 if report.exact else 1)
 
 
 @cli.command("models")

@@ -197,3 +197,43 @@ def test_runner_streams_with_bounded_prefetch(mixed, tiny_backend):
     assert len(written) == 40
     # when the first row was written, at most batch + prefetch + slack items had been pulled
     assert written[0][0] <= 4 + 4 + 2
+
+
+def test_three_shards_merged_equal_single_process(mixed, tiny_model_dir, tmp_path):
+    common = ["batch", mixed, "-q", Q, "--tokens", 9, "--model", tiny_model_dir, "--max-frames", 3,
+              "--max-new-tokens", 2]
+    single = _rows(_run(common).stdout)
+    outs = []
+    for k in range(3):
+        out = tmp_path / f"shard-{k}.jsonl"
+        res = _run(common + ["--shard", f"{k}/3", "-o", out])
+        assert res.exit_code in (0, 1), res.output
+        outs.append(out)
+    merged_path = tmp_path / "all.jsonl"
+    res = _run(["merge", *outs, "-o", merged_path])
+    assert res.exit_code == 0, res.output
+    merged = _rows(merged_path.read_text())
+
+    def key(rows):
+        return [(r["id"], r["answer"], r["tokens"], r["error"], r["frame"]) for r in rows]
+
+    assert key(merged) == key(single)
+    assert all("input_index" not in r for r in merged)
+
+
+def test_merge_reports_a_missing_shard(mixed, tiny_model_dir, tmp_path):
+    common = ["batch", mixed, "-q", Q, "--tokens", 1, "--model", tiny_model_dir, "--max-frames", 2,
+              "--max-new-tokens", 1]
+    outs = []
+    for k in (0, 1):
+        out = tmp_path / f"s{k}.jsonl"
+        _run(common + ["--shard", f"{k}/3", "-o", out])
+        outs.append(out)
+    res = _run(["merge", *outs, "-o", tmp_path / "all.jsonl"])
+    assert res.exit_code == 1 and "shard 2" in res.stderr
+
+
+@pytest.mark.parametrize("spec", ["3/2", "a/b", "1", "-1/3"])
+def test_bad_shard_spec(mixed, tiny_model_dir, tmp_path, spec):
+    res = _run(["batch", mixed, "-q", Q, "--model", tiny_model_dir, "--shard", spec, "-o", tmp_path / "o.jsonl"])
+    assert res.exit_code == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
