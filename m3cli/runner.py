@@ -157,46 +157,49 @@ def run_batch(
                 writer.skip(unit.seq)
                 summary.skip(failed=unit.item.id in opts.failed_ids)
                 continue
-            if unit.error is not None:
-                _emit(writer, summary, on_row, unit.seq, _row(unit, backend, opts, error=unit.error))
+            if unit.error is not None:  # no need to wait for a batch to report it
+                _emit_all(writer, summary, on_row, answer_units(backend, [unit], opts))
                 continue
             pending.append(unit)
             if len(pending) >= opts.batch_size:
-                _answer_batch(backend, pending, opts, writer, summary, on_row)
+                _emit_all(writer, summary, on_row, answer_units(backend, pending, opts))
                 pending = []
         if pending:
-            _answer_batch(backend, pending, opts, writer, summary, on_row)
+            _emit_all(writer, summary, on_row, answer_units(backend, pending, opts))
     finally:
         prefetch.close()
 
 
-def _answer_batch(backend, units: list[Unit], opts: BatchOptions, writer, summary, on_row) -> None:
-    """Encode the batch once and run every item's policy; per-item problems become error rows."""
+def answer_units(backend: Backend, units: list[Unit], opts: BatchOptions) -> list[tuple[int, dict]]:
+    """The per-batch step every engine shares: encode the loaded units once, run each item's policy,
+    and return ``(seq, row)`` in input order; per-item problems become error rows, never exceptions."""
+    rows: dict[int, dict] = {}
     ready: list[tuple[Unit, str, object]] = []
     for unit in units:
-        question = unit.item.question or opts.question
-        if not question:
-            missing = "no question: give -q or a 'question' field"
-            _emit(writer, summary, on_row, unit.seq, _row(unit, backend, opts, error=missing))
-            continue
+        question = getattr(unit.item, "question", None) or opts.question
+        if unit.error is not None:
+            rows[unit.seq] = _row(unit, backend, opts, error=unit.error)
+        elif not question:
+            rows[unit.seq] = _row(unit, backend, opts, error="no question: give -q or a 'question' field")
+        else:
+            try:
+                ready.append((unit, question, policy_for(unit.item, opts, backend.grid_side)))
+            except (BudgetError, ValueError) as exc:
+                rows[unit.seq] = _row(unit, backend, opts, error=str(exc))
+    if ready:
         try:
-            ready.append((unit, question, policy_for(unit.item, opts, backend.grid_side)))
-        except (BudgetError, ValueError) as exc:
-            _emit(writer, summary, on_row, unit.seq, _row(unit, backend, opts, error=str(exc)))
-    if not ready:
-        return
-    try:
-        encoded = backend.encode([u.image for u, _, _ in ready])
-        queries = [Query(enc, q, pol, opts.max_new_tokens) for enc, (_, q, pol) in zip(encoded, ready, strict=True)]
-        results = answer_queries(backend, queries, opts.measure)
-    except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one batch: report, keep going
-        log.debug("batch failed", exc_info=True)
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        for unit, _, _ in ready:
-            _emit(writer, summary, on_row, unit.seq, _row(unit, backend, opts, error=f"model error: {message}"))
-        return
-    for (unit, question, _), result in zip(ready, results, strict=True):
-        _emit(writer, summary, on_row, unit.seq, _row(unit, backend, opts, question=question, result=result))
+            encoded = backend.encode([u.image for u, _, _ in ready])
+            queries = [Query(enc, q, pol, opts.max_new_tokens) for enc, (_, q, pol) in zip(encoded, ready, strict=True)]
+            results = answer_queries(backend, queries, opts.measure)
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one batch: report, keep going
+            log.debug("batch failed", exc_info=True)
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            for unit, _, _ in ready:
+                rows[unit.seq] = _row(unit, backend, opts, error=f"model error: {message}")
+        else:
+            for (unit, question, _), result in zip(ready, results, strict=True):
+                rows[unit.seq] = _row(unit, backend, opts, question=question, result=result)
+    return sorted(rows.items())
 
 
 def _row(unit: Unit, backend, opts: BatchOptions, question=None, result=None, error=None) -> dict:
@@ -216,8 +219,9 @@ def _row(unit: Unit, backend, opts: BatchOptions, question=None, result=None, er
     return make_row(**fields)
 
 
-def _emit(writer: OrderedWriter, summary: Summary, on_row, seq: int, row: dict) -> None:
-    writer.put(seq, row)
-    summary.add(row)
-    if on_row is not None:
-        on_row(row)
+def _emit_all(writer: OrderedWriter, summary: Summary, on_row, rows: list[tuple[int, dict]]) -> None:
+    for seq, row in rows:
+        writer.put(seq, row)
+        summary.add(row)
+        if on_row is not None:
+            on_row(row)
