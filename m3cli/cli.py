@@ -46,6 +46,12 @@ class M3Group(click.Group):
             click.echo("m3: interrupted", err=True)
             rv = 130
         except (*USER_ERRORS, _media_error(), *_train_errors(), ValueError) as exc:
+            from m3cli import logs
+
+            if logs.verbosity() >= 2:  # -vv: the traceback too, for bug reports
+                import traceback
+
+                traceback.print_exc()
             click.echo(f"m3: error: {exc}", err=True)
             rv = 2
         if standalone_mode:
