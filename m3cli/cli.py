@@ -30,6 +30,12 @@ def _media_error():
     return MediaError
 
 
+def _engine_error():
+    from m3cli.engines import EngineError
+
+    return EngineError
+
+
 class M3Group(click.Group):
     """A group whose every failure is one line on stderr with the documented exit code."""
 
@@ -45,7 +51,7 @@ class M3Group(click.Group):
         except click.exceptions.Abort:
             click.echo("m3: interrupted", err=True)
             rv = 130
-        except (*USER_ERRORS, _media_error(), *_train_errors(), ValueError) as exc:
+        except (*USER_ERRORS, _media_error(), _engine_error(), *_train_errors(), ValueError) as exc:
             from m3cli import logs
 
             if logs.verbosity() >= 2:  # -vv: the traceback too, for bug reports
@@ -215,8 +221,18 @@ Examples:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a TTY).")
 @click.option("--shard", "shard_spec", default=None, metavar="K/N",
               help="Answer only shard K of N (stable hash of the item id); needs -o FILE. Merge with m3 merge.")
+@click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: a Ray cluster, one model per actor (pip install 'm3cli[ray]'; "
+                   "see docs/scale-out.md).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:PORT; default: start a local one).")
+@click.option("--actors", type=click.IntRange(1), default=1, show_default=True,
+              help="--engine ray: model replicas (answering actors).")
+@click.option("--gpus-per-actor", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="--engine ray: GPUs per actor (1: one actor per GPU; 0: CPU inference).")
 def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
-          resume, retry_errors, batch_size, fps, every, max_frames, max_new_tokens, progress, shard_spec, **model_kw):
+          resume, retry_errors, batch_size, fps, every, max_frames, max_new_tokens, progress, shard_spec,
+          engine_name, ray_address, actors, gpus_per_actor, **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
@@ -249,15 +265,22 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         raise click.UsageError("--retry-errors goes with --resume")
     if not auto_scale and (ladder is not None or threshold is not None):
         raise click.UsageError("--ladder and --threshold need --auto-scale")
+    if engine_name != "ray" and (ray_address is not None or actors != 1 or gpus_per_actor):
+        raise click.UsageError("--ray-address, --actors and --gpus-per-actor go with --engine ray")
+    if engine_name == "ray":
+        from m3cli.engines.ray_engine import preflight
+
+        preflight(model_kw, ray_address)  # EngineError (exit 2) before the output file is touched
     done = read_done_ids(output, retry_errors=retry_errors) if resume else set()
-    engine = open_backend(**model_kw)
+    # --engine ray loads the model in its actors only (they also check --ladder up front).
+    engine = open_backend(**model_kw) if engine_name == "local" else None
     opts = BatchOptions(
         question=question, tokens=int(tokens) if tokens is not None else None, auto_scale=auto_scale,
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=_parse_ladder(ladder),
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
         done_ids=done, failed_ids=read_error_ids(output) & done if resume else set(),
     )
-    if opts.auto_scale:
+    if opts.auto_scale and engine is not None:
         from m3cli.policy import make_ladder
 
         make_ladder(engine.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
@@ -279,9 +302,19 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
 
         bar = tqdm(desc="m3 batch", unit="item", file=sys.stderr, dynamic_ncols=True)
     interrupted = False
+    incomplete = None
+    on_row = (lambda row: bar.update(1)) if bar else None
     try:
-        run_batch(engine, items, opts, writer, summary,
-                  on_row=(lambda row: bar.update(1)) if bar else None)
+        if engine_name == "ray":
+            from m3cli.engines import EngineRunError
+            from m3cli.engines.ray_engine import run_ray
+
+            try:
+                run_ray(model_kw, items, opts, writer, summary, ray_address, actors, gpus_per_actor, on_row=on_row)
+            except EngineRunError as exc:
+                incomplete = str(exc)
+        else:
+            run_batch(engine, items, opts, writer, summary, on_row=on_row)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -289,8 +322,12 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         if bar:
             bar.close()
         summary.stop()
-    if selector is not None and not interrupted and selector.total is not None:
+    if selector is not None and not interrupted and not incomplete and selector.total is not None:
         write_sidecar(output, selector.k, selector.n, selector.total, True)
+    if incomplete:
+        click.echo(f"m3 batch: error: {incomplete}", err=True)
+        click.echo(f"m3 batch: {summary.line()} (incomplete; rerun with --resume)", err=True)
+        raise SystemExit(1)
     click.echo(f"m3 batch: {summary.line()}" + (" (interrupted; rerun with --resume)" if interrupted else ""),
                err=True)
     if interrupted:

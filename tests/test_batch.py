@@ -237,3 +237,22 @@ def test_merge_reports_a_missing_shard(mixed, tiny_model_dir, tmp_path):
 def test_bad_shard_spec(mixed, tiny_model_dir, tmp_path, spec):
     res = _run(["batch", mixed, "-q", Q, "--model", tiny_model_dir, "--shard", spec, "-o", tmp_path / "o.jsonl"])
     assert res.exit_code == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_ray_options_need_engine_ray(mixed, tiny_model_dir):
+    res = _run(["batch", mixed, "-q", Q, "--model", tiny_model_dir, "--actors", 2])
+    assert res.exit_code == 2 and "--engine ray" in res.stderr and res.stdout == ""
+
+
+def test_engine_ray_unreachable_address_exits_2(mixed, tiny_model_dir, tmp_path):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:  # a port on loopback that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "o.jsonl"
+    res = _run(["batch", mixed, "-q", Q, "--model", tiny_model_dir, "--engine", "ray",
+                "--ray-address", f"127.0.0.1:{port}", "-o", out])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
