@@ -104,3 +104,19 @@ def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(ModelLoadError) as info:
         TorchBackend(str(bad))
     assert "\n" not in str(info.value)
+
+
+def test_dropping_unused_tower_layers_keeps_features(tiny_model_dir, tiny_backend):
+    """The backend drops the vision layer LLaVA never reads; features equal the full tower's."""
+    from transformers import LlavaForConditionalGeneration
+
+    full = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    assert full.config.vision_feature_layer == -2
+    assert len(tiny_backend.model.model.vision_tower.encoder.layers) == len(full.model.vision_tower.encoder.layers) - 1
+    images = _images()
+    pixels = tiny_backend.pixel_values(images)
+    with torch.inference_mode():
+        expected = full.model.get_image_features(pixel_values=pixels).pooler_output
+    got = tiny_backend.encode(images)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e, g.grid, atol=1e-6)

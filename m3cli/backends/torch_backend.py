@@ -71,6 +71,7 @@ class TorchBackend:
         vision = cfg.vision_config
         self.grid_side = vision.image_size // vision.patch_size
         self.scales = nested_scales(self.grid_side)
+        self.feature_layer = _drop_unused_tower_layers(self.model)
         self.image_token_id = cfg.image_token_id
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -113,7 +114,10 @@ class TorchBackend:
             return []
         start = time.perf_counter()
         with torch.inference_mode():
-            features = self.model.model.get_image_features(pixel_values=self.pixel_values(images))
+            features = self.model.model.get_image_features(
+                pixel_values=self.pixel_values(images), vision_feature_layer=self.feature_layer,
+                output_hidden_states=True,
+            )
             grids = list(features.pooler_output)
         _sync(self.device)
         per_image = (time.perf_counter() - start) * 1000 / len(images)
@@ -214,6 +218,28 @@ class TorchBackend:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _drop_unused_tower_layers(model):
+    """Drop the vision layers after the one the projector reads; returns the layer index to read now.
+
+    LLaVA reads ``hidden_states[-2]``: the tower's last layer runs for nothing (1/24 of CLIP-L,
+    1/4 of the shipped model's tower). The kept layers compute exactly the same features.
+    """
+    import torch
+
+    layer = model.config.vision_feature_layer
+    encoder = getattr(model.model.vision_tower, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layer, int) or layer >= -1 or layers is None:
+        return layer
+    keep = len(layers) + 1 + layer  # hidden_states[layer] is the output of layer number `keep`
+    if keep < 1:
+        return layer
+    encoder.layers = torch.nn.ModuleList(list(layers)[:keep])
+    model.config.vision_feature_layer = -1  # keeps the model's own generate() consistent
+    model.config.vision_config.num_hidden_layers = keep
+    return -1
 
 
 def _sync(device: str) -> None:
