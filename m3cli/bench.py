@@ -127,10 +127,13 @@ def scene_files(directory, n: int) -> list[str]:
 def naive_generate_loop(backend, paths: Sequence[str], question: str, max_new_tokens: int) -> ThroughputRow:
     """What a user would write without m3cli: stock ``generate(pixel_values)`` at the full grid, one by one."""
     import torch
+    from transformers import LlavaForConditionalGeneration
 
     from m3cli.media import load_image
 
-    model, processor = backend.model, backend.processor
+    # a fresh, untouched transformers model: the backend's own copy skips the unused last tower layer
+    model = LlavaForConditionalGeneration.from_pretrained(backend.model_id, dtype=backend.dtype).to(backend.device).eval()
+    processor = backend.processor
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     start = time.perf_counter()

@@ -128,8 +128,24 @@ def _write_original(folder, ref, tiny_dir, *, tower, fmt, drop=(), **overrides):
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory, tiny_backend, tiny_model_dir):
+def full_ref(tiny_backend, tiny_model_dir):
+    """The saved model as transformers loads it (all tower layers), with the backend's processor.
+
+    The backend's own copy runs without the vision layer LLaVA never reads, which a real original
+    checkpoint still carries, so checkpoints are written from this one.
+    """
+    from types import SimpleNamespace
+
+    from transformers import LlavaForConditionalGeneration
+
+    full = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    return SimpleNamespace(model=full, processor=tiny_backend.processor)
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory, full_ref, tiny_model_dir):
     """(src with the tower inside, src without it, the separate CLIP dir)."""
+    tiny_backend = full_ref
     root = tmp_path_factory.mktemp("original-llava")
     tower_cfg = root / "clip-config-only"
     _write_tower_config(tower_cfg, tiny_backend, as_clip_model=False)
@@ -254,10 +270,10 @@ def test_errors_are_one_line(originals, tiny_backend, tiny_model_dir, tmp_path):
     assert not list(tmp_path.glob(".out.converting-*"))
 
 
-def test_tied_embeddings_without_lm_head(tiny_backend, tiny_model_dir, originals, tmp_path):
+def test_tied_embeddings_without_lm_head(full_ref, tiny_model_dir, originals, tmp_path):
     _, _, tower = originals
     src = tmp_path / "tied"
-    _write_original(src, tiny_backend, tiny_model_dir, tower="inside", fmt="safetensors",
+    _write_original(src, full_ref, tiny_model_dir, tower="inside", fmt="safetensors",
                     drop=("lm_head.weight",), mm_vision_tower=str(tower), tie_word_embeddings=True)
     out = convert_original_to_hf(src, tmp_path / "hf")
     from transformers import LlavaForConditionalGeneration
