@@ -132,7 +132,8 @@ def naive_generate_loop(backend, paths: Sequence[str], question: str, max_new_to
     from m3cli.media import load_image
 
     # a fresh, untouched transformers model: the backend's own copy skips the unused last tower layer
-    model = LlavaForConditionalGeneration.from_pretrained(backend.model_id, dtype=backend.dtype).to(backend.device).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(backend.model_id, dtype=backend.dtype)
+    model = model.to(backend.device).eval()
     processor = backend.processor
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
