@@ -63,3 +63,25 @@ def test_convert_usage_errors(tmp_path):
     _one_line_exit_2(_run("convert", tmp_path, tmp_path / "o"))
     _one_line_exit_2(_run("convert", tmp_path / "missing", tmp_path / "o", "--to", "hf"))
     _one_line_exit_2(_run("convert", tmp_path / "missing", tmp_path / "o", "--to", "gguf"))
+
+
+def test_shipped_model_converts_and_agrees(tmp_path):
+    """The shipped model converts to GGUF and answers the example scenes as the torch backend does."""
+    from m3cli.answering import ask_images
+    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+    from m3cli.backends.torch_backend import TorchBackend
+    from m3cli.convert.gguf_writer import convert_to_gguf
+    from m3cli.data.scenes import render, sample
+    from m3cli.policy import Fixed
+    from m3cli.registry import resolve_model
+
+    lm, _ = convert_to_gguf(resolve_model(None), tmp_path, "f32")
+    cpp, ref = LlamaCppBackend(str(lm)), TorchBackend(resolve_model(None), device="cpu")
+    samples = [sample("test", i) for i in range(4)]
+    images = [render(s.scene) for s in samples]
+    questions = [s.qas[i % len(s.qas)].question for i, s in enumerate(samples)]
+    for scale in (576, 9, 1):
+        ours = ask_images(cpp, images, questions, [Fixed(scale)] * 4, max_new_tokens=3)
+        theirs = ask_images(ref, images, questions, [Fixed(scale)] * 4, max_new_tokens=3)
+        assert [r.answer for r in ours] == [r.answer for r in theirs]
+    cpp.close()
