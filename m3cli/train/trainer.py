@@ -70,6 +70,16 @@ def lr_at(step: int, total: int, base: float, warmup: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _optimizer_step(opt, params, loss, lr: float) -> None:
+    """One AdamW step at ``lr`` with gradients clipped to norm 1."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 class Trainer:
     """Runs the configured stages, checkpointing so that ``--resume`` continues where it stopped."""
 
@@ -233,12 +243,7 @@ class Trainer:
                         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight=weight
                     )
                 loss = sum(losses.values())
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, stage.steps, stage.lr, stage.warmup)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
+                _optimizer_step(opt, params, loss, lr_at(step, stage.steps, stage.lr, stage.warmup))
                 seen += stage.batch
                 self.progress(name, step + 1, stage.steps, {k: v.item() for k, v in losses.items()})
                 if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < stage.steps:
@@ -378,12 +383,7 @@ class Trainer:
                 align = self.align_loss(idx)
                 loss = loss + stage.align_weight * align
                 shown["align"] = align.item()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, stage.steps, stage.lr, stage.warmup)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            _optimizer_step(opt, params, loss, lr_at(step, stage.steps, stage.lr, stage.warmup))
             seen += stage.batch
             self.progress(name, step + 1, stage.steps, shown)
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < stage.steps:
