@@ -11,6 +11,7 @@ the one the single-process run writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from m3cli.output import JsonlSink, RowSink
 
@@ -181,15 +182,17 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, fsync it, then rename it over ``path``."""
+@contextlib.contextmanager
+def _atomic_open(path: str) -> Iterator[IO[str]]:
+    """A text stream on a temp file next to ``path``; on success it is fsynced and renamed over ``path``,
+    on any error removed, so readers never see a half-written file."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=parent)
     try:
         os.chmod(tmp, _default_mode())
         with open(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -199,6 +202,12 @@ def _atomic_write_text(path: str, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with _atomic_open(path) as f:
+        f.write(text)
 
 
 def write_sidecar(output_path: str | os.PathLike[str], k: int, n: int, inputs: int, complete: bool) -> str:
@@ -425,25 +434,8 @@ def _write_rows(rows: Iterable[dict[str, Any]], out_path: str | None) -> None:
             sink.write(row)
         sink.close()
         return
-    out_path = os.fspath(out_path)
-    parent = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out_path) + ".", suffix=".tmp", dir=parent)
-    try:
-        os.chmod(tmp, _default_mode())
-        stream = open(fd, "w", encoding="utf-8", newline="")
-        sink = JsonlSink(stream, owns=True)
-        try:
-            for row in rows:
-                sink.write(row)
-            sink.flush()
-            os.fsync(stream.fileno())
-        finally:
-            sink.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with _atomic_open(os.fspath(out_path)) as stream:
+        sink = JsonlSink(stream, owns=False)
+        for row in rows:
+            sink.write(row)
+        sink.flush()
