@@ -2,10 +2,9 @@
 
 import json
 
-import av
-import numpy as np
 import pytest
 from click.testing import CliRunner
+from media_factory import write_video
 from PIL import Image
 
 from m3cli.cli import cli
@@ -25,17 +24,6 @@ def _img(path, colour, size=(48, 48), mode="RGB"):
     return path
 
 
-def _video(path, n=12, fps=6):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
-        for i in range(n):
-            arr = np.full((48, 48, 3), (i * 20) % 255, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture
@@ -50,7 +38,7 @@ def mixed(tmp_path):
     (root / "notes.txt").write_text("not media")
     (root / "empty.png").write_bytes(b"")
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage" * 10)
-    _video(root / "sub" / "clip.mp4")
+    write_video(root / "sub" / "clip.mp4")
     return root
 
 

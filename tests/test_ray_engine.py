@@ -10,13 +10,13 @@ import socket
 import sys
 import time
 
-import av
-import numpy as np
 import pytest
 from PIL import Image
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own
+
+from media_factory import write_video  # noqa: E402
 
 from m3cli.engines import EngineError, EngineRunError  # noqa: E402
 from m3cli.engines.ray_engine import preflight, run_ray  # noqa: E402
@@ -36,17 +36,6 @@ def _img(path, colour):
     return path
 
 
-def _video(path, n=12, fps=6):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
-        for i in range(n):
-            arr = np.full((48, 48, 3), (i * 20) % 255, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +43,7 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-in")
     _img(root / "a.png", (200, 0, 0))
     _img(root / "b.png", (0, 200, 0))
-    _video(root / "c.mp4")
+    write_video(root / "c.mp4")
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage" * 5)
     _img(root / "d.png", (0, 0, 200))
     _img(root / "sub" / "e.png", (120, 120, 120))
