@@ -239,3 +239,154 @@ def peak_rss_of_batch(model: str | None, image_paths: Sequence[str], n_items: in
     if kib < 0:
         raise RuntimeError(f"m3 batch failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else '?'}")
     return kib / 1024
+
+
+@dataclass
+class StreamTiming:
+    """One engine run over a stream of items, timed per row as rows reach the writer."""
+
+    label: str
+    items: int
+    first_batch_s: float  # call start -> the first batch's last row (start-up + one batch)
+    total_s: float  # call start -> last row
+    steady_items_per_s: float  # rows after the first batch / time after the first batch
+
+
+class RowClock:
+    """An ``on_row`` callback that stamps the arrival time of every row."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def __call__(self, row: dict) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def timing(self, label: str, batch_size: int) -> StreamTiming:
+        n = len(self.stamps)
+        if n == 0:
+            raise RuntimeError("no rows were written")
+        first = min(batch_size, n) - 1
+        after = self.stamps[-1] - self.stamps[first]
+        steady = (n - 1 - first) / after if after > 0 and n - 1 > first else float("nan")
+        return StreamTiming(label, n, self.stamps[first] - self.start, self.stamps[-1] - self.start, steady)
+
+
+@dataclass
+class ScaleOutReport:
+    rows: list[StreamTiming]
+    ray_init_s: float | None  # None: Ray was already running (not started by the bench)
+    ray_shutdown_s: float | None
+
+
+def _batch_opts(tokens: int, batch_size: int, max_new_tokens: int):
+    from m3cli.runner import BatchOptions
+
+    return BatchOptions(question=BENCH_QUESTION, tokens=tokens, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def single_process_stream(backend, paths: Sequence[str], tokens: int, batch_size: int,
+                          max_new_tokens: int) -> StreamTiming:
+    """``m3 batch`` in this process (model already loaded), rows to a null sink."""
+    import io
+
+    from m3cli.media import iter_inputs
+    from m3cli.output import JsonlSink, OrderedWriter, Summary
+    from m3cli.runner import run_batch
+
+    clock = RowClock()
+    run_batch(backend, iter_inputs(list(paths)), _batch_opts(tokens, batch_size, max_new_tokens),
+              OrderedWriter(JsonlSink(io.StringIO())), Summary(), on_row=clock)
+    return clock.timing("single process (`m3 batch`)", batch_size)
+
+
+def ray_stream(model_kw: dict, paths: Sequence[str], tokens: int, batch_size: int, max_new_tokens: int,
+               actors: int) -> StreamTiming:
+    """``m3 batch --engine ray --actors N`` against the already connected cluster, rows to a null sink.
+
+    Every call starts its own actors, so ``first_batch_s`` holds the actors' start-up and model load."""
+    import io
+
+    from m3cli.engines.ray_engine import run_ray
+    from m3cli.media import iter_inputs
+    from m3cli.output import JsonlSink, OrderedWriter, Summary
+
+    clock = RowClock()
+    run_ray(model_kw, iter_inputs(list(paths)), _batch_opts(tokens, batch_size, max_new_tokens),
+            OrderedWriter(JsonlSink(io.StringIO())), Summary(), actors=actors, on_row=clock)
+    return clock.timing(f"Ray, {actors} actor{'s' if actors > 1 else ''}", batch_size)
+
+
+def scale_out(backend, model_kw: dict, paths: Sequence[str], tokens: int = 9, batch_size: int = 8,
+              max_new_tokens: int = 4, actor_counts: Sequence[int] = (1, 2),
+              ray_address: str | None = None) -> ScaleOutReport:
+    """Single process against ``--engine ray`` with each actor count; Ray's own start and stop timed apart."""
+    from m3cli.engines.ray_engine import connect, import_ray
+
+    single_process_stream(backend, paths[:batch_size], tokens, batch_size, max_new_tokens)  # warm-up
+    rows = [single_process_stream(backend, paths, tokens, batch_size, max_new_tokens)]
+    ray = import_ray()
+    t0 = time.perf_counter()
+    owned = connect(ray, ray_address)
+    init_s = time.perf_counter() - t0 if owned else None
+    shutdown_s = None
+    try:
+        for actors in actor_counts:
+            rows.append(ray_stream(model_kw, paths, tokens, batch_size, max_new_tokens, actors))
+    finally:
+        if owned:
+            t0 = time.perf_counter()
+            ray.shutdown()
+            shutdown_s = time.perf_counter() - t0
+    return ScaleOutReport(rows, init_s, shutdown_s)
+
+
+def format_scale_out(report: ScaleOutReport, backend: Backend, tokens: int, batch_size: int) -> str:
+    base = report.rows[0]
+    lines = [f"model `{backend.model_id}`; {machine_line(backend)}; --tokens {tokens} --batch-size {batch_size}", "",
+             "| engine | items | start-up + first batch s | whole run s | whole-run items/s "
+             "| steady items/s | steady vs single process |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report.rows:
+        lines.append(f"| {r.label} | {r.items} | {r.first_batch_s:.2f} | {r.total_s:.2f} | {r.items / r.total_s:.2f} "
+                     f"| {r.steady_items_per_s:.2f} | {r.steady_items_per_s / base.steady_items_per_s:.2f}x |")
+    init = "already running" if report.ray_init_s is None else f"{report.ray_init_s:.2f} s"
+    stop = "not stopped (not started here)" if report.ray_shutdown_s is None else f"{report.ray_shutdown_s:.2f} s"
+    lines += ["", f"Ray start (`ray.init`, local cluster): {init}; `ray.shutdown`: {stop}.",
+              "Steady = rows after the first batch / time from the first batch's last row to the last row; "
+              "the single process had its model loaded and warmed up before the clock started."]
+    return "\n".join(lines)
+
+
+def stock_llava15_loop(lm_path: str, mmproj_path: str, paths: Sequence[str], question: str, max_new_tokens: int,
+                       threads: int | None = None, n_ctx: int = 2048) -> ThroughputRow:
+    """What a llama-cpp-python user writes today: ``Llava15ChatHandler`` + ``create_chat_completion``, one
+    image at a time as a data URI, greedy; the full 576-token grid every time (the handler cannot pool)."""
+    import base64
+    import os
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    llm = Llama(model_path=str(lm_path), chat_handler=Llava15ChatHandler(clip_model_path=str(mmproj_path),
+                                                                          verbose=False),
+                n_ctx=n_ctx, n_threads=threads or os.cpu_count() or 1, n_gpu_layers=0, verbose=False, seed=0)
+
+    def ask(path: str) -> str:
+        with open(path, "rb") as fh:
+            uri = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                   {"type": "text", "text": question}]}],
+            max_tokens=max_new_tokens, temperature=0.0, top_k=1)
+        return out["choices"][0]["message"]["content"]
+
+    try:
+        ask(paths[0])  # warm-up (first encode allocates the CLIP graph)
+        start = time.perf_counter()
+        for path in paths:
+            ask(path)
+        return ThroughputRow("stock `Llava15ChatHandler`, 576 tokens, one by one", len(paths),
+                             time.perf_counter() - start)
+    finally:
+        llm.close()

@@ -572,6 +572,74 @@ def bench_escalation(count, threshold, **model_kw):
                f"| {t.mean_rungs:.2f} |")
 
 
+@bench.command("ray")
+@model_options
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--tokens", type=click.IntRange(1), default=9, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--actors", "actor_list", default="1,2", show_default=True, help="Actor counts to time, comma-separated.")
+@click.option("--ray-address", default=None, help="Join this cluster instead of starting a local one.")
+@click.option("--workdir", default="runs/bench-scenes", show_default=True, help="Where the scene PNGs are written.")
+def bench_ray(count, tokens, batch_size, max_new_tokens, actor_list, ray_address, workdir, **model_kw):
+    """Images/s of --engine ray with 1 and 2 actors against the single process; Ray start-up apart."""
+    from m3cli.bench import format_scale_out, scale_out, scene_files
+    from m3cli.engines.ray_engine import preflight
+
+    try:
+        actor_counts = [int(x) for x in actor_list.split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"--actors must be comma-separated integers, got {actor_list!r}") from None
+    if not actor_counts or min(actor_counts) < 1:
+        raise click.UsageError(f"--actors needs counts >= 1, got {actor_list!r}")
+    preflight(model_kw, ray_address)  # the missing extra or a dead address: one line, before any model load
+    engine = open_backend(**model_kw)
+    paths = scene_files(workdir, count)
+    report = scale_out(engine, model_kw, paths, tokens, batch_size, max_new_tokens, actor_counts, ray_address)
+    click.echo(format_scale_out(report, engine, tokens, batch_size))
+
+
+@bench.command("gguf")
+@click.option("-m", "--model", default=None, help="HF model dir or registry name (default: the shipped model).")
+@click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False), default=None,
+              help="Its GGUF language model (default: convert --model into --workdir).")
+@click.option("--mmproj", type=click.Path(dir_okay=False), default=None, help="The GGUF pair's mmproj.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True)
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--tokens", type=click.IntRange(1), default=9, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for every engine (default: all cores).")
+@click.option("--workdir", default="runs/bench-gguf", show_default=True, help="Scenes and converted GGUF go here.")
+def bench_gguf(model, gguf_path, mmproj, outtype, count, tokens, batch_size, max_new_tokens, threads, workdir):
+    """Our llama.cpp backend at --tokens against stock Llava15ChatHandler at 576, and our torch backend."""
+    from pathlib import Path
+
+    from m3cli.bench import BENCH_QUESTION, format_throughput, runner_throughput, scene_files, stock_llava15_loop
+    from m3cli.registry import resolve_model
+
+    hf_dir = resolve_model(model)
+    if gguf_path is None:
+        from m3cli.convert.gguf_writer import convert_to_gguf
+
+        gguf_path, mmproj = convert_to_gguf(hf_dir, Path(workdir) / f"gguf-{outtype}", outtype)
+    cpp = open_backend(str(gguf_path), backend="llamacpp", mmproj=mmproj, threads=threads, device="cpu",
+                       n_gpu_layers=0)
+    paths = scene_files(Path(workdir) / "scenes", count)
+    rows = [stock_llava15_loop(gguf_path, cpp.mmproj_path, paths, BENCH_QUESTION, max_new_tokens, threads)]
+    runner_throughput(cpp, paths[:batch_size], BENCH_QUESTION, tokens, batch_size, max_new_tokens)  # warm-up
+    for t in (576, tokens):
+        rows.append(runner_throughput(cpp, paths, BENCH_QUESTION, t, batch_size, max_new_tokens,
+                                      label=f"m3 batch --backend llamacpp --tokens {t}"))
+    cpp.close()
+    torch_engine = open_backend(hf_dir, backend="torch", device="cpu", threads=threads)
+    runner_throughput(torch_engine, paths[:batch_size], BENCH_QUESTION, tokens, batch_size, max_new_tokens)
+    rows.append(runner_throughput(torch_engine, paths, BENCH_QUESTION, tokens, batch_size, max_new_tokens,
+                                  label=f"m3 batch --backend torch --tokens {tokens}"))
+    click.echo(f"GGUF `{gguf_path}` + `{cpp.mmproj_path}`; HF `{hf_dir}`\n")
+    click.echo(format_throughput(rows, rows[0], cpp).replace("vs naive", "vs stock handler"))
+
+
 @bench.command("memory")
 @click.option("-m", "--model", default=None)
 @click.option("--small", type=click.IntRange(1), default=50, show_default=True)

@@ -18,6 +18,15 @@ TINY_SPEC = ModelSpec(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tests never write into the user's ~/.cache (corrected mmproj copies go here instead)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("M3_CACHE_DIR", str(tmp_path_factory.mktemp("m3-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved random LLaVA with a 24x24 grid (48x48 images, patch 2)."""

@@ -212,7 +212,6 @@ def test_fix_legacy_mmproj(gguf_files, tiny_model_dir, tmp_path, images, cpp):
     from m3cli.backends.llamacpp_backend import LlamaCppBackend
 
     legacy = write_legacy_mmproj(tiny_model_dir, tmp_path / "mmproj-legacy-f32.gguf")
-    assert "fix-mmproj" in _one_line_load_error(str(gguf_files[0]), mmproj=str(legacy))
     fixed = fix_mmproj(legacy, tmp_path / "fixed")
     backend = LlamaCppBackend(str(gguf_files[0]), mmproj=str(fixed), patch0="exact", threads=1)
     try:
@@ -221,3 +220,53 @@ def test_fix_legacy_mmproj(gguf_files, tiny_model_dir, tmp_path, images, cpp):
         backend.close()
     ref = cpp.encode(images[:1])[0].grid
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_legacy_mmproj_is_fixed_once_into_the_cache(gguf_files, tiny_model_dir, tmp_path, images, cpp, monkeypatch):
+    """A third-party mmproj just works: a corrected copy is written into the cache on the first load,
+    reused afterwards, and the user's file is never written."""
+    import hashlib
+
+    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+    from m3cli.convert.mmproj_cache import cached_fixed_mmproj
+
+    monkeypatch.setenv("M3_CACHE_DIR", str(tmp_path / "cache"))
+    legacy = write_legacy_mmproj(tiny_model_dir, tmp_path / "user" / "mmproj-legacy-f32.gguf")
+    digest = hashlib.sha256(legacy.read_bytes()).hexdigest()
+    mtime = legacy.stat().st_mtime_ns
+    backend = LlamaCppBackend(str(gguf_files[0]), mmproj=str(legacy), patch0="exact", threads=1)
+    try:
+        got = backend.encode(images[:1])[0].grid
+        assert backend.mmproj_path == legacy and backend.loaded_mmproj_path != legacy
+        assert tmp_path / "cache" in backend.loaded_mmproj_path.parents
+    finally:
+        backend.close()
+    assert np.abs(got - cpp.encode(images[:1])[0].grid).max() < 1e-4
+    assert hashlib.sha256(legacy.read_bytes()).hexdigest() == digest and legacy.stat().st_mtime_ns == mtime
+    cached, created = cached_fixed_mmproj(legacy)
+    assert not created and cached == backend.loaded_mmproj_path
+    assert list((tmp_path / "cache" / "mmproj").iterdir()) == [cached.parent]  # no partial folders left
+
+
+def test_unwritable_cache_is_one_line(gguf_files, tiny_model_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("M3_CACHE_DIR", str(blocker / "cache"))
+    legacy = write_legacy_mmproj(tiny_model_dir, tmp_path / "mmproj-legacy-f32.gguf")
+    message = _one_line_load_error(str(gguf_files[0]), mmproj=str(legacy))
+    assert "M3_CACHE_DIR" in message and "--fix-mmproj" in message
+
+
+def test_bench_gguf_against_the_stock_handler(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from m3cli.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench", "gguf", "--model", str(tiny_model_dir), "-n", "3", "--batch-size", "2",
+                                   "--max-new-tokens", "1", "--threads", "1", "--workdir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| ") and "items" not in line]
+    labels = [r[1].strip() for r in rows]
+    assert labels == ["stock `Llava15ChatHandler`, 576 tokens, one by one", "m3 batch --backend llamacpp --tokens 576",
+                      "m3 batch --backend llamacpp --tokens 9", "m3 batch --backend torch --tokens 9"]
+    assert all(r[2].strip() == "3" and float(r[4]) > 0 for r in rows) and rows[0][5].strip() == "1.00x"

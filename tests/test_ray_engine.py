@@ -218,3 +218,29 @@ def test_killed_actor_is_replaced_and_its_batch_retried(local_ray, tmp_path, tin
     ids = [r["id"] for r in _rows_of(out)]
     assert ids == sorted(str(p) for p in (tmp_path / "many").iterdir())  # every item exactly once, in order
     assert all(r["error"] is None for r in _rows_of(out))
+
+
+def test_bench_ray_times_single_process_and_each_actor_count(local_ray, tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from m3cli.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench", "ray", "--model", str(tiny_model_dir), "--device", "cpu", "-n", "6",
+                                   "--batch-size", "2", "--max-new-tokens", "1", "--actors", "1",
+                                   "--workdir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| single") or
+            line.startswith("| Ray")]
+    assert [r[1].strip() for r in rows] == ["single process (`m3 batch`)", "Ray, 1 actor"]
+    assert all(r[2].strip() == "6" for r in rows)
+    assert all(float(r[6]) > 0 for r in rows) and rows[0][7].strip() == "1.00x"
+    assert "already running" in res.stdout  # the test's cluster: not started, not timed, not stopped
+
+
+def test_bench_ray_bad_actor_list_is_usage_error(tiny_model_dir):
+    from click.testing import CliRunner
+
+    from m3cli.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench", "ray", "--model", str(tiny_model_dir), "--actors", "0"])
+    assert res.exit_code == 2 and "--actors" in res.stderr and "Traceback" not in res.output

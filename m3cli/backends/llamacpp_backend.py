@@ -323,6 +323,7 @@ class LlamaCppBackend:
 
     def _setup(self, lm_path: Path, mm_path: Path, mmproj_offload: bool, n_ctx: int) -> None:
         from m3cli.convert.gguf_writer import LAYOUT_CLS_LAST, LAYOUT_NATURAL, VARIANT_MAIN, rot180_path
+        from m3cli.convert.mmproj_cache import cached_fixed_mmproj
         from m3cli.convert.mmproj_fix import MmprojError, rewrite_mmproj, validate_mmproj
 
         L, M = self._llama, self._mtmd
@@ -332,11 +333,16 @@ class LlamaCppBackend:
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         try:
             info = validate_mmproj(mm_path, n_embd_text=self.n_embd)
+            if info.variant != VARIANT_MAIN:
+                raise ModelLoadError(f"{mm_path} is a rot180 companion; pass the main mmproj")
+            self.mmproj_path = mm_path  # the user's file, as given (never written)
+            if info.layout != LAYOUT_CLS_LAST or not info.feature_layers:
+                # a third-party (legacy-converter) mmproj: load a corrected copy, made once into the cache
+                mm_path, _ = cached_fixed_mmproj(mm_path)
+                info = validate_mmproj(mm_path, n_embd_text=self.n_embd)
         except MmprojError as exc:
             raise ModelLoadError(str(exc)) from exc
-        if info.variant != VARIANT_MAIN:
-            raise ModelLoadError(f"{mm_path} is a rot180 companion; pass the main mmproj")
-        self.mmproj_path = mm_path
+        self.loaded_mmproj_path = mm_path
         self.info = info
         self.grid_side = info.grid_side
         self.scales = nested_scales(self.grid_side)
@@ -347,12 +353,6 @@ class LlamaCppBackend:
         if probe.signature == "unknown":
             raise ModelLoadError(f"this llama.cpp build encodes LLaVA in an unrecognised way ({probe.describe()}); "
                                  "use a llama-cpp-python version this m3cli release knows (0.3.36)")
-        if info.layout != LAYOUT_CLS_LAST:
-            raise ModelLoadError(f"{mm_path} is a legacy-layout mmproj (its features would be wrong); "
-                                 "rewrite it with `m3 convert --fix-mmproj` first")
-        if not info.feature_layers:
-            raise ModelLoadError(f"{mm_path} lacks clip.vision.feature_layer; "
-                                 "rewrite it with `m3 convert --fix-mmproj`")
         main_path = mm_path
         self.row_fix = probe.signature == SIG_BUGGY
         if not self.row_fix:
@@ -463,7 +463,7 @@ class LlamaCppBackend:
         if not ok:
             if self._tmpdir is None:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="m3-mmproj-")
-            path = rewrite_mmproj(self.mmproj_path, Path(self._tmpdir.name) / "mmproj.rot180.gguf",
+            path = rewrite_mmproj(self.loaded_mmproj_path, Path(self._tmpdir.name) / "mmproj.rot180.gguf",
                                   LAYOUT_CLS_LAST, VARIANT_ROT180)
         self.mctx_rot = self._mtmd.mtmd_init_from_file(str(path).encode(), self.model_ptr,
                                                        _mtmd_params(self._mtmd, self._mm_offload, self.threads))

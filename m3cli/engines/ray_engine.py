@@ -40,7 +40,7 @@ from m3cli.runner import BatchOptions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineError", "EngineRunError", "preflight", "run_ray"]
+__all__ = ["EngineError", "EngineRunError", "connect", "import_ray", "preflight", "run_ray"]
 
 RAY_EXTRA_HINT = "--engine ray needs the ray extra: pip install 'm3cli[ray]'"
 DECODE_CPUS = 0.25  # logical CPUs per decode task: light work, and it must fit beside the actors
@@ -209,7 +209,7 @@ def _json_default(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def _import_ray():
+def import_ray():
     try:
         import ray
         import ray.data  # noqa: F401
@@ -245,7 +245,7 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
 def preflight(model_kw: dict[str, Any], ray_address: str | None) -> None:
     """Cheap checks the CLI runs before it opens the output: Ray installed, the address answers, the model
     name resolves. Raises :class:`EngineError` (one line); starts nothing."""
-    _import_ray()
+    import_ray()
     if ray_address:
         _check_reachable(ray_address)
     from m3cli.registry import RegistryError, resolve_model
@@ -286,7 +286,7 @@ def _setup_message(exc: BaseException) -> str | None:
     return message.rstrip("')\"") or "model could not be loaded"
 
 
-def _connect(ray, ray_address: str | None) -> bool:
+def connect(ray, ray_address: str | None) -> bool:
     """Start or join a cluster; returns True when this call started the connection (and must end it)."""
     if ray_address:
         _check_reachable(ray_address)
@@ -357,9 +357,9 @@ def run_ray(
         raise EngineError(f"--actors must be >= 1, got {actors}")
     if gpus_per_actor < 0:
         raise EngineError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
-    ray = _import_ray()
+    ray = import_ray()
     with _guard_stdout():
-        owned = _connect(ray, ray_address)
+        owned = connect(ray, ray_address)
         try:
             _quiet_ray_logs()
             actor_cpus, threads = _sizes(ray, actors, gpus_per_actor)
