@@ -626,7 +626,8 @@ def bench_gguf(model, gguf_path, mmproj, outtype, count, tokens, batch_size, max
     cpp = open_backend(str(gguf_path), backend="llamacpp", mmproj=mmproj, threads=threads, device="cpu",
                        n_gpu_layers=0)
     paths = scene_files(Path(workdir) / "scenes", count)
-    rows = [stock_llava15_loop(gguf_path, cpp.mmproj_path, paths, BENCH_QUESTION, max_new_tokens, threads)]
+    rows = [stock_llava15_loop(gguf_path, cpp.mmproj_path, paths, BENCH_QUESTION, max_new_tokens, threads,
+                               flash_attn=fa) for fa in (False, True)]
     runner_throughput(cpp, paths[:batch_size], BENCH_QUESTION, tokens, batch_size, max_new_tokens)  # warm-up
     for t in (576, tokens):
         rows.append(runner_throughput(cpp, paths, BENCH_QUESTION, t, batch_size, max_new_tokens,

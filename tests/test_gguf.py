@@ -267,6 +267,8 @@ def test_bench_gguf_against_the_stock_handler(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| ") and "items" not in line]
     labels = [r[1].strip() for r in rows]
-    assert labels == ["stock `Llava15ChatHandler`, 576 tokens, one by one", "m3 batch --backend llamacpp --tokens 576",
+    assert labels == ["stock `Llava15ChatHandler`, 576 tokens, one by one",
+                      "stock `Llava15ChatHandler`, 576 tokens, one by one, flash_attn=True",
+                      "m3 batch --backend llamacpp --tokens 576",
                       "m3 batch --backend llamacpp --tokens 9", "m3 batch --backend torch --tokens 9"]
     assert all(r[2].strip() == "3" and float(r[4]) > 0 for r in rows) and rows[0][5].strip() == "1.00x"

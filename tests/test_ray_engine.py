@@ -233,7 +233,8 @@ def test_bench_ray_times_single_process_and_each_actor_count(local_ray, tiny_mod
             line.startswith("| Ray")]
     assert [r[1].strip() for r in rows] == ["single process (`m3 batch`)", "Ray, 1 actor"]
     assert all(r[2].strip() == "6" for r in rows)
-    assert all(float(r[6]) > 0 for r in rows) and rows[0][7].strip() == "1.00x"
+    assert all(float(r[6]) > 0 and float(r[8]) > 0 for r in rows)
+    assert rows[0][7].strip() == "1.00x" and rows[0][9].strip() == "1.00x"
     assert "already running" in res.stdout  # the test's cluster: not started, not timed, not stopped
 
 

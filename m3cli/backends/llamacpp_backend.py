@@ -312,6 +312,7 @@ class LlamaCppBackend:
         if n_gpu_layers is None:
             n_gpu_layers = 999 if llama_cpp.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = int(n_gpu_layers)
+        self.n_gpu_layers = int(n_gpu_layers)
         self.model_ptr = llama_cpp.llama_model_load_from_file(str(lm_path).encode(), mparams)
         if not self.model_ptr:
             raise ModelLoadError(f"llama.cpp could not load {model} (unsupported or corrupt GGUF)")
