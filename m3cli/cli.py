@@ -10,11 +10,12 @@ import click
 
 from m3cli import __version__
 from m3cli.backends.base import ModelLoadError
+from m3cli.convert.errors import ConvertError
 from m3cli.registry import RegistryError
 from m3cli.scales import BudgetError
 
 # Errors that mean "bad input or model before any work": one line on stderr, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, RegistryError, BudgetError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ModelLoadError, RegistryError, BudgetError, ConvertError)
 
 
 def _train_errors():
@@ -619,6 +620,8 @@ def bench_gguf(model, gguf_path, mmproj, outtype, count, tokens, batch_size, max
     from m3cli.registry import resolve_model
 
     hf_dir = resolve_model(model)
+    if hf_dir.lower().endswith(".gguf"):
+        raise click.UsageError("--model is the HF model the GGUF pair was converted from; pass the .gguf as --gguf")
     if gguf_path is None:
         from m3cli.convert.gguf_writer import convert_to_gguf
 

@@ -272,3 +272,14 @@ def test_bench_gguf_against_the_stock_handler(tiny_model_dir, tmp_path):
                       "m3 batch --backend llamacpp --tokens 576",
                       "m3 batch --backend llamacpp --tokens 9", "m3 batch --backend torch --tokens 9"]
     assert all(r[2].strip() == "3" and float(r[4]) > 0 for r in rows) and rows[0][5].strip() == "1.00x"
+
+
+def test_bench_gguf_bad_input_is_one_line(gguf_files, tmp_path):
+    from click.testing import CliRunner
+
+    from m3cli.cli import cli
+
+    cases = ((["--model", str(gguf_files[0])], "--gguf"), (["--gguf", str(tmp_path / "no.gguf")], "not found"))
+    for args, needle in cases:
+        res = CliRunner().invoke(cli, ["bench", "gguf", *args, "-n", "1", "--workdir", str(tmp_path)])
+        assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, res.output
