@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from m3cli.scales import budget_to_scale, nested_scales
 
 # Chosen on the validation split of the shipped model (docs/confidence.md).
-DEFAULT_THRESHOLD = 0.3
+DEFAULT_THRESHOLD = 0.7
 
 
 @dataclass(frozen=True)
