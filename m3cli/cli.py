@@ -304,7 +304,7 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         bar = tqdm(desc="m3 batch", unit="item", file=sys.stderr, dynamic_ncols=True)
     interrupted = False
     incomplete = None
-    on_row = (lambda row: bar.update(1)) if bar else None
+    on_row = (lambda row: bar.update(1)) if bar is not None else None
     try:
         if engine_name == "ray":
             from m3cli.engines import EngineRunError
@@ -320,7 +320,7 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt,
         interrupted = True
     finally:
         writer.close()
-        if bar:
+        if bar is not None:
             bar.close()
         summary.stop()
     if selector is not None and not interrupted and not incomplete and selector.total is not None:

@@ -75,6 +75,14 @@ def test_mixed_folder_rows(mixed, tiny_model_dir):
     assert "done 8, failed 2" in res.stderr
 
 
+def test_progress_bar_counts_rows_on_stderr(mixed, tiny_model_dir):
+    res = _run(["batch", f"{mixed}/a.png", f"{mixed}/gray.png", "-q", Q, "--tokens", 1, "--model", tiny_model_dir,
+                "--max-new-tokens", 1, "--progress"])
+    assert res.exit_code == 0, res.output
+    assert len(_rows(res.stdout)) == 2
+    assert "m3 batch" in res.stderr and "2item" in res.stderr.replace(" ", "")
+
+
 def test_batch_size_does_not_change_answers(mixed, tiny_model_dir):
     common = ["batch", mixed, "-q", Q, "--tokens", 36, "--model", tiny_model_dir, "--max-frames", 3,
               "--max-new-tokens", 3]

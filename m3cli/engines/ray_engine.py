@@ -33,7 +33,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from m3cli import logs
 from m3cli.engines import EngineError, EngineRunError
+from m3cli.engines.native_stderr import filter_native_stderr
 from m3cli.media import BadInput, Item
 from m3cli.output import OrderedWriter, Summary
 from m3cli.runner import BatchOptions
@@ -364,7 +366,10 @@ def run_ray(
             _quiet_ray_logs()
             actor_cpus, threads = _sizes(ray, actors, gpus_per_actor)
             plan = _plan(inputs, opts)
-            _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, actor_cpus, threads, on_row)
+            # Ray's C++ core writes warnings straight to fd 2 (e.g. about actor restarts); -v shows them
+            with filter_native_stderr(enabled=logs.verbosity() < 1):
+                _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, actor_cpus, threads,
+                       on_row)
         finally:
             if owned:
                 ray.shutdown()
