@@ -143,13 +143,16 @@ def build_policy(grid: int, tokens, auto_scale: bool, threshold, ladder):
     return Fixed(budget_to_scale(tokens, grid).scale if tokens is not None else grid * grid), note
 
 
-def _parse_ladder(text):
-    if text is None:
-        return None
+def _int_list(text: str, flag: str) -> list[int]:
+    """``"1,9,36"`` -> ``[1, 9, 36]``; anything else is a usage error naming ``flag``."""
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise click.UsageError(f"--ladder must be comma-separated integers, got {text!r}") from None
+        raise click.UsageError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _parse_ladder(text):
+    return None if text is None else _int_list(text, "--ladder")
 
 
 ASK_EXAMPLE = """
@@ -353,8 +356,8 @@ def bench_latency(image, scales, repeat, batch_size, max_new_tokens, **model_kw)
     """Per-scale latency: encode / prefill / decode ms (medians) and the speed-up over 576 tokens."""
     from m3cli.bench import format_latency_table, latency_by_scale
 
+    picked = _int_list(scales, "--tokens") if scales else None
     engine = open_backend(**model_kw)
-    picked = [int(s) for s in scales.split(",")] if scales else None
     rows = latency_by_scale(engine, image_path=image, scales=picked, repeat=repeat,
                             batch_size=batch_size, max_new_tokens=max_new_tokens)
     click.echo(format_latency_table(rows, engine))
@@ -496,10 +499,7 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
 def _parse_scales(text, valid):
     if not text:
         return None
-    try:
-        picked = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.UsageError(f"--tokens must be comma-separated integers, got {text!r}") from None
+    picked = _int_list(text, "--tokens")
     bad = [s for s in picked if s not in valid]
     if bad:
         raise click.UsageError(f"{bad} are not nested scales of this model ({', '.join(map(str, valid))})")
@@ -587,10 +587,7 @@ def bench_ray(count, tokens, batch_size, max_new_tokens, actor_list, ray_address
     from m3cli.bench import format_scale_out, scale_out, scene_files
     from m3cli.engines.ray_engine import preflight
 
-    try:
-        actor_counts = [int(x) for x in actor_list.split(",") if x.strip()]
-    except ValueError:
-        raise click.UsageError(f"--actors must be comma-separated integers, got {actor_list!r}") from None
+    actor_counts = _int_list(actor_list, "--actors")
     if not actor_counts or min(actor_counts) < 1:
         raise click.UsageError(f"--actors needs counts >= 1, got {actor_list!r}")
     preflight(model_kw, ray_address)  # the missing extra or a dead address: one line, before any model load
