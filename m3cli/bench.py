@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from m3cli.backends.base import AnswerRequest, Backend
@@ -151,7 +151,8 @@ def naive_generate_loop(backend, paths: Sequence[str], question: str, max_new_to
 
 
 def runner_throughput(backend, paths: Sequence[str], question: str, tokens: int | None, batch_size: int,
-                      max_new_tokens: int, auto_scale: bool = False, label: str | None = None) -> ThroughputRow:
+                      max_new_tokens: int, auto_scale: bool = False, label: str | None = None,
+                      on_row: Callable[[dict], None] | None = None) -> ThroughputRow:
     """Items/s of the ``m3 batch`` engine (decode thread, batching, ordered JSONL to a null sink)."""
     import io
 
@@ -162,7 +163,8 @@ def runner_throughput(backend, paths: Sequence[str], question: str, tokens: int 
     opts = BatchOptions(question=question, tokens=tokens, auto_scale=auto_scale, batch_size=batch_size,
                         max_new_tokens=max_new_tokens)
     start = time.perf_counter()
-    run_batch(backend, iter_inputs(list(paths)), opts, OrderedWriter(JsonlSink(io.StringIO())), Summary())
+    run_batch(backend, iter_inputs(list(paths)), opts, OrderedWriter(JsonlSink(io.StringIO())), Summary(),
+              on_row=on_row)
     mode = "--auto-scale" if auto_scale else f"--tokens {tokens}"
     return ThroughputRow(label or f"m3 batch {mode} --batch-size {batch_size}", len(paths),
                          time.perf_counter() - start)
@@ -286,26 +288,14 @@ class ScaleOutReport:
     ray_init_s: float | None  # None: Ray was already running (not started by the bench)
     ray_shutdown_s: float | None
     warm_up_s: float  # one short untimed Ray run first: the cluster's worker processes start there
-
-
-def _batch_opts(tokens: int, batch_size: int, max_new_tokens: int):
-    from m3cli.runner import BatchOptions
-
-    return BatchOptions(question=BENCH_QUESTION, tokens=tokens, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    warm_up_items: int
 
 
 def single_process_stream(backend, paths: Sequence[str], tokens: int, batch_size: int,
                           max_new_tokens: int) -> StreamTiming:
     """``m3 batch`` in this process (model already loaded), rows to a null sink."""
-    import io
-
-    from m3cli.media import iter_inputs
-    from m3cli.output import JsonlSink, OrderedWriter, Summary
-    from m3cli.runner import run_batch
-
     clock = RowClock()
-    run_batch(backend, iter_inputs(list(paths)), _batch_opts(tokens, batch_size, max_new_tokens),
-              OrderedWriter(JsonlSink(io.StringIO())), Summary(), on_row=clock)
+    runner_throughput(backend, paths, BENCH_QUESTION, tokens, batch_size, max_new_tokens, on_row=clock)
     return clock.timing("single process (`m3 batch`)", batch_size)
 
 
@@ -319,10 +309,12 @@ def ray_stream(model_kw: dict, paths: Sequence[str], tokens: int, batch_size: in
     from m3cli.engines.ray_engine import run_ray
     from m3cli.media import iter_inputs
     from m3cli.output import JsonlSink, OrderedWriter, Summary
+    from m3cli.runner import BatchOptions
 
+    opts = BatchOptions(question=BENCH_QUESTION, tokens=tokens, batch_size=batch_size, max_new_tokens=max_new_tokens)
     clock = RowClock()
-    run_ray(model_kw, iter_inputs(list(paths)), _batch_opts(tokens, batch_size, max_new_tokens),
-            OrderedWriter(JsonlSink(io.StringIO())), Summary(), actors=actors, on_row=clock)
+    run_ray(model_kw, iter_inputs(list(paths)), opts, OrderedWriter(JsonlSink(io.StringIO())), Summary(),
+            actors=actors, on_row=clock)
     return clock.timing(f"Ray, {actors} actor{'s' if actors > 1 else ''}", batch_size)
 
 
@@ -340,8 +332,9 @@ def scale_out(backend, model_kw: dict, paths: Sequence[str], tokens: int = 9, ba
     init_s = time.perf_counter() - t0 if owned else None
     shutdown_s = None
     try:
+        warm_up = paths[: 2 * batch_size]
         t0 = time.perf_counter()  # as the single process is warmed up, so is the cluster: workers start here
-        ray_stream(model_kw, paths[: 2 * batch_size], tokens, batch_size, max_new_tokens, max(actor_counts))
+        ray_stream(model_kw, warm_up, tokens, batch_size, max_new_tokens, max(actor_counts))
         warm_up_s = time.perf_counter() - t0
         for actors in actor_counts:
             rows.append(ray_stream(model_kw, paths, tokens, batch_size, max_new_tokens, actors))
@@ -350,7 +343,7 @@ def scale_out(backend, model_kw: dict, paths: Sequence[str], tokens: int = 9, ba
             t0 = time.perf_counter()
             ray.shutdown()
             shutdown_s = time.perf_counter() - t0
-    return ScaleOutReport(rows, init_s, shutdown_s, warm_up_s)
+    return ScaleOutReport(rows, init_s, shutdown_s, warm_up_s, len(warm_up))
 
 
 def format_scale_out(report: ScaleOutReport, backend: Backend, tokens: int, batch_size: int) -> str:
@@ -365,7 +358,7 @@ def format_scale_out(report: ScaleOutReport, backend: Backend, tokens: int, batc
                      f"| {r.late_items_per_s:.2f} | {r.late_items_per_s / base.late_items_per_s:.2f}x |")
     init = "already running" if report.ray_init_s is None else f"{report.ray_init_s:.2f} s"
     stop = "not stopped (not started here)" if report.ray_shutdown_s is None else f"{report.ray_shutdown_s:.2f} s"
-    lines += ["", f"Ray start (`ray.init`, local cluster): {init}; untimed warm-up run ({max(1, 2 * batch_size)} "
+    lines += ["", f"Ray start (`ray.init`, local cluster): {init}; untimed warm-up run ({report.warm_up_items} "
               f"items, worker processes start): {report.warm_up_s:.2f} s; `ray.shutdown`: {stop}. "
               "Every timed Ray run starts its own actors and loads the model in each (the first-batch column).",
               "After first batch = rows after the first batch / time from its last row to the last row; second half = "

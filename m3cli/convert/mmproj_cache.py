@@ -55,12 +55,15 @@ def cached_fixed_mmproj(src: str | Path, root: str | Path | None = None) -> tupl
     main = folder / f"{stem}-fixed.gguf"
     if main.is_file() and rot180_path(main).is_file():
         return main, False
+    def unwritable(exc: OSError) -> MmprojError:
+        return MmprojError(f"cannot write a corrected copy of {src} into the cache {base} ({exc.strerror or exc}); "
+                           f"set {CACHE_ENV} to a writable folder or run `m3 convert --fix-mmproj`")
+
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
     except OSError as exc:
-        raise MmprojError(f"cannot write a corrected copy of {src} into the cache {base} ({exc.strerror or exc}); "
-                          f"set {CACHE_ENV} to a writable folder or run `m3 convert --fix-mmproj`") from None
+        raise unwritable(exc) from None
     log.warning("%s has the legacy LLaVA layout (wrong features); writing a corrected copy once into %s",
                 src, folder)
     try:
@@ -73,8 +76,7 @@ def cached_fixed_mmproj(src: str | Path, root: str | Path | None = None) -> tupl
             if not (main.is_file() and rot180_path(main).is_file()):  # not a finished racer: a real failure
                 raise
     except OSError as exc:
-        raise MmprojError(f"cannot write a corrected copy of {src} into the cache {base} ({exc.strerror or exc}); "
-                          f"set {CACHE_ENV} to a writable folder or run `m3 convert --fix-mmproj`") from None
+        raise unwritable(exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return main, True

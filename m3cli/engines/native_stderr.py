@@ -16,16 +16,14 @@ import threading
 from collections.abc import Iterator
 
 NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w.]+\.(cc|h):\d+: ")
-_HEAD = b"[2026-01-01 00:00:00,000 E "  # long enough to tell a native line from anything else
+_STAMP = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,")  # how every native line begins
+_STAMP_LEN = len(b"[2026-01-01 00:00:00,")
 
 
 def _could_be_native(buf: bytes) -> bool:
-    """True while ``buf`` (no newline yet) may still turn out to be a native log line."""
-    probe = buf[: len(_HEAD)]
-    if not probe.startswith(b"["):
-        return False
-    pattern = rb"^\[\d{0,4}(-\d{0,2}(-\d{0,2}( \d{0,2}(:\d{0,2}(:\d{0,2}(,\d*( [DIWEF]?( )?)?)?)?)?)?)?)?$"
-    return re.match(pattern, probe) is not None or NATIVE_LINE.match(buf) is not None
+    """True while ``buf`` (no newline yet) may still turn out to be a native log line: it starts with
+    ``[`` and is too short to tell, or it starts with a native line's timestamp."""
+    return buf.startswith(b"[") and (len(buf) < _STAMP_LEN or _STAMP.match(buf) is not None)
 
 
 def _pump(read_fd: int, write_fd: int) -> None:

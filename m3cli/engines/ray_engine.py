@@ -310,8 +310,6 @@ def connect(ray, ray_address: str | None) -> bool:
 
 
 def _quiet_ray_logs() -> None:
-    from m3cli import logs
-
     if logs.verbosity() < 1:
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -380,8 +378,6 @@ def _guard_stdout():
     """Keep stdout for rows: Ray's driver prints cluster messages ("(raylet) Task ... failed, retrying",
     worker tracebacks) to ``sys.stdout`` whatever ``log_to_driver`` says. While the engine runs they go to
     stderr with -v and nowhere otherwise; a sink opened on stdout before the call keeps the real stream."""
-    from m3cli import logs
-
     if logs.verbosity() >= 1:
         with contextlib.redirect_stdout(sys.stderr):
             yield
