@@ -170,9 +170,10 @@ def runner_throughput(backend, paths: Sequence[str], question: str, tokens: int 
                          time.perf_counter() - start)
 
 
-def format_throughput(rows: Sequence[ThroughputRow], baseline: ThroughputRow, backend: Backend) -> str:
+def format_throughput(rows: Sequence[ThroughputRow], baseline: ThroughputRow, backend: Backend,
+                      baseline_name: str = "naive") -> str:
     lines = [f"model `{backend.model_id}`; {machine_line(backend)}", "",
-             "| run | items | seconds | items/s | vs naive |", "|---|---:|---:|---:|---:|"]
+             f"| run | items | seconds | items/s | vs {baseline_name} |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.label} | {r.items} | {r.seconds:.1f} | {r.items_per_s:.2f} "
                      f"| {r.items_per_s / baseline.items_per_s:.2f}x |")

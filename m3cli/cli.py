@@ -638,7 +638,7 @@ def bench_gguf(model, gguf_path, mmproj, outtype, count, tokens, batch_size, max
     rows.append(runner_throughput(torch_engine, paths, BENCH_QUESTION, tokens, batch_size, max_new_tokens,
                                   label=f"m3 batch --backend torch --tokens {tokens}"))
     click.echo(f"GGUF `{gguf_path}` + `{cpp.mmproj_path}`; HF `{hf_dir}`\n")
-    click.echo(format_throughput(rows, rows[0], cpp).replace("vs naive", "vs stock handler"))
+    click.echo(format_throughput(rows, rows[0], cpp, baseline_name="stock handler"))
 
 
 @bench.command("memory")
