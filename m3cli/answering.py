@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from m3cli.backends.base import AnswerRequest, Backend, Encoded
 from m3cli.confidence import DEFAULT_MEASURE, confidence
-from m3cli.policy import Fixed, Rung
+from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed, Policy, Rung, make_ladder
+from m3cli.scales import budget_to_scale
 
 
 @dataclass
@@ -40,8 +41,22 @@ class Query:
 
     encoded: Encoded
     question: str
-    policy: object = field(default_factory=lambda: Fixed(576))
+    policy: Policy = field(default_factory=lambda: Fixed(576))
     max_new_tokens: int = 16
+
+
+def make_policy(
+    grid: int,
+    tokens: int | None = None,
+    auto_scale: bool = False,
+    threshold: float | None = None,
+    ladder: Sequence[int] | None = None,
+) -> Policy:
+    """The scale policy for a question: a fixed scale (the budget rounded down, or the full grid), or with
+    ``auto_scale`` escalation over ``ladder`` (default: every scale) capped at the budget."""
+    if auto_scale:
+        return Escalate(make_ladder(grid, ladder, tokens), DEFAULT_THRESHOLD if threshold is None else threshold)
+    return Fixed(budget_to_scale(tokens, grid).scale if tokens is not None else grid * grid)
 
 
 def answer_queries(
@@ -82,7 +97,7 @@ def ask_images(
     backend: Backend,
     images: Sequence,
     questions: Sequence[str],
-    policies: Sequence,
+    policies: Sequence[Policy],
     max_new_tokens: int = 16,
     measure: str = DEFAULT_MEASURE,
 ) -> list[Result]:

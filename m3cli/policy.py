@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from m3cli.scales import budget_to_scale, nested_scales
 
@@ -26,6 +27,18 @@ class Rung:
 
     def to_dict(self) -> dict:
         return {"tokens": self.scale, "answer": self.answer, "confidence": round(self.confidence, 6)}
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """How a query picks its scales: ``first()`` names the first rung, ``next(tried)`` the next or None to stop.
+
+    ``tried`` holds every rung answered so far, in order (never empty when ``next`` is called).
+    """
+
+    def first(self) -> int: ...
+
+    def next(self, tried: Sequence[Rung]) -> int | None: ...
 
 
 @dataclass(frozen=True)

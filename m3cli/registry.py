@@ -8,10 +8,12 @@ from pathlib import Path
 
 import yaml
 
+from m3cli.errors import ModelError, describe
+
 DEFAULT_MODEL = "m3-shapes"
 
 
-class RegistryError(Exception):
+class RegistryError(ModelError):
     """The model name or registry is unusable; one user-facing line."""
 
 
@@ -40,7 +42,7 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RegistryError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+        raise RegistryError(f"{path}: invalid YAML: {describe(exc)}") from exc
     entries = {}
     for name, spec in (data.get("models") or {}).items():
         location = spec.get("path") or spec.get("hub")

@@ -13,12 +13,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from m3cli.errors import UsageError
+
 if TYPE_CHECKING:  # torch is imported lazily so the maths stays usable without it
     import torch
 
 
-class BudgetError(ValueError):
-    """A token budget that no scale can satisfy (not an integer, or below 1)."""
+class BudgetError(UsageError, ValueError):
+    """A token budget that no scale can satisfy (not an integer, or below 1).
+
+    Still a ValueError: the batch runner turns a bad per-item budget (a JSONL ``tokens``) into an error row
+    by catching ValueError.
+    """
 
 
 def scale_sides(grid: int) -> list[int]:
@@ -96,6 +102,11 @@ def grid_side(n_tokens: int) -> int:
     return side
 
 
+# ``pool`` and ``pool_np`` are deliberate twins: the torch backend pools tensors on the model's device (and the
+# trainer needs gradients through the pool), while the llama.cpp backend reads the grid back as a NumPy array
+# and must work in an install without torch. tests/test_scales.py checks that they agree.
+
+
 def pool(grid: torch.Tensor, scale: int) -> torch.Tensor:
     """Average-pool projected visual tokens to ``scale`` tokens (torch).
 
@@ -135,12 +146,3 @@ def pool_np(grid: np.ndarray, scale: int) -> np.ndarray:
         blocks = batch.reshape(b, side, k, side, k, d).astype(np.float64)
         pooled = blocks.mean(axis=(2, 4)).reshape(b, side * side, d).astype(batch.dtype)
     return pooled[0] if squeeze else pooled
-
-
-def ladder(grid: int = 24, cap: int | None = None) -> list[int]:
-    """Nested scales smallest first, optionally capped at a token budget: the escalation ladder."""
-    scales = sorted(nested_scales(grid))
-    if cap is not None:
-        top = budget_to_scale(cap, grid).scale
-        scales = [s for s in scales if s <= top]
-    return scales

@@ -35,7 +35,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir):
-    from m3cli.backends.torch_backend import TorchBackend
+    from m3cli.backends.torch import TorchBackend
 
     return TorchBackend(str(tiny_model_dir), device="cpu")
 

@@ -8,9 +8,9 @@ from media_factory import write_video
 from PIL import Image
 
 from m3cli.cli import cli
+from m3cli.engines.local import BatchOptions, run_batch
 from m3cli.media import iter_inputs
 from m3cli.output import OrderedWriter, Summary
-from m3cli.runner import BatchOptions, run_batch
 
 Q = "what colour is the background?"
 

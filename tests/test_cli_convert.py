@@ -68,8 +68,8 @@ def test_convert_usage_errors(tmp_path):
 def test_shipped_model_converts_and_agrees(tmp_path):
     """The shipped model converts to GGUF and answers the example scenes as the torch backend does."""
     from m3cli.answering import ask_images
-    from m3cli.backends.llamacpp_backend import LlamaCppBackend
-    from m3cli.backends.torch_backend import TorchBackend
+    from m3cli.backends.llamacpp import LlamaCppBackend
+    from m3cli.backends.torch import TorchBackend
     from m3cli.convert.gguf_writer import convert_to_gguf
     from m3cli.data.scenes import render, sample
     from m3cli.policy import Fixed

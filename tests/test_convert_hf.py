@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3cli.backends.base import AnswerRequest
-from m3cli.backends.torch_backend import TorchBackend
-from m3cli.convert.original_llava import ConvertError, convert_original_to_hf
+from m3cli.backends.torch import TorchBackend
+from m3cli.convert.original_llava import convert_original_to_hf
+from m3cli.errors import ConvertError
 
 Q = "what colour is the background?"
 N_ORIG = 372  # tiny vocabulary size; the converter appends <image> and <pad>

@@ -12,18 +12,12 @@ pytest.importorskip("llama_cpp")
 
 from m3cli.backends.base import AnswerRequest, ModelLoadError  # noqa: E402
 from m3cli.build import ModelSpec, make_tiny_model  # noqa: E402
-from m3cli.convert.gguf_writer import (  # noqa: E402
-    LAYOUT_KEY,
-    VARIANT_KEY,
-    ConvertError,
-    convert_to_gguf,
-    load_hf_llava,
-    mmproj_kv,
-    mmproj_tensor_list,
-    mmproj_tensors_from_hf,
-    write_gguf,
-)
-from m3cli.convert.mmproj_fix import MmprojError, fix_mmproj, validate_mmproj  # noqa: E402
+from m3cli.convert.gguf_writer import convert_to_gguf, mmproj_tensors_from_hf  # noqa: E402
+from m3cli.convert.hf_llava import load_hf_llava  # noqa: E402
+from m3cli.errors import ConvertError  # noqa: E402
+from m3cli.gguf.layout import LAYOUT_KEY, VARIANT_KEY, mmproj_kv, mmproj_tensor_list  # noqa: E402
+from m3cli.gguf.mmproj import MmprojError, fix_mmproj, validate_mmproj  # noqa: E402
+from m3cli.gguf.writer import write_gguf  # noqa: E402
 
 QUESTIONS = ["what colour is the background?", "how many shapes are there?"]
 
@@ -60,7 +54,7 @@ def gguf_files(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cpp(gguf_files):
-    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+    from m3cli.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(str(gguf_files[0]), patch0="exact", threads=1)
     yield backend
@@ -103,7 +97,7 @@ def test_convert_rejects_non_llava(tmp_path):
 
 
 def test_probe_recognises_build():
-    from m3cli.backends.llamacpp_backend import SIG_BUGGY, SIG_FIXED, probe_llamacpp
+    from m3cli.backends.llamacpp import SIG_BUGGY, SIG_FIXED, probe_llamacpp
 
     assert probe_llamacpp().signature in (SIG_BUGGY, SIG_FIXED)
 
@@ -133,7 +127,7 @@ def test_every_scale_answers_and_agrees(cpp, tiny_backend, images):
 
 
 def test_auto_patch0_is_lazy(gguf_files, images, torch_grids):
-    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+    from m3cli.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(str(gguf_files[0]), patch0="auto", threads=1)
     try:
@@ -162,7 +156,7 @@ def assert_same_greedy(got, ref, scale, tie=0.05):
 
 
 def _one_line_load_error(*args, **kwargs) -> str:
-    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+    from m3cli.backends.llamacpp import LlamaCppBackend
 
     with pytest.raises(ModelLoadError) as exc:
         LlamaCppBackend(*args, **kwargs)
@@ -209,7 +203,7 @@ def test_truncated_position_table_is_caught(gguf_files, tmp_path, tiny_model_dir
 
 
 def test_fix_legacy_mmproj(gguf_files, tiny_model_dir, tmp_path, images, cpp):
-    from m3cli.backends.llamacpp_backend import LlamaCppBackend
+    from m3cli.backends.llamacpp import LlamaCppBackend
 
     legacy = write_legacy_mmproj(tiny_model_dir, tmp_path / "mmproj-legacy-f32.gguf")
     fixed = fix_mmproj(legacy, tmp_path / "fixed")
@@ -227,8 +221,8 @@ def test_legacy_mmproj_is_fixed_once_into_the_cache(gguf_files, tiny_model_dir, 
     reused afterwards, and the user's file is never written."""
     import hashlib
 
-    from m3cli.backends.llamacpp_backend import LlamaCppBackend
-    from m3cli.convert.mmproj_cache import cached_fixed_mmproj
+    from m3cli.backends.llamacpp import LlamaCppBackend
+    from m3cli.gguf.cache import cached_fixed_mmproj
 
     monkeypatch.setenv("M3_CACHE_DIR", str(tmp_path / "cache"))
     legacy = write_legacy_mmproj(tiny_model_dir, tmp_path / "user" / "mmproj-legacy-f32.gguf")

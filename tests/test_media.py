@@ -22,9 +22,11 @@ from m3cli.media import (
     expand_video,
     iter_inputs,
     load_image,
-    probe_video,
     sample_frames,
 )
+from m3cli.media import image as media_image
+from m3cli.media import inputs as media_inputs
+from m3cli.media import video as media_video
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -244,7 +246,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
     def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(media, "open", deny, raising=False)  # shadows the builtin inside the module
+    monkeypatch.setattr(media_image, "open", deny, raising=False)  # shadows the builtin inside the module
     with pytest.raises(MediaError, match="secret.png: permission denied"):
         load_image(path)
 
@@ -294,8 +296,10 @@ def _check(frames, indices):
         assert abs(f.image.getpixel((32, 24))[0] - _level(f.index)) <= 8
 
 
-def test_probe_video(video):
-    info = probe_video(video)
+def test_stream_facts(video):
+    """The container-level facts sampling relies on (read from the header, no decoding)."""
+    with media_video._open_video(video) as container:
+        info = media_video._stream_facts(container, media_video._video_stream(container, video))
     assert info.fps == pytest.approx(RATE)
     assert info.duration_s == pytest.approx(2.0, abs=0.11)
     assert info.n_frames_estimate == N_FRAMES
@@ -355,7 +359,7 @@ def test_truncated_and_broken_videos(tmp_path):
     text = tmp_path / "fake.mp4"
     text.write_text("not a video at all" * 10)
     with pytest.raises(MediaError, match="fake.mp4"):
-        probe_video(str(text))
+        list(sample_frames(str(text)))
 
 
 def test_mkv_without_frame_count_and_rotation(tmp_path):
@@ -487,7 +491,7 @@ def test_unreadable_directory_is_bad_input(tree, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(media.os, "scandir", scandir)
+    monkeypatch.setattr(media_inputs.os, "scandir", scandir)
     rows = list(iter_inputs(["data/sub", "data/b.jpg"]))
     assert _ids(rows) == ["data/sub/deep", "data/b.jpg"]
     assert isinstance(rows[0], BadInput) and "Permission denied" in rows[0].error
@@ -495,7 +499,7 @@ def test_unreadable_directory_is_bad_input(tree, monkeypatch):
 
 def test_id_suffix_never_collides():
     rows = [Item(id=i, source=i, kind="image") for i in ["a", "a~2", "a", "a"]]
-    assert _ids(media._unique(rows)) == ["a", "a~2", "a~3", "a~4"]
+    assert _ids(media_inputs.unique_ids(rows)) == ["a", "a~2", "a~3", "a~4"]
 
 
 def test_media_kind():
@@ -503,3 +507,15 @@ def test_media_kind():
     assert media.media_kind("x.gif") == "image"
     assert media.media_kind("x.MkV") == "video"
     assert media.media_kind("x.ts") is None and media.media_kind("README") is None
+
+
+def test_media_import_leaves_pyav_unloaded_and_errors_are_m3_errors():
+    import subprocess
+
+    code = "import sys, m3cli.media; m3cli.media.load_image; print('av' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # `m3 ask x.png` must not pay for loading FFmpeg
+    from m3cli import errors
+
+    assert issubclass(MediaError, errors.M3Error) and MediaError is errors.MediaError
+    assert str(MediaError("a.png:\n  broken\tfile")) == "a.png: broken file"

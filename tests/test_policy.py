@@ -11,7 +11,7 @@ from m3cli.confidence import (
     min_token_prob,
     sequence_prob,
 )
-from m3cli.policy import Escalate, Fixed, Rung, make_ladder, oracle_scale
+from m3cli.policy import Escalate, Fixed, Policy, Rung, make_ladder, oracle_scale
 
 
 def test_fixed_never_escalates():
@@ -39,6 +39,11 @@ def test_ladder_validation_and_cap():
         Escalate((36, 9))
     with pytest.raises(ValueError):
         Escalate((1, 9), threshold=1.5)
+
+
+def test_fixed_and_escalate_are_policies():
+    assert isinstance(Fixed(36), Policy) and isinstance(Escalate(), Policy)
+    assert not isinstance(Rung(1, "a", 0.5), Policy)
 
 
 def test_oracle():

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Dat
 from media_factory import write_video  # noqa: E402
 
 from m3cli.engines import EngineError, EngineRunError  # noqa: E402
-from m3cli.engines.ray_engine import preflight, run_ray  # noqa: E402
+from m3cli.engines.local import BatchOptions, run_batch  # noqa: E402
+from m3cli.engines.ray import preflight, run_ray  # noqa: E402
 from m3cli.media import iter_inputs  # noqa: E402
 from m3cli.output import JsonlSink, OrderedWriter, Summary, open_sink, read_done_ids  # noqa: E402
-from m3cli.runner import BatchOptions, run_batch  # noqa: E402
 
 Q = "what colour is the background?"
 COMPARED = ("id", "source", "frame", "time_s", "question", "answer", "tokens", "model", "backend", "error")
@@ -107,7 +107,7 @@ def test_missing_ray_is_one_line(monkeypatch, tiny_model_dir):
 
 def test_failure_part_way_names_what_resume_must_redo():
     """Without a cluster: the driver's merge loop, fed two rows and then a Ray failure."""
-    from m3cli.engines.ray_engine import _Merger, _PipelineFailed, _plan, _run_error
+    from m3cli.engines.ray import _Merger, _PipelineFailed, _plan, _run_error
     from m3cli.media import BadInput, Item
     from m3cli.output import make_row
 

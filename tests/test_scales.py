@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from m3cli.policy import make_ladder
 from m3cli.scales import (
     BudgetError,
     budget_to_scale,
-    ladder,
     nested_scales,
     parse_budget,
     pool,
@@ -37,6 +37,14 @@ def test_budget_rounding_table(budget, scale, rounded):
 def test_bad_budgets_are_errors(bad):
     with pytest.raises(BudgetError):
         parse_budget(bad)
+
+
+def test_budget_error_is_a_usage_error_and_a_value_error():
+    from m3cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="whole number") as err:
+        parse_budget("abc")
+    assert isinstance(err.value, ValueError) and err.value.exit_code == 2
 
 
 @pytest.mark.parametrize("scale", [576, 144, 36, 9, 1])
@@ -93,5 +101,5 @@ def test_pool_keeps_half_precision_dtype():
 
 
 def test_ladder_with_cap():
-    assert ladder(24) == [1, 9, 36, 144, 576]
-    assert ladder(24, cap=100) == [1, 9, 36]
+    assert list(make_ladder(24)) == [1, 9, 36, 144, 576]  # scales.ladder was a copy of policy.make_ladder
+    assert list(make_ladder(24, cap=100)) == [1, 9, 36]

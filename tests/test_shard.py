@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from m3cli.output import JsonlSink, make_row
-from m3cli.shard import (
+from m3cli.engines.shard import (
     IndexingSink,
     MergeError,
     ShardSelector,
@@ -24,6 +23,7 @@ from m3cli.shard import (
     top_level_id,
     write_sidecar,
 )
+from m3cli.output import JsonlSink, make_row
 
 N = 3
 
@@ -52,7 +52,7 @@ IDS = ["a.png", "photos/b.jpg", "clip.mp4", "ünïcode/图.png", "x" * 300, ""]
 
 def test_shard_of_stable_across_processes():
     code = (
-        "import json, sys; from m3cli.shard import shard_of; "
+        "import json, sys; from m3cli.engines.shard import shard_of; "
         "ids = json.loads(sys.argv[1]); print(json.dumps([[shard_of(i, n) for n in (1, 2, 3, 7, 1000)] for i in ids]))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from m3cli.answering import ask_images
-from m3cli.backends.torch_backend import TorchBackend
+from m3cli.backends.torch import TorchBackend
 from m3cli.cli import cli
 from m3cli.media import load_image
 from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed

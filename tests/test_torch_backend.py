@@ -4,7 +4,7 @@ from PIL import Image
 
 from m3cli.answering import ask_images
 from m3cli.backends.base import AnswerRequest, ModelLoadError
-from m3cli.backends.torch_backend import TorchBackend
+from m3cli.backends.torch import TorchBackend
 from m3cli.policy import Fixed
 
 Q = "what colour is the background?"

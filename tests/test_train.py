@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from m3cli.backends.torch_backend import TorchBackend
+from m3cli.backends.torch import TorchBackend
 from m3cli.cli import cli
 from m3cli.train.config import ConfigError, load_config
 from m3cli.train.packing import IGNORE, IMAGE_SLOT, block_mask, pack, pad_batch

@@ -1,13 +1,41 @@
-"""Backends behind one interface (see base.Backend); ``load_backend`` picks one by name."""
+"""Backends behind one interface (see base.Backend); ``open_backend`` resolves a model and loads one.
+
+* ``torch``: transformers ``LlavaForConditionalGeneration`` (Hugging Face model directories).
+* ``llamacpp``: GGUF models through llama-cpp-python.
+* ``prompt``: the one place that builds a model's prompt ids, shared by both.
+"""
 
 from __future__ import annotations
 
 from m3cli.backends.base import AnswerRequest, Backend, Encoded, Generation, ModelLoadError
 
-__all__ = ["AnswerRequest", "Backend", "Encoded", "Generation", "ModelLoadError", "load_backend"]
+__all__ = ["AnswerRequest", "Backend", "Encoded", "Generation", "ModelLoadError", "load_backend", "open_backend"]
 
 BACKENDS = ("auto", "torch", "llamacpp")
 GGUF_OPTIONS = ("mmproj", "n_gpu_layers", "mmproj_offload", "ctx")
+
+
+def is_gguf_backend(backend: str, path: str) -> bool:
+    """Whether ``backend`` (auto, torch or llamacpp) runs ``path`` on llama.cpp."""
+    return backend == "llamacpp" or (backend == "auto" and str(path).lower().endswith(".gguf"))
+
+
+def open_backend(model: str | None = None, backend: str = "auto", verbose: bool | None = None, **options) -> Backend:
+    """Resolve ``model`` (registry name, path or hub id; None: the shipped model) and load its backend.
+
+    ``verbose`` routes llama.cpp's own logs to stderr; None means "when the CLI runs with -v". Errors are
+    one line (:class:`ModelLoadError`, ``RegistryError``).
+    """
+    from m3cli.registry import resolve_model
+
+    path = resolve_model(model)
+    if is_gguf_backend(backend, path):
+        if verbose is None:
+            from m3cli import logs
+
+            verbose = logs.verbosity() >= 1
+        options["verbose"] = verbose
+    return load_backend(backend, path, **options)
 
 
 def load_backend(name: str, model: str, **options) -> Backend:
@@ -17,18 +45,18 @@ def load_backend(name: str, model: str, **options) -> Backend:
     refused when set, so ``--mmproj`` with a torch model is an error, not silently ignored.
     """
     if name == "auto":
-        name = "llamacpp" if str(model).lower().endswith(".gguf") else "torch"
+        name = "llamacpp" if is_gguf_backend(name, model) else "torch"
     if name == "torch":
         stray = [k for k in GGUF_OPTIONS if options.get(k) is not None]
         if stray:
             flags = ", ".join("--" + k.replace("_", "-") for k in stray)
             raise ModelLoadError(f"{flags} apply to GGUF models (--backend llamacpp) only")
-        from m3cli.backends.torch_backend import TorchBackend
+        from m3cli.backends.torch import TorchBackend
 
         return TorchBackend(model, **{k: v for k, v in options.items() if k not in GGUF_OPTIONS})
     if name == "llamacpp":
         try:
-            from m3cli.backends.llamacpp_backend import load_llamacpp
+            from m3cli.backends.llamacpp import load_llamacpp
         except ImportError as exc:
             raise ModelLoadError(
                 f"the llama.cpp backend needs the gguf extra: pip install 'm3cli[gguf]' ({exc})"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from m3cli.errors import ModelError
 
-class ModelLoadError(Exception):
+
+class ModelLoadError(ModelError):
     """The model could not be loaded; the message is one user-facing line."""
 
 
@@ -39,7 +41,6 @@ class Generation:
     logprobs: list[float]
     prefill_ms: float
     decode_ms: float
-    extra: dict = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -1,283 +1,38 @@
 """Hugging Face LLaVA -> GGUF: a ``llama`` language model file and a ``clip`` mmproj file.
 
-The mmproj is written in the layout that makes llama.cpp's stock LLaVA encoder (which appends
-CLS after the patches and runs one layer fewer than the file's block count) return features
-equal to Hugging Face's ``hidden_states[-2]`` with CLS dropped:
-
-* all L vision blocks, ``block_count = L`` and ``feature_layer = [L-1]`` (L-1 layers run);
-* no post-layernorm (the graph would apply it);
-* position rows permuted ``[1, 2, ..., N, 0]`` so every token reads its own position; the
-  encoder then returns HF's patches 1..N-1 followed by the projected CLS (patch 0 is lost);
-* optionally a companion ``*.rot180.gguf`` (kernel rotated 180 degrees, positions reversed)
-  that, fed the image rotated 180 degrees, recovers patch 0 exactly.
-
-The layout is recorded in the key ``m3cli.mmproj.layout`` so the backend can tell our files from
-legacy ones. Nothing here imports torch; tensors are read with ``safetensors`` as NumPy arrays.
+The checkpoint is read by ``hf_llava``; the mmproj is written in the layout of ``m3cli.gguf.layout``
+(all L vision blocks with ``feature_layer = [L-1]``, no post-layernorm, positions ``[1..N, 0]``, plus
+the ``*.rot180.gguf`` companion that recovers patch 0), so llama.cpp's stock LLaVA encoder returns
+features equal to Hugging Face's ``hidden_states[-2]`` with CLS dropped. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from m3cli.convert.errors import ConvertError  # noqa: F401  (re-exported)
+from m3cli.convert.hf_llava import HFLlava, load_hf_llava
+from m3cli.errors import ConvertError
+from m3cli.gguf.layout import (
+    FILE_TYPES,
+    LAYOUT_CLS_LAST,
+    VARIANT_MAIN,
+    VARIANT_ROT180,
+    apply_layout,
+    mmproj_kv,
+    mmproj_tensor_list,
+    rot180_path,
+)
+from m3cli.gguf.writer import KeyValues, gguf_lib, write_gguf
 
-LAYOUT_KEY = "m3cli.mmproj.layout"
-VARIANT_KEY = "m3cli.mmproj.variant"
-LAYOUT_CLS_LAST = "cls_last"   # positions [1..N, 0]: for builds that append CLS after the patches
-LAYOUT_NATURAL = "natural"     # positions [0..N]: legacy files and (future) fixed builds
-VARIANT_MAIN = "main"
-VARIANT_ROT180 = "rot180"
-ROT_SUFFIX = ".rot180.gguf"
 OUTTYPES = ("f32", "f16", "q8_0")
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# reading the Hugging Face directory
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class HFLlava:
-    """What the converter needs from a saved ``LlavaForConditionalGeneration``."""
-
-    path: Path
-    config: dict
-    vision: dict
-    text: dict
-    tensors: dict[str, np.ndarray]          # canonical names: vision.*, proj.*, lm.*, lm_head
-    tokenizer: dict
-    chat_template: str
-    image_mean: list[float]
-    image_std: list[float]
-    extra: dict = field(default_factory=dict)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConvertError(f"{path}: unreadable JSON ({exc})") from exc
-
-
-def _canonical(name: str) -> str | None:
-    """Map the key layouts transformers has used for LLaVA to one naming; None = ignore."""
-    if name.endswith("lm_head.weight"):
-        return "lm_head"
-    for marker, prefix in (("vision_tower.", "vision."), ("multi_modal_projector.", "proj.")):
-        if marker in name:
-            rest = name.split(marker, 1)[1]
-            if rest.startswith("vision_model."):
-                rest = rest[len("vision_model."):]
-            return prefix + rest
-    if "language_model." in name:
-        rest = name.split("language_model.", 1)[1]
-        if rest.startswith("model."):
-            rest = rest[len("model."):]
-        return "lm." + rest
-    return None
-
-
-def _load_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ConvertError(f"{path}: no model.safetensors (only safetensors checkpoints are supported)")
-    out: dict[str, np.ndarray] = {}
-    for fname in files:
-        try:
-            with safe_open(str(path / fname), framework="np") as handle:
-                for key in handle.keys():
-                    canon = _canonical(key)
-                    if canon is not None:
-                        out[canon] = np.asarray(handle.get_tensor(key), dtype=np.float32)
-        except (OSError, ValueError, TypeError) as exc:
-            # bf16 tensors cannot be read as NumPy: fall back to torch for those files
-            out.update(_load_with_torch(path / fname, exc))
-    return out
-
-
-def _load_with_torch(file: Path, first_error: Exception) -> dict[str, np.ndarray]:
-    try:
-        import torch
-        from safetensors.torch import load_file
-    except ImportError as exc:  # pragma: no cover - torch is a project dependency
-        raise ConvertError(f"{file}: cannot read ({first_error})") from exc
-    try:
-        state = load_file(str(file))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConvertError(f"{file}: cannot read safetensors ({exc})") from exc
-    out = {}
-    for key, value in state.items():
-        canon = _canonical(key)
-        if canon is not None:
-            out[canon] = value.to(torch.float32).numpy()
-    return out
-
-
-def _chat_template(path: Path, tok_cfg: dict) -> str:
-    for candidate in (path / "chat_template.jinja",):
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    if isinstance(tok_cfg.get("chat_template"), str):
-        return tok_cfg["chat_template"]
-    for name in ("processor_config.json", "chat_template.json"):
-        cfg = path / name
-        if cfg.is_file():
-            value = _read_json(cfg).get("chat_template")
-            if isinstance(value, str):
-                return value
-    raise ConvertError(f"{path}: no chat template (chat_template.jinja or tokenizer_config.json)")
-
-
-def _image_norm(path: Path) -> tuple[list[float], list[float]]:
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        cfg_path = path / name
-        if not cfg_path.is_file():
-            continue
-        cfg = _read_json(cfg_path)
-        cfg = cfg.get("image_processor", cfg)
-        if "image_mean" in cfg and "image_std" in cfg:
-            return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
-    raise ConvertError(f"{path}: no image processor config with image_mean/image_std")
-
-
-def load_hf_llava(hf_dir: str | Path) -> HFLlava:
-    """Read and validate a saved HF LLaVA (CLIP tower, 'default' strategy, Llama LM)."""
-    path = Path(hf_dir).expanduser()
-    if not path.is_dir():
-        raise ConvertError(f"model directory not found: {hf_dir}")
-    if not (path / "config.json").is_file():
-        raise ConvertError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
-    config = _read_json(path / "config.json")
-    if config.get("model_type") != "llava":
-        raise ConvertError(f"{hf_dir}: model_type {config.get('model_type')!r} is not 'llava' "
-                           "(original-layout LLaVA checkpoints must be converted to transformers first)")
-    vision = config.get("vision_config") or {}
-    text = config.get("text_config") or {}
-    if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise ConvertError(f"{hf_dir}: vision tower {vision.get('model_type')!r} is not CLIP")
-    if text.get("model_type", "llama") != "llama":
-        raise ConvertError(f"{hf_dir}: language model {text.get('model_type')!r} is not Llama")
-    if config.get("vision_feature_select_strategy", "default") != "default":
-        raise ConvertError(f"{hf_dir}: only the 'default' feature strategy (CLS dropped) is supported")
-    layer = config.get("vision_feature_layer", -2)
-    n_vis = int(vision.get("num_hidden_layers", 0))
-    if not isinstance(layer, int) or not (layer == -2 or layer == n_vis - 1):
-        raise ConvertError(f"{hf_dir}: vision_feature_layer {layer!r} unsupported (only -2, as in LLaVA-1.5)")
-    if config.get("projector_hidden_act", "gelu") != "gelu":
-        raise ConvertError(f"{hf_dir}: projector activation {config.get('projector_hidden_act')!r} is not gelu")
-    if vision.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
-        raise ConvertError(f"{hf_dir}: vision activation {vision.get('hidden_act')!r} unsupported")
-    if text.get("attention_bias") or text.get("mlp_bias"):
-        raise ConvertError(f"{hf_dir}: Llama attention/MLP biases are not supported")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in ("default", "linear"):
-        raise ConvertError(f"{hf_dir}: rope type {rope_type!r} unsupported (default or linear only)")
-    if not (path / "tokenizer.json").is_file():
-        raise ConvertError(f"{hf_dir}: no tokenizer.json (a fast byte-level BPE tokenizer is required)")
-    tokenizer = _read_json(path / "tokenizer.json")
-    model = tokenizer.get("model") or {}
-    pre = tokenizer.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(pre):
-        raise ConvertError(f"{hf_dir}: tokenizer is not byte-level BPE (llama.cpp 'gpt2' model)")
-    tok_cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    template = _chat_template(path, tok_cfg)
-    mean, std = _image_norm(path)
-    tensors = _load_tensors(path)
-    needed = ["vision.embeddings.patch_embedding.weight", "vision.embeddings.class_embedding",
-              "vision.embeddings.position_embedding.weight", "proj.linear_1.weight", "proj.linear_2.weight",
-              "lm.embed_tokens.weight", "lm.norm.weight"]
-    missing = [n for n in needed if n not in tensors]
-    if missing:
-        raise ConvertError(f"{hf_dir}: checkpoint lacks {missing[0]} (not a CLIP + Llama LLaVA?)")
-    return HFLlava(path, config, vision, text, tensors, tokenizer, template, mean, std,
-                   extra={"tokenizer_config": tok_cfg, "rope": rope if isinstance(rope, dict) else {}})
-
-
-def _is_byte_level(pre: dict) -> bool:
-    if pre.get("type") == "ByteLevel":
-        return True
-    if pre.get("type") == "Sequence":
-        return any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", []))
-    return False
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF writing helpers (shared with mmproj_fix)
-# ---------------------------------------------------------------------------------------------
-def _gguf():
-    try:
-        import gguf
-    except ImportError as exc:
-        raise ConvertError("the 'gguf' package is not installed (pip install gguf)") from exc
-    return gguf
-
-
-def write_gguf(path: Path, arch: str, kv: list[tuple[str, Any, Any, Any]],
-               tensors: list[tuple[str, np.ndarray, Any]]) -> Path:
-    """Write ``kv`` = [(key, value, GGUFValueType, sub_type)] and ``tensors`` = [(name, array, raw_dtype)].
-
-    Arrays are in NumPy (torch) dimension order; the gguf writer reverses them into ggml's ne.
-    ``raw_dtype`` is None for F32/F16 arrays, or the GGML type of a pre-quantised uint8 array.
-    """
-    gguf = _gguf()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        for key, value, vtype, sub in kv:
-            if key == "general.architecture":
-                continue
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        for name, array, raw in tensors:
-            writer.add_tensor(name, np.ascontiguousarray(array), raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    tmp.replace(path)
-    return path
-
-
-class _KV:
-    """Typed key/value collector."""
-
-    def __init__(self):
-        self.gguf = _gguf()
-        self.items: list[tuple[str, Any, Any, Any]] = []
-
-    def add(self, key: str, value: Any, vtype: str, sub: str | None = None) -> None:
-        T = self.gguf.GGUFValueType
-        self.items.append((key, value, getattr(T, vtype), getattr(T, sub) if sub else None))
 
 
 # ---------------------------------------------------------------------------------------------
 # mmproj
 # ---------------------------------------------------------------------------------------------
-def position_order(n_patches: int, layout: str) -> np.ndarray:
-    """Row order of the stored position table for a layout (index into HF's natural table)."""
-    if layout == LAYOUT_NATURAL:
-        return np.arange(n_patches + 1)
-    if layout == LAYOUT_CLS_LAST:
-        return np.concatenate([np.arange(1, n_patches + 1), [0]])
-    if layout == VARIANT_ROT180:   # reversed: slot k reads HF row N-k (patch N-1-k); CLS slot reads 0
-        return np.arange(n_patches, -1, -1)
-    raise ValueError(layout)
-
-
 def mmproj_tensors_from_hf(m: HFLlava) -> dict[str, np.ndarray]:
     """The mmproj tensors in natural (HF) order, float32, with all L blocks."""
     t = m.tensors
@@ -313,65 +68,6 @@ def mmproj_tensors_from_hf(m: HFLlava) -> dict[str, np.ndarray]:
     return out
 
 
-def apply_layout(tensors: dict[str, np.ndarray], n_patches: int, layout: str) -> dict[str, np.ndarray]:
-    """Reorder positions (and rotate the patch kernel for the rot180 variant) from natural order."""
-    out = dict(tensors)
-    pos = tensors["v.position_embd.weight"]
-    if pos.shape[0] < n_patches + 1:
-        raise ConvertError(f"position table has {pos.shape[0]} rows, needs {n_patches + 1}")
-    pos = pos[: n_patches + 1]
-    out["v.position_embd.weight"] = np.ascontiguousarray(pos[position_order(n_patches, layout)])
-    if layout == VARIANT_ROT180:
-        out["v.patch_embd.weight"] = np.ascontiguousarray(tensors["v.patch_embd.weight"][:, :, ::-1, ::-1])
-    return out
-
-
-def mmproj_kv(*, name: str, image_size: int, patch_size: int, hidden: int, ff: int, n_blocks: int,
-              n_heads: int, eps: float, proj_dim: int, mean: list[float], std: list[float],
-              use_gelu: bool, file_type: int, layout: str, variant: str) -> list:
-    kv = _KV()
-    kv.add("general.name", name, "STRING")
-    kv.add("general.file_type", file_type, "UINT32")
-    kv.add("general.description", "LLaVA CLIP tower + MLP projector (m3cli layout)", "STRING")
-    kv.add("clip.has_vision_encoder", True, "BOOL")
-    kv.add("clip.has_text_encoder", False, "BOOL")
-    kv.add("clip.has_llava_projector", True, "BOOL")
-    kv.add("clip.projector_type", "mlp", "STRING")
-    kv.add("clip.use_gelu", bool(use_gelu), "BOOL")
-    kv.add("clip.vision.image_size", image_size, "UINT32")
-    kv.add("clip.vision.patch_size", patch_size, "UINT32")
-    kv.add("clip.vision.embedding_length", hidden, "UINT32")
-    kv.add("clip.vision.feed_forward_length", ff, "UINT32")
-    kv.add("clip.vision.block_count", n_blocks, "UINT32")
-    kv.add("clip.vision.projection_dim", proj_dim, "UINT32")
-    kv.add("clip.vision.attention.head_count", n_heads, "UINT32")
-    kv.add("clip.vision.attention.layer_norm_epsilon", float(eps), "FLOAT32")
-    kv.add("clip.vision.image_mean", [float(v) for v in mean], "ARRAY", "FLOAT32")
-    kv.add("clip.vision.image_std", [float(v) for v in std], "ARRAY", "FLOAT32")
-    # LLaVA reads hidden_states[-2]: run n_blocks-1 layers, explicitly.
-    kv.add("clip.vision.feature_layer", [n_blocks - 1], "ARRAY", "INT32")
-    kv.add(LAYOUT_KEY, layout, "STRING")
-    kv.add(VARIANT_KEY, variant, "STRING")
-    return kv.items
-
-
-def mmproj_tensor_list(tensors: dict[str, np.ndarray], dtype: str) -> list:
-    """Order tensors and cast: F32 everywhere, or F16 for matrices (positions/class stay F32)."""
-    out = []
-    for name, arr in tensors.items():
-        arr = np.asarray(arr, dtype=np.float32)
-        if dtype == "f16" and arr.ndim >= 2 and name != "v.position_embd.weight":
-            arr = arr.astype(np.float16)
-        out.append((name, arr, None))
-    return out
-
-
-def rot180_path(mmproj_path: str | Path) -> Path:
-    """The companion file that recovers patch 0: ``x-mmproj-f32.gguf`` -> ``x-mmproj-f32.rot180.gguf``."""
-    p = Path(mmproj_path)
-    return p.with_name(p.name[: -len(".gguf")] + ROT_SUFFIX if p.name.endswith(".gguf") else p.name + ROT_SUFFIX)
-
-
 # ---------------------------------------------------------------------------------------------
 # language model
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +81,7 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, d // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def _tokenizer_kv(kv: _KV, m: HFLlava, n_vocab_rows: int) -> None:
+def _tokenizer_kv(kv: KeyValues, m: HFLlava, n_vocab_rows: int) -> None:
     tok = m.tokenizer
     vocab: dict[str, int] = dict(tok["model"]["vocab"])
     special_ids = set()
@@ -482,7 +178,7 @@ def _lm_arrays(m: HFLlava) -> list[tuple[str, np.ndarray]]:
 
 
 def _lm_tensor_list(arrays: list[tuple[str, np.ndarray]], outtype: str) -> list:
-    gguf = _gguf()
+    gguf = gguf_lib()
     out = []
     for name, arr in arrays:
         arr = np.asarray(arr, dtype=np.float32)
@@ -498,12 +194,9 @@ def _lm_tensor_list(arrays: list[tuple[str, np.ndarray]], outtype: str) -> list:
     return out
 
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
-
-
 def _lm_kv(m: HFLlava, name: str, outtype: str) -> list:
     cfg = m.text
-    kv = _KV()
+    kv = KeyValues()
     hidden = int(cfg["hidden_size"])
     n_head = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or hidden // n_head)
@@ -547,13 +240,13 @@ def convert_to_gguf(hf_dir: str | Path, out_dir: str | Path, outtype: str = "f32
     mmproj_type = mmproj_type or ("f16" if outtype == "f16" else "f32")
     if mmproj_type not in ("f32", "f16"):
         raise ConvertError(f"mmproj type must be f32 or f16, not {mmproj_type!r}")
-    _gguf()
+    gguf_lib()  # fail on the missing extra before reading gigabytes
     m = load_hf_llava(hf_dir)
     out = Path(out_dir).expanduser()
     name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", m.path.resolve().name) or "model"
 
     # language model
-    vocab_rows, hidden_text = m.tensors["lm.embed_tokens.weight"].shape
+    hidden_text = m.tensors["lm.embed_tokens.weight"].shape[1]
     lm_path = out / f"{name}-{outtype}.gguf"
     try:
         write_gguf(lm_path, "llama", _lm_kv(m, name, outtype), _lm_tensor_list(_lm_arrays(m), outtype))

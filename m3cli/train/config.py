@@ -8,9 +8,11 @@ from pathlib import Path
 import yaml
 
 from m3cli.build import ModelSpec
+from m3cli.errors import UsageError
+from m3cli.scales import nested_scales
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A training config that cannot be used; one user-facing line."""
 
 
@@ -72,14 +74,8 @@ def load_config(path: str | Path) -> TrainConfig:
     if not stages:
         raise ConfigError(f"{path}: no stages")
     scales = [s for st in stages.values() for s in st.scales]
-    valid = {side * side for side in _sides(spec.grid)}
+    valid = set(nested_scales(spec.grid))
     bad = sorted({s for s in scales if s not in valid})
     if bad:
         raise ConfigError(f"{path}: scales {bad} are not nested scales of a {spec.grid}x{spec.grid} grid")
     return config
-
-
-def _sides(grid: int) -> list[int]:
-    from m3cli.scales import scale_sides
-
-    return scale_sides(grid)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 
 from m3cli.build import ModelSpec, build_model, build_processor, build_tokenizer, save_bundle
 from m3cli.data import scenes
+from m3cli.errors import UsageError
+from m3cli.fileio import atomic_open
 from m3cli.scales import pool
 from m3cli.train.config import StageConfig, TrainConfig
 from m3cli.train.packing import IGNORE, IMAGE_SLOT, block_mask, pack, pad_batch
@@ -38,8 +39,8 @@ HEADS = {
 CHECKPOINT = "checkpoint.pt"
 
 
-class TrainError(RuntimeError):
-    """A training run that cannot start or continue; one user-facing line."""
+class TrainError(UsageError, RuntimeError):
+    """A training run that cannot start or continue (an occupied run directory, an unknown stage)."""
 
 
 @dataclass
@@ -146,10 +147,9 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        """Write ``state`` atomically: a run killed mid-write keeps its previous checkpoint."""
+        with atomic_open(self.out / CHECKPOINT, "wb") as fh:
+            torch.save(state, fh)
 
     def load_checkpoint(self) -> dict | None:
         path = self.out / CHECKPOINT
@@ -174,13 +174,12 @@ class Trainer:
         if not resume and (self.out / CHECKPOINT).exists():
             raise TrainError(f"{self.out} already holds a run; pass --resume or choose another --out")
         self.done = list(state["done"]) if state else []
-        done = self.done
         names = [n for n in self.config.stages if only is None or n in only]
         unknown = [n for n in (only or []) if n not in self.config.stages]
         if unknown:
             raise TrainError(f"unknown stages {unknown}; the config has {list(self.config.stages)}")
         for name in names:
-            if name in done:
+            if name in self.done:
                 continue
             stage = self.config.stages[name]
             resume_state = state if state and state.get("stage") == name else None
@@ -189,8 +188,8 @@ class Trainer:
             else:
                 self.ensure_features()
                 self.train_lm(name, stage, resume_state)
-            done.append(name)
-            self.save_checkpoint({"stage": None, "done": done, "model": self.model.state_dict(),
+            self.done.append(name)
+            self.save_checkpoint({"stage": None, "done": self.done, "model": self.model.state_dict(),
                                   "heads": self.heads.state_dict()})
             save_bundle(self.model, self.processor, self.out / name)
             state = None
@@ -248,7 +247,7 @@ class Trainer:
                 self.progress(name, step + 1, stage.steps, {k: v.item() for k, v in losses.items()})
                 if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < stage.steps:
                     encoder.layers = full_layers
-                    self.save_checkpoint(self._state(name, step + 1, opt, resume_state))
+                    self.save_checkpoint(self._state(name, step + 1, opt))
                     encoder.layers = torch.nn.ModuleList(list(full_layers)[:-1])
         finally:
             encoder.layers = full_layers
@@ -259,7 +258,8 @@ class Trainer:
                     for k, v in losses.items()}, patch_accuracy=acc)
         log.info("stage %s: %.0f s, patch accuracy %s", name, elapsed, acc)
 
-    def _state(self, name: str, step: int, opt, previous: dict | None) -> dict:
+    def _state(self, name: str, step: int, opt) -> dict:
+        """A mid-stage checkpoint: ``--resume`` restarts stage ``name`` at ``step`` with this optimizer state."""
         return {"stage": name, "step": step, "done": list(self.done), "model": self.model.state_dict(),
                 "heads": self.heads.state_dict(), "opt": opt.state_dict()}
 
@@ -293,11 +293,11 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         n = self.config.pool_images
-        chunks, labels = [], {k: [] for k in ("kind", "colour", "size", "glyph", "background")}
-        self.pool_samples = []
+        chunks, labels = [], {k: [] for k in HEADS}
+        pool_samples = []
         for start in range(0, n, 64):
             samples = [scenes.sample("train", i) for i in range(start, min(n, start + 64))]
-            self.pool_samples += samples
+            pool_samples += samples
             chunks.append(self.tower_features([scenes.render(s.scene) for s in samples]))
             for s in samples:
                 lab = scenes.patch_labels(s.scene)
@@ -305,8 +305,7 @@ class Trainer:
                     labels[k].append(lab[k].reshape(-1))
         self.features = torch.cat(chunks)
         self.pool_labels = {k: np.stack(v) for k, v in labels.items()}
-        self.pool_qas = [scenes.all_questions(s.scene) for s in self.pool_samples]
-        self._align_targets_cache = None
+        self.pool_qas = [scenes.all_questions(s.scene) for s in pool_samples]
         self.model.train()
         self.record(stage="features", images=n, seconds=round(time.perf_counter() - t0, 1))
 
@@ -387,7 +386,7 @@ class Trainer:
             seen += stage.batch
             self.progress(name, step + 1, stage.steps, shown)
             if (step + 1) % self.config.checkpoint_every == 0 and step + 1 < stage.steps:
-                self.save_checkpoint(self._state(name, step + 1, opt, resume_state))
+                self.save_checkpoint(self._state(name, step + 1, opt))
         elapsed = time.perf_counter() - t0
         self.record(stage=name, kind=stage.kind, scales=stage.scales, steps=stage.steps - start,
                     seconds=round(elapsed, 1), images_per_s=round(seen / max(elapsed, 1e-9), 2),

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError
+from m3cli.backends.prompt import ChatPrompt, chat_messages
+from m3cli.dtypes import DTYPES, torch_dtype
+from m3cli.errors import describe
 from m3cli.scales import nested_scales, pool
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -42,7 +42,7 @@ def pick_dtype(device: str, requested: str = "auto"):
     if requested != "auto":
         if requested not in DTYPES:
             raise ModelLoadError(f"unknown --dtype {requested!r} (use auto, float32, float16 or bfloat16)")
-        return getattr(torch, DTYPES[requested])
+        return torch_dtype(requested)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
@@ -78,27 +78,12 @@ class TorchBackend:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self._prompt_cache: dict[str, list[int]] = {}
+        self.prompt = hf_chat_prompt(self.processor, self.image_token_id, self.model_id)
 
     # -- prompts -------------------------------------------------------------------------
     def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
-        """Token ids of the chat prompt with exactly ``n_image_tokens`` image placeholders.
-
-        The prompt is tokenized once with a single placeholder (a special token, so its
-        neighbours tokenize as in the full prompt) and the placeholder is then repeated.
-        """
-        ids = self._prompt_cache.get(question)
-        if ids is None:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=True).input_ids
-            if ids.count(self.image_token_id) != 1:
-                raise ModelLoadError(f"{self.model_id}: chat template must place exactly one image token")
-            if len(self._prompt_cache) > 4096:
-                self._prompt_cache.clear()
-            self._prompt_cache[question] = ids
-        at = ids.index(self.image_token_id)
-        return ids[:at] + [self.image_token_id] * n_image_tokens + ids[at + 1 :]
+        """Token ids of the chat prompt with exactly ``n_image_tokens`` image placeholders."""
+        return self.prompt.ids(question, n_image_tokens)
 
     # -- encoding ------------------------------------------------------------------------
     def pixel_values(self, images: Sequence):
@@ -220,6 +205,19 @@ class TorchBackend:
             torch.cuda.empty_cache()
 
 
+def hf_chat_prompt(processor, image_token_id: int, model_id: str) -> ChatPrompt:
+    """The prompt of a transformers model: its processor's chat template and tokenizer (BOS added)."""
+    tokenizer = processor.tokenizer
+
+    def render(question: str) -> str:
+        return processor.apply_chat_template(chat_messages(question), add_generation_prompt=True, tokenize=False)
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=True).input_ids
+
+    return ChatPrompt(render, tokenize, image_token_id, model_id)
+
+
 def _drop_unused_tower_layers(model):
     """Drop the vision layers after the one the projector reads; returns the layer index to read now.
 
@@ -265,16 +263,12 @@ def _load(model: str, device: str, dtype):
         processor = AutoProcessor.from_pretrained(source)
         net = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
     except OSError as exc:
-        raise ModelLoadError(f"cannot load model {model}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model {model}: {describe(exc)}") from exc
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise ModelLoadError(f"{model}: not a loadable LLaVA model: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{model}: not a loadable LLaVA model: {describe(exc)}") from exc
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         raise ModelLoadError(f"{model}: processor lacks a tokenizer or an image processor")
     net.to(device)
     net.eval()
     return net, processor
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -5,7 +5,7 @@
 (a position table shorter than n_patches+1 is a GGML_ASSERT at encode time).
 
 ``fix_mmproj`` rewrites an mmproj made by llama.cpp's legacy LLaVA converter (L-1 blocks, no
-feature_layer, natural position order) into the layout ``convert_to_gguf`` writes: explicit
+feature_layer, natural position order) into the layout ``m3cli.gguf.layout`` describes: explicit
 ``feature_layer``, no post-layernorm, positions ``[1..N, 0]``, plus the rot180 companion.
 """
 
@@ -17,20 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from m3cli.convert.gguf_writer import (
+from m3cli.errors import ConvertError
+from m3cli.gguf.layout import (
     LAYOUT_CLS_LAST,
     LAYOUT_KEY,
     LAYOUT_NATURAL,
     VARIANT_KEY,
     VARIANT_MAIN,
     VARIANT_ROT180,
-    ConvertError,
     apply_layout,
     mmproj_tensor_list,
     position_order,
     rot180_path,
-    write_gguf,
 )
+from m3cli.gguf.reader import has_gguf_magic, open_reader
+from m3cli.gguf.writer import write_gguf
 
 
 class MmprojError(ConvertError):
@@ -67,17 +68,16 @@ class MmprojInfo:
 
 def _reader(path: str | Path):
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401
     except ImportError as exc:
         raise MmprojError("the 'gguf' package is not installed (pip install gguf)") from exc
     p = Path(path).expanduser()
     if not p.is_file():
         raise MmprojError(f"mmproj file not found: {path}")
     try:
-        with open(p, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise MmprojError(f"{path}: not a GGUF file")
-        return GGUFReader(str(p), "r")
+        if not has_gguf_magic(p):
+            raise MmprojError(f"{path}: not a GGUF file")
+        return open_reader(p)
     except MmprojError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file

@@ -2,12 +2,15 @@
 
 The driver enumerates the inputs (cheap descriptors) and numbers them; a Ray Data pipeline decodes them
 in CPU tasks (videos expand into frames there) and answers them in a fixed pool of actors, each of which
-loads the model once and runs :func:`m3cli.runner.answer_units` on every batch it is given. Results come
+loads the model once and runs :func:`m3cli.engines.units.answer_units` on every batch it is given. Results come
 back to the driver in input order (``preserve_order``) and are written one by one through the caller's
 :class:`~m3cli.output.OrderedWriter`, flushed per row, exactly as ``run_batch`` writes them, so
 ``--resume``, ``--shard`` and ``m3 merge`` work unchanged.
 
-Ray is imported lazily, only here; it is the optional ``ray`` extra (``pip install 'm3cli[ray]'``).
+This module is the driver; :mod:`~m3cli.engines.ray_cluster` joins the cluster and
+:mod:`~m3cli.engines.ray_workers` holds the code that runs there. Ray is imported lazily, only in these
+modules (``import ray`` is the absolute, top-level package: this file's name does not shadow it); it is the
+optional ``ray`` extra (``pip install 'm3cli[ray]'``).
 
 Row numbering: input ``i`` yields rows ``(i, 0), (i, 1), ...`` (a video yields one per sampled frame, then
 possibly an error row for the video). Because the pipeline preserves order, the driver walks the inputs
@@ -27,35 +30,37 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from m3cli import logs
 from m3cli.engines import EngineError, EngineRunError
 from m3cli.engines.native_stderr import filter_native_stderr
+from m3cli.engines.ray_cluster import (
+    DECODE_CPUS,
+    cluster_sizes,
+    connect,
+    import_ray,
+    preflight,
+    quiet_ray_logs,
+    ray_error_line,
+)
+from m3cli.engines.ray_workers import Answerer, decode_task, encode_item, setup_message
+from m3cli.engines.units import BatchOptions
 from m3cli.media import BadInput, Item
 from m3cli.output import OrderedWriter, Summary
-from m3cli.runner import BatchOptions
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EngineError", "EngineRunError", "connect", "import_ray", "preflight", "run_ray"]
 
-RAY_EXTRA_HINT = "--engine ray needs the ray extra: pip install 'm3cli[ray]'"
-DECODE_CPUS = 0.25  # logical CPUs per decode task: light work, and it must fit beside the actors
 TASK_RETRIES = 3  # retries per answering batch, on top of actor restarts
-_SETUP_MARK = "m3-ray-setup:"
 _SHOW = 5
 
 
-class _SetupFailed(RuntimeError):
-    """Raised by an actor whose model could not be loaded (crosses the process boundary as a message)."""
-
-
-# ------------------------------------------------------------------------------------- descriptors
+# ------------------------------------------------------------------------------------------- plan
 
 
 @dataclass
@@ -67,19 +72,8 @@ class _Input:
     descriptor: str | None  # JSON for the decode task; None when the driver skips it (done in a resumed run)
 
 
-def _encode_item(item: Item | BadInput) -> dict[str, Any]:
-    if isinstance(item, BadInput):
-        return {"bad": True, **asdict(item)}
-    return {"bad": False, **asdict(item)}
-
-
-def _decode_item(data: dict[str, Any]) -> Item | BadInput:
-    fields = {k: v for k, v in data.items() if k != "bad"}
-    return BadInput(**fields) if data["bad"] else Item(**fields)
-
-
 def _plan(inputs: Iterable[Item | BadInput], opts: BatchOptions) -> list[_Input]:
-    """Number the inputs; mark the ones a resumed run skips outright (like ``iter_units``: not videos)."""
+    """Number the inputs; mark the ones a resumed run skips outright (as the local engine does: not videos)."""
     done_frames: dict[str, list[str]] = {}
     for ident in opts.done_ids:
         head, sep, tail = ident.rpartition("#")
@@ -91,248 +85,12 @@ def _plan(inputs: Iterable[Item | BadInput], opts: BatchOptions) -> list[_Input]
         if not video and item.id in opts.done_ids:
             plan.append(_Input(index, item.id, None))
             continue
-        desc: dict[str, Any] = {"item": _encode_item(item)}
+        desc: dict[str, Any] = {"item": encode_item(item)}
         if video:
             desc["done_frames"] = sorted(done_frames.get(item.id, ()))
             desc["done"] = item.id in opts.done_ids  # the video's own (error) row
         plan.append(_Input(index, item.id, json.dumps(desc, ensure_ascii=False)))
     return plan
-
-
-# ------------------------------------------------------------------------------- cluster-side code
-
-
-def _decode(row: dict[str, Any], fps: float | None, every: int | None, max_frames: int | None) -> list[dict]:
-    """Decode task: one input -> its units as records ``{i, j, meta, image}`` (image: uint8 HxWx3)."""
-    import numpy as np
-
-    from m3cli.media import MediaError, expand_video, load_image
-
-    index = int(row["i"])
-    desc = json.loads(row["d"])
-    item = _decode_item(desc["item"])
-    out: list[dict] = []
-    empty = np.zeros((0, 0, 3), dtype=np.uint8)
-
-    def unit(it: Item | BadInput, image=None, error: str | None = None, skip: bool = False) -> None:
-        meta = {"item": _encode_item(it), "error": error, "skip": skip}
-        pixels = empty if image is None else np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-        out.append({"i": index, "j": len(out), "meta": json.dumps(meta, ensure_ascii=False), "image": pixels})
-
-    # Mirrors runner.iter_units, one input at a time.
-    if isinstance(item, BadInput):
-        unit(item, error=item.error)
-    elif item.kind == "video":
-        done = set(desc.get("done_frames", ()))
-        try:
-            for frame_item, frame in expand_video(item, fps, every, max_frames):
-                skip = frame_item.id in done
-                unit(frame_item, None if skip else frame.image, skip=skip)
-        except (MediaError, ValueError) as exc:
-            unit(item, error=str(exc), skip=bool(desc.get("done")))
-    else:
-        try:
-            unit(item, load_image(item.source))
-        except MediaError as exc:
-            unit(item, error=str(exc))
-    return out
-
-
-class _Answerer:
-    """Answering actor: loads the backend once, then answers each batch with ``runner.answer_units``."""
-
-    def __init__(self, model_kw: dict[str, Any], opts: BatchOptions, threads: int | None):
-        try:
-            from m3cli.backends import load_backend
-            from m3cli.registry import resolve_model
-
-            options = dict(model_kw)
-            model = options.pop("model", None)
-            backend = options.pop("backend", "auto") or "auto"
-            if threads and not options.get("threads"):
-                options["threads"] = threads
-            path = resolve_model(model)
-            if backend == "llamacpp" or (backend == "auto" and path.lower().endswith(".gguf")):
-                options["verbose"] = False
-            self.backend = load_backend(backend, path, **options)
-            if opts.auto_scale:
-                from m3cli.policy import make_ladder
-
-                make_ladder(self.backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder fails up front
-        except Exception as exc:  # noqa: BLE001 - reported on the driver as one line
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            raise _SetupFailed(f"{_SETUP_MARK}{message}") from None
-        self.opts = opts
-        self.pid = os.getpid()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-        from PIL import Image
-
-        from m3cli.runner import Unit, answer_units
-
-        n = len(batch["i"])
-        ids: list[str] = []
-        skips: list[bool] = []
-        rows: list[str] = [""] * n
-        units: list[Unit] = []
-        for k in range(n):
-            meta = json.loads(batch["meta"][k])
-            item = _decode_item(meta["item"])
-            ids.append(item.id)
-            skips.append(bool(meta["skip"]))
-            if meta["skip"]:
-                continue
-            image = None
-            if meta["error"] is None:
-                image = Image.fromarray(np.asarray(batch["image"][k], dtype=np.uint8), "RGB")
-            units.append(Unit(k, item, image=image, error=meta["error"]))
-        for k, row in answer_units(self.backend, units, self.opts):
-            rows[k] = json.dumps(row, ensure_ascii=False, default=_json_default)
-        return {
-            "i": np.asarray(batch["i"]),
-            "j": np.asarray(batch["j"]),
-            "id": np.array(ids, dtype=object),
-            "skip": np.array(skips, dtype=bool),
-            "row": np.array(rows, dtype=object),
-            "pid": np.full(n, self.pid, dtype=np.int64),
-        }
-
-
-def _json_default(value: Any) -> Any:
-    item = getattr(value, "item", None)
-    if callable(item):
-        return item()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
-
-
-# ------------------------------------------------------------------------------------------ driver
-
-
-def import_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise EngineError(RAY_EXTRA_HINT) from None
-    return ray
-
-
-def _check_reachable(address: str, timeout: float = 3.0) -> None:
-    """Fail fast (one line) when ``host:port`` refuses connections; ``auto``/``local`` are left to Ray."""
-    target = address.strip()
-    if target in ("auto", "local"):
-        return
-    for prefix in ("ray://", "http://", "https://"):
-        if target.startswith(prefix):
-            target = target[len(prefix):]
-    target = target.split("/", 1)[0]
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        return  # not host:port: let ray.init judge it
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise EngineError(
-            f"no Ray cluster reachable at {address} ({reason}); start one with `ray start --head` "
-            "or fix --ray-address"
-        ) from None
-
-
-def preflight(model_kw: dict[str, Any], ray_address: str | None) -> None:
-    """Cheap checks the CLI runs before it opens the output: Ray installed, the address answers, the model
-    name resolves. Raises :class:`EngineError` (one line); starts nothing."""
-    import_ray()
-    if ray_address:
-        _check_reachable(ray_address)
-    from m3cli.registry import RegistryError, resolve_model
-
-    try:
-        resolve_model(model_kw.get("model"))
-    except RegistryError as exc:
-        raise EngineError(str(exc)) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    """A short line for an exception from Ray: the innermost cause's type and first line."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[-1] if lines and lines[0].startswith("ray::") else (lines[0] if lines else "")
-    name = type(exc).__name__
-    return f"{name}: {text}" if text and not text.startswith(name) else (text or name)
-
-
-def _setup_message(exc: BaseException) -> str | None:
-    """The model-setup failure message carried by ``exc`` (or its causes), if that is what it is."""
-    text = str(exc)
-    probe: BaseException | None = exc
-    for _ in range(10):
-        if probe is None:
-            break
-        text += "\n" + str(probe)
-        probe = getattr(probe, "cause", None) or probe.__cause__
-    if _SETUP_MARK not in text:
-        return None
-    message = text.split(_SETUP_MARK, 1)[1].splitlines()[0].strip()
-    return message.rstrip("')\"") or "model could not be loaded"
-
-
-def connect(ray, ray_address: str | None) -> bool:
-    """Start or join a cluster; returns True when this call started the connection (and must end it)."""
-    if ray_address:
-        _check_reachable(ray_address)
-    if ray.is_initialized():
-        return False  # the caller (e.g. a test or a notebook) owns the connection
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = dict(
-        include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True
-    )
-    local = ray_address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
-    if local:
-        kwargs["num_cpus"] = os.cpu_count() or 1
-    try:
-        ray.init(address=ray_address or None, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any start/connect failure is one user-facing line
-        where = f"at {ray_address}" if ray_address else "locally"
-        raise EngineError(f"cannot start or join a Ray cluster {where}: {_one_line(exc)}") from None
-    return True
-
-
-def _quiet_ray_logs() -> None:
-    if logs.verbosity() < 1:
-        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def _sizes(ray, actors: int, gpus_per_actor: float) -> tuple[float, int | None]:
-    """Logical CPUs per answering actor, and torch threads for CPU inference (None: leave as is)."""
-    resources = ray.cluster_resources()
-    total_cpu = float(resources.get("CPU", 0))
-    if gpus_per_actor:
-        total_gpu = float(resources.get("GPU", 0))
-        if total_gpu + 1e-9 < actors * gpus_per_actor:
-            raise EngineError(
-                f"--actors {actors} x --gpus-per-actor {gpus_per_actor:g} needs {actors * gpus_per_actor:g} GPUs; "
-                f"the cluster has {total_gpu:g}"
-            )
-    if total_cpu <= DECODE_CPUS:
-        raise EngineError(f"the Ray cluster has {total_cpu:g} CPUs; at least 1 is needed")
-    # At most one logical CPU per actor, and always room for a decode task beside the actors, so a
-    # small cluster (e.g. 2 CPUs, 2 actors) never starves the decoders.
-    actor_cpus = min(1.0, (total_cpu - DECODE_CPUS) / actors)
-    threads = None if gpus_per_actor else max(1, (os.cpu_count() or 1) // actors)
-    return round(actor_cpus, 4), threads
 
 
 def run_ray(
@@ -361,8 +119,8 @@ def run_ray(
     with _guard_stdout():
         owned = connect(ray, ray_address)
         try:
-            _quiet_ray_logs()
-            actor_cpus, threads = _sizes(ray, actors, gpus_per_actor)
+            quiet_ray_logs()
+            actor_cpus, threads = cluster_sizes(ray, actors, gpus_per_actor)
             plan = _plan(inputs, opts)
             # Ray's C++ core writes warnings straight to fd 2 (e.g. about actor restarts); -v shows them
             with filter_native_stderr(enabled=logs.verbosity() < 1):
@@ -424,7 +182,7 @@ def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, a
         blocks = max(1, min(len(work), math.ceil(len(work) / opts.batch_size), 10_000))
         ds = ray.data.from_items(work, override_num_blocks=blocks)
         # Decode tasks keep Ray's default retries (a task whose worker dies is run again).
-        ds = ds.flat_map(_decode, fn_kwargs={"fps": opts.fps, "every": opts.every, "max_frames": opts.max_frames},
+        ds = ds.flat_map(decode_task, fn_kwargs={"fps": opts.fps, "every": opts.every, "max_frames": opts.max_frames},
                          num_cpus=DECODE_CPUS)
         cluster_opts = replace(opts, done_ids=set(), failed_ids=set())  # the cluster never needs them
         ds = _answer_stage(ds, dict(
@@ -502,13 +260,13 @@ def _next(records: Iterator[dict]) -> dict | None:
 def _run_error(exc: BaseException, plan: list[_Input], position: int, written: int) -> Exception:
     """The error for a pipeline that failed at ``plan[position]``: EngineError when the actors never
     loaded the model (nothing written), else EngineRunError naming the inputs without complete output."""
-    message = _setup_message(exc)
+    message = setup_message(exc)
     if message is not None and written == 0:
         return EngineError(f"the Ray actors could not load the model: {message}")
     missing = [p.id for p in plan[position:] if p.descriptor is not None]
     shown = ", ".join(missing[:_SHOW]) + (", …" if len(missing) > _SHOW else "")
     return EngineRunError(
-        f"the Ray pipeline failed after {written} row(s): {message or _one_line(exc)}; "
+        f"the Ray pipeline failed after {written} row(s): {message or ray_error_line(exc)}; "
         f"{len(missing)} input(s) have no complete output ({shown}); rerun with --resume",
         missing,
     )
@@ -528,7 +286,7 @@ def _answer_stage(ds, kwargs: dict[str, Any]):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-            return ds.map_batches(_Answerer, **kwargs, **fault)
+            return ds.map_batches(Answerer, **kwargs, **fault)
     except TypeError:
         log.debug("this Ray refuses max_restarts/max_task_retries in map_batches; using its defaults")
-        return ds.map_batches(_Answerer, **kwargs)
+        return ds.map_batches(Answerer, **kwargs)

@@ -12,11 +12,13 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from m3cli.convert.gguf_writer import rot180_path
-from m3cli.convert.mmproj_fix import MmprojError, fix_mmproj
+import platformdirs
+
+from m3cli.fileio import atomic_dir
+from m3cli.gguf.layout import rot180_path
+from m3cli.gguf.mmproj import MmprojError, fix_mmproj
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,11 @@ FIX_VERSION = 1
 
 
 def cache_root() -> Path:
-    """``$M3_CACHE_DIR``, else ``$XDG_CACHE_HOME/m3cli``, else ``~/.cache/m3cli``."""
+    """``$M3_CACHE_DIR``, else the platform's user cache folder for m3cli (on Linux ``$XDG_CACHE_HOME/m3cli``,
+    else ``~/.cache/m3cli``)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "m3cli"
+    return Path(platformdirs.user_cache_dir("m3cli", appauthor=False))
 
 
 def cache_key(src: Path) -> str:
@@ -55,28 +57,14 @@ def cached_fixed_mmproj(src: str | Path, root: str | Path | None = None) -> tupl
     main = folder / f"{stem}-fixed.gguf"
     if main.is_file() and rot180_path(main).is_file():
         return main, False
-    def unwritable(exc: OSError) -> MmprojError:
-        return MmprojError(f"cannot write a corrected copy of {src} into the cache {base} ({exc.strerror or exc}); "
-                           f"set {CACHE_ENV} to a writable folder or run `m3 convert --fix-mmproj`")
-
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+        with atomic_dir(folder, prefix=".partial-") as tmp:
+            log.warning("%s has the legacy LLaVA layout (wrong features); writing a corrected copy once into %s",
+                        src, folder)
+            fix_mmproj(src, tmp)
+            if folder.exists() and not main.is_file():  # a damaged earlier copy: replace it
+                shutil.rmtree(folder, ignore_errors=True)
     except OSError as exc:
-        raise unwritable(exc) from None
-    log.warning("%s has the legacy LLaVA layout (wrong features); writing a corrected copy once into %s",
-                src, folder)
-    try:
-        fix_mmproj(src, tmp)
-        if folder.exists() and not main.is_file():  # a damaged earlier copy: replace it
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (main.is_file() and rot180_path(main).is_file()):  # not a finished racer: a real failure
-                raise
-    except OSError as exc:
-        raise unwritable(exc) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise MmprojError(f"cannot write a corrected copy of {src} into the cache {base} ({exc.strerror or exc}); "
+                          f"set {CACHE_ENV} to a writable folder or run `m3 convert --fix-mmproj`") from None
     return main, True

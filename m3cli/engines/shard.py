@@ -11,18 +11,18 @@ the one the single-process run writes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
+from m3cli.errors import UsageError
+from m3cli.fileio import atomic_open, atomic_write_text, iter_jsonl
 from m3cli.output import JsonlSink, RowSink
 
 if TYPE_CHECKING:  # media pulls in PyAV/numpy/Pillow; only its types are needed here
@@ -53,8 +53,8 @@ _SHARD_RE = re.compile(r"([0-9]+)/([0-9]+)")
 _SHOW = 5  # ids / entries named in a summary line before "…"
 
 
-class MergeError(Exception):
-    """Shard outputs that cannot be merged (one line, naming the file)."""
+class MergeError(UsageError):
+    """Shard outputs that cannot be merged (one line, naming the file): ``m3 merge`` was given the wrong files."""
 
 
 # ------------------------------------------------------------------------------------------- sharding
@@ -175,41 +175,6 @@ def sidecar_path(output_path: str | os.PathLike[str]) -> str:
     return os.fspath(output_path) + SIDECAR_SUFFIX
 
 
-def _default_mode() -> int:
-    """0o666 less the umask: mkstemp's 0o600 would make merged outputs private to their writer."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str) -> Iterator[IO[str]]:
-    """A text stream on a temp file next to ``path``; on success it is fsynced and renamed over ``path``,
-    on any error removed, so readers never see a half-written file."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    try:
-        os.chmod(tmp, _default_mode())
-        with open(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with _atomic_open(path) as f:
-        f.write(text)
-
-
 def write_sidecar(output_path: str | os.PathLike[str], k: int, n: int, inputs: int, complete: bool) -> str:
     """Atomically write ``<output>.shard.json``; returns its path."""
     if not (isinstance(n, int) and isinstance(k, int) and 0 <= k < n):
@@ -218,7 +183,7 @@ def write_sidecar(output_path: str | os.PathLike[str], k: int, n: int, inputs: i
         raise ValueError(f"inputs must be an integer >= 0, got {inputs!r}")
     path = sidecar_path(output_path)
     data = {"shard": k, "of": n, "inputs": inputs, "complete": bool(complete)}
-    _atomic_write_text(path, json.dumps(data) + "\n")
+    atomic_write_text(path, json.dumps(data) + "\n")
     return path
 
 
@@ -323,16 +288,14 @@ def _read_rows(path: str, report: MergeReport) -> Iterator[tuple[int, dict[str, 
     except OSError as e:
         raise MergeError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, _, raw, row in iter_jsonl(f):
             if not raw.endswith(b"\n"):
                 log.warning("%s:%d: half-written last line, ignored", path, lineno)
                 report.skipped_lines += 1
                 break
             if not raw.strip():
                 continue
-            try:
-                row = json.loads(raw)
-            except ValueError:
+            if isinstance(row, Exception):
                 log.warning("%s:%d: not valid JSON, ignored", path, lineno)
                 report.skipped_lines += 1
                 continue
@@ -434,7 +397,7 @@ def _write_rows(rows: Iterable[dict[str, Any]], out_path: str | None) -> None:
             sink.write(row)
         sink.close()
         return
-    with _atomic_open(os.fspath(out_path)) as stream:
+    with atomic_open(out_path) as stream:
         sink = JsonlSink(stream, owns=False)
         for row in rows:
             sink.write(row)

@@ -1,0 +1,401 @@
+"""llama.cpp backend (GGUF): mtmd/clip encodes the image, M3 pools it in NumPy, llama decodes.
+
+The projected 24x24 grid is read back from mtmd, pooled with ``scales.pool_np`` and fed to the
+language model as embeddings in a ``llama_batch`` between the prompt's text tokens; decoding is
+greedy with per-token log-probabilities, like the torch backend.
+
+With the row order of the stock build (see ``probe``) our mmproj returns HF's patches 1..N-1 and
+then CLS: the rows are shifted back and patch 0 comes either from a second pass (companion
+``*.rot180.gguf``: image and kernel rotated 180 degrees) or from a fill with its neighbours; see
+``patch0`` and docs/gguf.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError
+from m3cli.backends.llamacpp import native
+from m3cli.backends.llamacpp.files import check_gguf_file, find_mmproj, gguf_architecture
+from m3cli.backends.llamacpp.probe import SIG_BUGGY, probe_llamacpp
+from m3cli.backends.prompt import ChatPrompt, jinja_renderer
+from m3cli.build import IMAGE_TOKEN
+from m3cli.gguf.cache import cached_fixed_mmproj
+from m3cli.gguf.layout import LAYOUT_CLS_LAST, LAYOUT_NATURAL, VARIANT_MAIN, VARIANT_ROT180, rot180_path
+from m3cli.gguf.mmproj import MmprojError, rewrite_mmproj, validate_mmproj
+from m3cli.scales import nested_scales, pool_np
+
+PATCH0_MODES = ("auto", "exact", "fill")
+# Scales at which the patch-0 fill measurably changes answers (docs/gguf.md: greedy agreement
+# with torch drops from ~98-100% to 57-93% at 576/144/36 and does not move at 9 and 1); "auto"
+# runs the exact second pass lazily, only when a request at one of these scales arrives.
+AUTO_EXACT_MIN_SCALE = 36
+
+
+@dataclass
+class LlamaEncoded(Encoded):
+    """An encoded grid plus what the lazy exact patch-0 pass needs."""
+
+    pixels: np.ndarray | None = None    # preprocessed HxWx3 uint8 image (kept only while patch 0 is filled)
+    patch0_exact: bool = True
+
+
+class LlamaCppBackend:
+    """GGUF LLaVA through llama-cpp-python's low-level API (llama + mtmd)."""
+
+    name = "llamacpp"
+
+    def __init__(self, model: str, mmproj: str | None = None, n_gpu_layers: int | None = None,
+                 mmproj_offload: bool = True, threads: int | None = None, ctx: int = 2048,
+                 verbose: bool = False, patch0: str = "auto"):
+        if patch0 not in PATCH0_MODES:
+            raise ModelLoadError(f"unknown patch0 mode {patch0!r} (one of {', '.join(PATCH0_MODES)})")
+        self._closed = False
+        self.model_ptr = self.lctx = self.mctx = self.mctx_rot = None
+        self._tok_batch = self._emb_batch = None
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        llama_cpp, mtmd = native.libs()
+        self._llama, self._mtmd = llama_cpp, mtmd
+        native.backend_init(llama_cpp)
+        native.set_logging(llama_cpp, mtmd, verbose)
+        self.model_id = str(model)
+        self.patch0 = patch0
+        self.threads = int(threads or os.cpu_count() or 1)
+        lm_path = check_gguf_file(model, "model file")
+        arch = gguf_architecture(lm_path)
+        if arch == "clip":
+            raise ModelLoadError(f"{model} is an mmproj, not a language model (pass it as --mmproj)")
+        mm_path = check_gguf_file(mmproj, "mmproj file") if mmproj else find_mmproj(lm_path)
+
+        # language model
+        mparams = llama_cpp.llama_model_default_params()
+        if n_gpu_layers is None:
+            n_gpu_layers = 999 if llama_cpp.llama_supports_gpu_offload() else 0
+        mparams.n_gpu_layers = int(n_gpu_layers)
+        self.n_gpu_layers = int(n_gpu_layers)
+        self.model_ptr = llama_cpp.llama_model_load_from_file(str(lm_path).encode(), mparams)
+        if not self.model_ptr:
+            raise ModelLoadError(f"llama.cpp could not load {model} (unsupported or corrupt GGUF)")
+        try:
+            self._setup(lm_path, mm_path, mmproj_offload, ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, lm_path: Path, mm_path: Path, mmproj_offload: bool, n_ctx: int) -> None:
+        L, M = self._llama, self._mtmd
+        self.vocab = L.llama_model_get_vocab(self.model_ptr)
+        self.n_embd = int(L.llama_model_n_embd_inp(self.model_ptr)) if hasattr(L, "llama_model_n_embd_inp") \
+            else int(L.llama_model_n_embd(self.model_ptr))
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.mmproj_path = mm_path  # the user's file, as given (never written)
+        mm_path, info = self._checked_mmproj(mm_path)
+        self.loaded_mmproj_path = mm_path
+        self.info = info
+        self.grid_side = info.grid_side
+        self.scales = nested_scales(self.grid_side)
+        self.image_size = info.image_size
+
+        probe = probe_llamacpp()
+        self.probe = probe
+        if probe.signature == "unknown":
+            raise ModelLoadError(f"this llama.cpp build encodes LLaVA in an unrecognised way ({probe.describe()}); "
+                                 "use a llama-cpp-python version this m3cli release knows (0.3.36)")
+        main_path = mm_path
+        self.row_fix = probe.signature == SIG_BUGGY
+        if not self.row_fix:
+            # a fixed llama.cpp reads positions in natural order: undo our permutation in a temp copy
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="m3-mmproj-")
+            main_path = rewrite_mmproj(mm_path, Path(self._tmpdir.name) / "mmproj-natural.gguf", LAYOUT_NATURAL)
+            self.patch0 = "none"
+        self._rot_path = rot180_path(mm_path)
+        self._mm_offload = mmproj_offload
+
+        self.mctx = M.mtmd_init_from_file(str(main_path).encode(), self.model_ptr,
+                                          native.mtmd_params(M, mmproj_offload, self.threads))
+        if not self.mctx:
+            raise ModelLoadError(f"llama.cpp could not load mmproj {mm_path} (incompatible with {lm_path.name})")
+        if self.row_fix and self.patch0 == "exact":
+            self._ensure_rot()
+        self._create_context(lm_path, n_ctx)
+        self._setup_prompt(lm_path)
+        self._kv_prefix: list[int] = []    # text tokens currently at the start of seq 0
+
+    def _checked_mmproj(self, mm_path: Path):
+        """(path to load, its MmprojInfo): the user's mmproj, or for a legacy one its corrected cached copy."""
+        try:
+            info = validate_mmproj(mm_path, n_embd_text=self.n_embd)
+            if info.variant != VARIANT_MAIN:
+                raise ModelLoadError(f"{mm_path} is a rot180 companion; pass the main mmproj")
+            if info.layout != LAYOUT_CLS_LAST or not info.feature_layers:
+                # a third-party (legacy-converter) mmproj: load a corrected copy, made once into the cache
+                mm_path, _ = cached_fixed_mmproj(mm_path)
+                info = validate_mmproj(mm_path, n_embd_text=self.n_embd)
+        except MmprojError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        return mm_path, info
+
+    def _create_context(self, lm_path: Path, n_ctx: int) -> None:
+        """The llama context, its memory and the two batches (text tokens, image embeddings)."""
+        L = self._llama
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = int(n_ctx)
+        cparams.n_batch = int(max(n_ctx, 512))
+        cparams.n_ubatch = int(min(max(self.info.n_patches, 512), cparams.n_batch))
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        if hasattr(cparams, "no_perf"):
+            cparams.no_perf = True
+        self.lctx = L.llama_init_from_model(self.model_ptr, cparams)
+        if not self.lctx:
+            raise ModelLoadError(f"llama.cpp could not create a context for {lm_path.name} (n_ctx={n_ctx})")
+        self.n_ctx = int(n_ctx)
+        self.n_batch = int(cparams.n_batch)
+        self.mem = L.llama_get_memory(self.lctx)
+        self._tok_batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._emb_batch = L.llama_batch_init(self.info.n_patches, self.n_embd, 1)
+
+    def _setup_prompt(self, lm_path: Path) -> None:
+        """The chat template, image token and BOS/EOS text from the GGUF, and the prompt builder."""
+        L = self._llama
+        self.chat_template = self._meta("tokenizer.chat_template")
+        if not self.chat_template:
+            raise ModelLoadError(f"{lm_path.name} has no tokenizer.chat_template")
+        image_id = self._meta("m3cli.image_token_id")
+        self.image_token_id = int(image_id) if image_id else self._token_id(IMAGE_TOKEN)
+        if self.image_token_id is None:
+            raise ModelLoadError(f"{lm_path.name}: no <image> token in the vocabulary")
+        self.bos_text = native.token_piece(L, self.vocab, L.llama_vocab_bos(self.vocab), special=True)
+        self.eos_text = native.token_piece(L, self.vocab, L.llama_vocab_eos(self.vocab), special=True)
+        # the callbacks hold the library and vocabulary, not self: no cycle keeps a dropped backend alive
+        tokenize = functools.partial(native.tokenize, L, self.vocab, add_special=True, parse_special=True)
+        render = jinja_renderer(self.chat_template, self.bos_text, self.eos_text)
+        self.prompt = ChatPrompt(render, tokenize, self.image_token_id, self.model_id)
+
+    # -- small helpers -----------------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        return native.meta_str(self._llama, self.model_ptr, key)
+
+    def _token_id(self, text: str) -> int | None:
+        ids = self.tokenize(text, add_special=False, parse_special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of ``text`` in this model's vocabulary."""
+        return native.tokenize(self._llama, self.vocab, text, add_special, parse_special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of ``ids`` (special tokens removed)."""
+        return native.detokenize(self._llama, self.vocab, ids)
+
+    def _ensure_rot(self) -> None:
+        """Load the rot180 companion (deriving it into a temp dir if it is not next to the mmproj)."""
+        if self.mctx_rot:
+            return
+        path = self._rot_path
+        ok = False
+        if path.is_file():
+            try:
+                info = validate_mmproj(path, n_embd_text=self.n_embd)
+                ok = info.variant == VARIANT_ROT180 and info.n_patches == self.info.n_patches
+            except MmprojError:
+                ok = False
+        if not ok:
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.TemporaryDirectory(prefix="m3-mmproj-")
+            path = rewrite_mmproj(self.loaded_mmproj_path, Path(self._tmpdir.name) / "mmproj.rot180.gguf",
+                                  LAYOUT_CLS_LAST, VARIANT_ROT180)
+        self.mctx_rot = self._mtmd.mtmd_init_from_file(str(path).encode(), self.model_ptr,
+                                                       native.mtmd_params(self._mtmd, self._mm_offload, self.threads))
+        if not self.mctx_rot:
+            raise ModelLoadError(f"llama.cpp could not load the patch-0 companion {path}")
+
+    # -- prompts ---------------------------------------------------------------------------
+    def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
+        """Token ids of the chat prompt with exactly ``n_image_tokens`` image placeholders."""
+        return self.prompt.ids(question, n_image_tokens)
+
+    # -- encoding --------------------------------------------------------------------------
+    def preprocess(self, image) -> np.ndarray:
+        """Resize the shortest edge to the model's image size (bicubic) and centre-crop, like CLIP's processor."""
+        from PIL import Image
+
+        img = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+        size = self.image_size
+        w, h = img.size
+        if (w, h) != (size, size):
+            if w <= h:
+                nw, nh = size, max(size, int(round(h * size / w)))
+            else:
+                nw, nh = max(size, int(round(w * size / h))), size
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img, dtype=np.uint8)
+
+    def _raw(self, mctx, rgb: np.ndarray) -> np.ndarray:
+        try:
+            out = native.encode_rgb(self._mtmd, mctx, rgb, self.n_embd)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"llama.cpp image encode failed: {exc}") from exc
+        if out.shape[0] != self.info.n_patches:
+            raise ModelLoadError(f"mtmd returned {out.shape[0]} image tokens, expected {self.info.n_patches}")
+        return out
+
+    def _patch0_exact(self, rgb: np.ndarray) -> np.ndarray:
+        self._ensure_rot()
+        rot = np.ascontiguousarray(rgb[::-1, ::-1])
+        out = self._raw(self.mctx_rot, rot)
+        return out[self.info.n_patches - 2]       # row k is original patch N-2-k; k = N-2 -> patch 0
+
+    def encode(self, images: Sequence) -> list[Encoded]:
+        """mtmd once per image (twice for patch0='exact'); returns (G*G, n_embd) float32 grids."""
+        results: list[Encoded] = []
+        g = self.grid_side
+        for image in images:
+            start = time.perf_counter()
+            rgb = self.preprocess(image)
+            raw = self._raw(self.mctx, rgb)
+            if not self.row_fix:
+                grid, exact, pixels = raw, True, None
+            else:
+                grid = np.empty_like(raw)
+                grid[1:] = raw[:-1]               # rows are HF patches 1..N-1, then CLS
+                if self.patch0 == "exact":
+                    grid[0] = self._patch0_exact(rgb)
+                    exact, pixels = True, None
+                else:
+                    grid[0] = fill_patch0(grid, g)
+                    exact, pixels = False, (rgb if self.patch0 == "auto" else None)
+            ms = (time.perf_counter() - start) * 1000
+            results.append(LlamaEncoded(grid=grid, side=g, encode_ms=ms, pixels=pixels, patch0_exact=exact))
+        return results
+
+    def _grid_for(self, enc: Encoded, scale: int) -> np.ndarray:
+        grid = np.asarray(enc.grid, dtype=np.float32)
+        if (isinstance(enc, LlamaEncoded) and not enc.patch0_exact and enc.pixels is not None
+                and self.patch0 == "auto" and scale >= AUTO_EXACT_MIN_SCALE):
+            start = time.perf_counter()
+            grid = grid.copy()
+            grid[0] = self._patch0_exact(enc.pixels)
+            enc.grid, enc.patch0_exact, enc.pixels = grid, True, None
+            enc.encode_ms += (time.perf_counter() - start) * 1000
+        return grid
+
+    # -- decoding --------------------------------------------------------------------------
+    def _decode_tokens(self, ids: list[int], pos0: int, want_logits: bool) -> None:
+        native.decode_tokens(self._llama, self.lctx, self._tok_batch, self.n_batch, ids, pos0, want_logits)
+
+    def _answer_one(self, req: AnswerRequest) -> Generation:
+        L = self._llama
+        pooled = pool_np(self._grid_for(req.encoded, req.scale), req.scale)
+        pre, post = self.prompt.parts(req.question)
+        total = len(pre) + req.scale + len(post) + req.max_new_tokens
+        if total > self.n_ctx:
+            raise ValueError(f"prompt + answer needs {total} positions, context is {self.n_ctx} (raise ctx)")
+        start = time.perf_counter()
+        # reuse the KV of the text before the image when it is unchanged (it nearly always is)
+        keep = self._kv_prefix == pre and L.llama_memory_seq_rm(self.mem, 0, len(pre), -1)
+        if not keep:
+            L.llama_memory_clear(self.mem, True)
+            self._kv_prefix = []
+            self._decode_tokens(pre, 0, want_logits=False)
+            self._kv_prefix = list(pre)
+        native.decode_embd(L, self.lctx, self._emb_batch, pooled, len(pre))
+        pos = len(pre) + req.scale
+        self._decode_tokens(post, pos, want_logits=True)
+        pos += len(post)
+        prefill_ms = (time.perf_counter() - start) * 1000
+
+        start = time.perf_counter()
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        for _ in range(req.max_new_tokens):
+            lp = native.last_logprobs(L, self.lctx, self.n_vocab)
+            tok = int(lp.argmax())
+            if L.llama_vocab_is_eog(self.vocab, tok):
+                break
+            tokens.append(tok)
+            logprobs.append(float(lp[tok]))
+            if len(tokens) >= req.max_new_tokens:
+                break
+            self._decode_tokens([tok], pos, want_logits=True)
+            pos += 1
+        decode_ms = (time.perf_counter() - start) * 1000
+        return Generation(text=self.detokenize(tokens).strip(), token_ids=tokens, logprobs=logprobs,
+                          prefill_ms=prefill_ms, decode_ms=decode_ms)
+
+    def answer(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
+        """One request at a time (KV of the shared text prefix is kept between requests)."""
+        out = []
+        for req in requests:
+            try:
+                out.append(self._answer_one(req))
+            except RuntimeError:
+                self._kv_prefix = []
+                raise
+        return out
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        L, M = self._llama, self._mtmd
+        for batch_attr in ("_tok_batch", "_emb_batch"):
+            batch = getattr(self, batch_attr, None)
+            if batch is not None:
+                L.llama_batch_free(batch)
+                setattr(self, batch_attr, None)
+        for attr in ("mctx", "mctx_rot"):
+            ctx = getattr(self, attr, None)
+            if ctx:
+                M.mtmd_free(ctx)
+                setattr(self, attr, None)
+        if getattr(self, "lctx", None):
+            L.llama_free(self.lctx)
+            self.lctx = None
+        if getattr(self, "model_ptr", None):
+            L.llama_model_free(self.model_ptr)
+            self.model_ptr = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def load_llamacpp(model: str, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                  mmproj: str | None = None, **options) -> LlamaCppBackend:
+    """The CLI's entry point: maps the shared ``--device/--dtype/--threads`` options.
+
+    ``--device cpu`` keeps everything on the CPU (no layer offload, mmproj on CPU); ``auto``
+    offloads everything when the linked llama.cpp supports a GPU. ``--dtype`` must stay
+    ``auto``: a GGUF file fixes its own weight types (convert with another ``--outtype``).
+    """
+    if dtype not in (None, "auto"):
+        raise ModelLoadError(f"--dtype {dtype} does not apply to GGUF models (their type is fixed at conversion)")
+    if device not in (None, "auto", "cpu") and not str(device).startswith(("cuda", "gpu", "metal", "mps")):
+        raise ModelLoadError(f"unknown --device {device!r} for the llama.cpp backend (auto or cpu)")
+    if device == "cpu":
+        options.setdefault("n_gpu_layers", 0)
+        options.setdefault("mmproj_offload", False)
+    return LlamaCppBackend(model, mmproj=mmproj, threads=threads, **options)
+
+
+def fill_patch0(grid: np.ndarray, side: int) -> np.ndarray:
+    """Cheap stand-in for the lost patch 0: the mean of its right, lower and diagonal neighbours."""
+    return (grid[1] + grid[side] + grid[side + 1]) / 3.0

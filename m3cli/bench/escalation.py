@@ -1,0 +1,50 @@
+"""What ``--auto-scale`` costs: its time per item against one fixed pass at the scale where the item ended."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from m3cli.backends.base import Backend
+
+
+@dataclass
+class EscalationTiming:
+    items: int
+    auto_ms: float  # mean per item, escalation (encode once + every rung tried)
+    fixed_ms: float  # mean per item, one fixed pass (encode + answer) at the scale escalation ended on
+    mean_tokens: float
+    mean_rungs: float
+
+    @property
+    def ratio(self) -> float:
+        return self.auto_ms / self.fixed_ms
+
+
+def escalation_overhead(backend: Backend, n: int = 100, threshold: float | None = None, max_new_tokens: int = 4,
+                        split: str = "test") -> EscalationTiming:
+    """Per item: --auto-scale time against one fixed pass at the scale where that item ended (one run).
+
+    Both sides include the image encode; items are timed one at a time so each has its own time.
+    """
+    from m3cli.answering import ask_images
+    from m3cli.data.scenes import iter_questions, render
+    from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed
+
+    policy = Escalate(tuple(sorted(backend.scales)), DEFAULT_THRESHOLD if threshold is None else threshold)
+    pairs = list(iter_questions(split, n))
+    ask_images(backend, [render(pairs[0][0].scene)], [pairs[0][1].question], [Fixed(1)], max_new_tokens)  # warm-up
+    auto, fixed, tokens, rungs = [], [], [], []
+    for sample, qa in pairs:
+        image = render(sample.scene)
+        t0 = time.perf_counter()
+        res = ask_images(backend, [image], [qa.question], [policy], max_new_tokens)[0]
+        auto.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ask_images(backend, [image], [qa.question], [Fixed(res.tokens)], max_new_tokens)
+        fixed.append(time.perf_counter() - t0)
+        tokens.append(res.tokens)
+        rungs.append(len(res.scales_tried))
+    return EscalationTiming(len(pairs), 1000 * statistics.mean(auto), 1000 * statistics.mean(fixed),
+                            statistics.mean(tokens), statistics.mean(rungs))

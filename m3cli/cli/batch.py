@@ -1,0 +1,116 @@
+"""``m3 batch`` (every image, frame or stdin row) and ``m3 merge`` (its shard outputs back into one)."""
+
+from __future__ import annotations
+
+import click
+
+from m3cli.cli.app import command
+from m3cli.cli.options import SHARD, check_policy_flags, model_options, policy_options
+
+BATCH_EXAMPLE = """
+\b
+Examples:
+  m3 batch ./photos -q "what colour is the background?" --tokens 9 -o answers.jsonl
+  m3 batch clip.mp4 --fps 1 -q "how many shapes are there?" --auto-scale
+  find . -name '*.png' | m3 batch - -q "is there a red shape?" --format csv
+  jq -c '{image: .path, question: .q}' todo.jsonl | m3 batch - -o out.jsonl --resume
+"""
+
+
+def _run_options(fn):
+    """Where rows go and how the run proceeds (resume, shards, video sampling, progress)."""
+    options = [
+        click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+                     help="Write rows here (default: stdout)."),
+        click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text"]), default="jsonl",
+                     show_default=True),
+        click.option("--resume", is_flag=True, help="Skip items whose id already has a row in -o FILE (JSONL)."),
+        click.option("--retry-errors", is_flag=True,
+                     help="With --resume: answer again the items whose row was an error."),
+        click.option("-b", "--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True),
+        click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Video: frames per second."),
+        click.option("--every", type=click.IntRange(1), default=None, help="Video: every Nth frame."),
+        click.option("--max-frames", type=click.IntRange(1), default=None,
+                     help="Video: at most K frames (alone: K frames spread evenly; default 8)."),
+        click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bar on stderr (default: when stderr is a TTY)."),
+        click.option("--shard", type=SHARD, default=None,
+                     help="Answer only shard K of N (stable hash of the item id); needs -o FILE. Merge with m3 merge."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _engine_options(fn):
+    """--engine and the Ray engine's knobs."""
+    fn = click.option("--gpus-per-actor", type=click.FloatRange(0), default=0.0, show_default=True,
+                      help="--engine ray: GPUs per actor (1: one actor per GPU; 0: CPU inference).")(fn)
+    fn = click.option("--actors", type=click.IntRange(1), default=1, show_default=True,
+                      help="--engine ray: model replicas (answering actors).")(fn)
+    fn = click.option("--ray-address", default=None, metavar="ADDR",
+                      help="--engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:PORT; default: start a "
+                           "local one).")(fn)
+    fn = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                      help="local: this process; ray: a Ray cluster, one model per actor (pip install "
+                           "'m3cli[ray]'; see docs/scale-out.md).")(fn)
+    return fn
+
+
+@command(epilog=BATCH_EXAMPLE)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-q", "--question", default=None,
+              help="The question for every item (stdin JSONL rows may set their own).")
+@policy_options
+@model_options
+@_run_options
+@_engine_options
+def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt, resume, retry_errors, batch_size,
+          fps, every, max_frames, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor,
+          **model_kw):
+    """Answer a question about every image, video frame or stdin row; one output row per item.
+
+    INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
+    rows with image/question/tokens/id). Exit code 0: all items answered; 1: some rows have an error;
+    2: bad usage or model, before any work.
+    """
+    from m3cli.engines.job import BatchJob, run_job
+    from m3cli.engines.units import BatchOptions
+    from m3cli.policy import DEFAULT_THRESHOLD
+
+    check_policy_flags(auto_scale, threshold, ladder)
+    opts = BatchOptions(
+        question=question, tokens=tokens, auto_scale=auto_scale,
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=ladder,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
+    )
+    result = run_job(BatchJob(
+        list(inputs), opts, model=model_kw, output=output, fmt=fmt, resume=resume, retry_errors=retry_errors,
+        shard=shard, engine=engine, ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
+        progress=progress,
+    ))
+    for line in result.report():
+        click.echo(f"m3 batch: {line}", err=True)
+    raise SystemExit(result.exit_code)
+
+
+@command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Merged JSONL (default: stdout).")
+def merge(files, output):
+    """Merge `m3 batch --shard K/N` outputs into one JSONL in input order.
+
+    Reports duplicated and missing items; exit code 0 only when the shards cover the input exactly.
+
+    \b
+    Example:
+      m3 merge out/shard-*.jsonl -o all.jsonl
+    """
+    from m3cli.engines.shard import merge_outputs
+
+    report = merge_outputs(list(files), output)  # MergeError is a usage error: one line, exit 2
+    click.echo(f"m3 merge: {report.summary()}", err=True)
+    raise SystemExit(0 if report.exact else 1)
+

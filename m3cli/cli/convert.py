@@ -1,0 +1,59 @@
+"""``m3 convert``: original LLaVA -> HF, HF -> GGUF, and legacy mmproj repair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from m3cli.cli.app import command
+from m3cli.errors import ConvertError
+
+CONVERT_EXAMPLE = """
+\b
+Examples:
+  m3 convert ~/ckpt/llava-v1.5-7b-m3 --to hf ~/models/llava-v1.5-7b-m3-hf
+  m3 convert models/m3-shapes --to gguf ~/models/m3-shapes-gguf --outtype q8_0
+  m3 convert --fix-mmproj mmproj-model-f16.gguf ~/models/fixed
+"""
+
+
+@command(epilog=CONVERT_EXAMPLE)
+@click.argument("src")
+@click.argument("out")
+@click.option("--to", "target", type=click.Choice(["hf", "gguf"]), default=None,
+              help="hf: original-LLaVA checkpoint -> transformers layout; gguf: HF LLaVA -> LM + mmproj GGUF.")
+@click.option("--fix-mmproj", is_flag=True, help="Rewrite a legacy llama.cpp LLaVA mmproj (SRC) into OUT dir.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
+              help="gguf: weight type of the language model (the mmproj stays f32, or f16 with f16).")
+@click.option("--vision-tower", type=click.Path(file_okay=False), default=None,
+              help="hf: local CLIP directory when the checkpoint does not carry its tower.")
+@click.option("--dtype", default="auto", show_default=True, help="hf: auto (keep), float32, float16 or bfloat16.")
+def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
+    """Convert models: SRC --to hf OUT, SRC --to gguf OUT_DIR, or --fix-mmproj IN OUT_DIR."""
+    if fix_mmproj == (target is not None):
+        raise click.UsageError("give exactly one of --to hf|gguf or --fix-mmproj")
+    try:
+        if fix_mmproj:
+            from m3cli.gguf.mmproj import fix_mmproj as fix
+
+            click.echo(str(fix(src, out)))
+        elif target == "hf":
+            from m3cli.convert.original_llava import convert_original_to_hf
+
+            click.echo(str(convert_original_to_hf(src, out, dtype=dtype, vision_tower=vision_tower)))
+        else:
+            click.echo("\n".join(map(str, _to_gguf(src, out, outtype))))
+    except ConvertError as exc:  # shown as a usage error of this command, as click shows its own
+        raise click.UsageError(str(exc)) from None
+
+
+def _to_gguf(src: str, out: str, outtype: str):
+    """SRC (a directory, or a registry name) -> (language-model GGUF, mmproj GGUF) in OUT."""
+    from m3cli.registry import resolve_model
+
+    try:
+        from m3cli.convert.gguf_writer import convert_to_gguf
+    except ImportError as exc:
+        raise click.UsageError(f"--to gguf needs the gguf extra: pip install 'm3cli[gguf]' ({exc})") from None
+    return convert_to_gguf(resolve_model(src) if not Path(src).exists() else src, out, outtype)

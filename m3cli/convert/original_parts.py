@@ -1,0 +1,179 @@
+"""The pieces of an original-LLaVA conversion that are not weights: the CLIP tower's config, the
+tokenizer (with ``<image>`` and ``<pad>`` added) and the ``LlavaProcessor``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from m3cli.build import CHAT_TEMPLATE, IMAGE_TOKEN, PAD
+from m3cli.convert.original_weights import SRC_TOWER, WeightFiles, tower_rest
+from m3cli.errors import ConvertError, describe
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# The public towers LLaVA uses, so a checkpoint that carries its tower converts without
+# a copy of the CLIP repository. Checked against the weight shapes before use.
+CLIP_PRESETS = {
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+# Image-processor settings read from a CLIP ``preprocessor_config.json``.
+IMAGE_PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+                          "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+# -- vision tower ------------------------------------------------------------------------
+
+
+def find_tower_dir(cfg: dict, src: Path, given) -> Path | None:
+    """The local CLIP directory: the argument, else ``mm_vision_tower`` if it is a local dir."""
+    if given is not None:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise ConvertError(f"vision tower directory not found: {path}")
+        if not (path / "config.json").is_file():
+            raise ConvertError(f"{path}: no config.json (not a CLIP checkpoint directory)")
+        return path
+    name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    if not name:
+        raise ConvertError(f"{src}: config lacks mm_vision_tower")
+    for path in (Path(name).expanduser(), src / name):
+        try:
+            if path.is_dir() and (path / "config.json").is_file():
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def vision_config_for(cfg: dict, tower_dir: Path | None, weights: WeightFiles):
+    """CLIPVisionConfig from the tower directory or a known preset, checked against the weights."""
+    from transformers import CLIPVisionConfig
+
+    name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    if tower_dir is not None:
+        try:
+            data = json.loads((tower_dir / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConvertError(f"{tower_dir}/config.json: unreadable: {describe(exc)}") from exc
+        if "vision_config" in data:
+            data = data["vision_config"] or {}
+        elif data.get("model_type") not in (None, "clip_vision_model"):
+            raise ConvertError(f"{tower_dir}: not a CLIP vision tower (model_type {data.get('model_type')!r})")
+        data = {k: v for k, v in data.items() if k not in ("architectures", "transformers_version", "model_type")}
+        vc = CLIPVisionConfig(**data)
+        origin = str(tower_dir)
+    elif name in CLIP_PRESETS:
+        vc = CLIPVisionConfig(**CLIP_PRESETS[name])
+        origin = name
+    else:
+        raise ConvertError(
+            f"cannot tell the vision tower's config ({name!r} is not a local directory); "
+            "pass the CLIP tower directory (vision_tower=DIR / --vision-tower DIR)"
+        )
+
+    keys = weights.keys()
+
+    def find(suffix: str) -> str:
+        hits = [k for k in keys if k.endswith(suffix) and (k.startswith(SRC_TOWER) or tower_rest(k))]
+        if not hits:
+            raise ConvertError(f"vision tower weight *{suffix} missing")
+        return hits[0]
+
+    patch = weights.shape(find("embeddings.patch_embedding.weight"))
+    positions = weights.shape(find("embeddings.position_embedding.weight"))[0]
+    fc1 = weights.shape(find("layers.0.mlp.fc1.weight"))[0]
+    layers = {int(m.group(1)) for k in keys if (m := re.search(r"encoder\.layers\.(\d+)\.", k))
+              and (k.startswith(SRC_TOWER) or tower_rest(k))}
+    found = dict(hidden_size=patch[0], patch_size=patch[-1], intermediate_size=fc1,
+                 num_positions=positions, num_hidden_layers=len(layers))
+    want = dict(hidden_size=vc.hidden_size, patch_size=vc.patch_size, intermediate_size=vc.intermediate_size,
+                num_positions=(vc.image_size // vc.patch_size) ** 2 + 1, num_hidden_layers=vc.num_hidden_layers)
+    bad = [f"{k} {found[k]} vs {want[k]}" for k in want if found[k] != want[k]]
+    if bad:
+        raise ConvertError(f"vision tower weights do not match the config from {origin}: {', '.join(bad)}")
+    return vc
+
+
+# -- tokenizer and processor -------------------------------------------------------------
+
+
+def prepare_tokenizer(src: Path):
+    """The source tokenizer with ``<image>`` (and ``<pad>`` if missing) added; (tok, len before, added)."""
+    from transformers import AddedToken, AutoTokenizer
+
+    if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ConvertError(f"{src}: no tokenizer files (tokenizer.model or tokenizer.json)")
+    try:
+        # Load from a copy of just the tokenizer files: next to a llava_llama config.json,
+        # AutoTokenizer would consult that (unknown) model type.
+        with tempfile.TemporaryDirectory(prefix="m3-tokenizer-") as tmp:
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, Path(tmp) / name)
+            tok = AutoTokenizer.from_pretrained(tmp)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure becomes one line
+        hint = " (a sentencepiece tokenizer.model needs the sentencepiece package)" \
+            if (src / "tokenizer.model").is_file() and not (src / "tokenizer.json").is_file() else ""
+        raise ConvertError(f"{src}: cannot load the tokenizer: {describe(exc)}{hint}") from exc
+    before = len(tok)
+    vocab = tok.get_vocab()
+    added: dict[str, int] = {}
+    for text in (IMAGE_TOKEN, PAD):
+        if text not in vocab:
+            tok.add_tokens([AddedToken(text, special=True, normalized=False)], special_tokens=True)
+            added[text] = tok.convert_tokens_to_ids(text)
+    tok.pad_token = PAD
+    tok.padding_side = "left"
+    tok.chat_template = CHAT_TEMPLATE
+    probe = tok("USER: <image>\nhi", add_special_tokens=False).input_ids
+    if probe.count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) != 1:
+        raise ConvertError(f"{src}: the tokenizer does not keep {IMAGE_TOKEN} as one token")
+    return tok, before, added
+
+
+def llava_processor(tokenizer, vision_config, strategy: str, tower_dir: Path | None, src: Path):
+    """A stock ``LlavaProcessor``: CLIP preprocessing from the tower's (or source's) config, our chat template."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    side = vision_config.image_size
+    settings = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                    do_center_crop=True, resample=3, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    for folder in (tower_dir, src):
+        path = folder / "preprocessor_config.json" if folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConvertError(f"{path}: unreadable: {describe(exc)}") from exc
+            settings.update({k: data[k] for k in IMAGE_PROCESSOR_FIELDS if k in data})
+            break
+    if isinstance(settings["size"], int):
+        settings["size"] = {"shortest_edge": settings["size"]}
+    if isinstance(settings["crop_size"], int):
+        settings["crop_size"] = {"height": settings["crop_size"], "width": settings["crop_size"]}
+    crop = settings["crop_size"]
+    if settings.get("do_center_crop", True) and (crop.get("height"), crop.get("width")) != (side, side):
+        raise ConvertError(f"image processor crops to {crop} but the tower expects {side}x{side}")
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(**settings),
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
