@@ -1,0 +1,454 @@
+"""Evaluation data files for ``m3 eval --data``: JSONL or CSV rows of image, question and gold answer.
+
+A source is one file (``.jsonl``/``.ndjson``; ``.csv``, or ``.tsv`` tab-separated), a folder (every such
+file under it, recursively, hidden names skipped, in sorted order of their relative paths), or ``-``
+(stdin: JSONL if the first non-blank line starts with ``{``, else CSV with a header).
+
+Row fields (CSV: the header names them, case-insensitively; an empty cell is a missing field):
+
+- ``image``: a path, relative to the data file's folder (stdin: to the current folder), or absolute;
+- ``question``;
+- the gold, one of: ``choices`` + ``answer`` (multiple choice: the answer is a letter ``A``.. or a
+  choice's text), ``answers`` (a list of human answers, VQAv2-style; JSONL items may be strings or
+  ``{"answer": ...}`` objects), or ``answer`` (one string; a JSONL list here counts as ``answers``).
+  When a row has both ``answers`` and ``answer`` (and no choices), ``answers`` is used. In CSV a
+  list cell (``answers``, ``choices``) is a JSON list (``["a", "b"]``) or ``|``-separated text;
+- optional ``id`` (default: ``<file stem>:<line>``; in a folder ``<relative path without suffix>:<line>``;
+  stdin ``stdin:<line>``), ``family`` or ``category`` (``family`` wins).
+
+Ids are made unique in stream order by suffixing ``~2``, ``~3``, ... (as ``m3 batch`` does). Line numbers
+are the file's (CSV: the line a record starts on; the header is line 1). A row that cannot be used is a
+:class:`BadRow` with a one-line reason, never an exception; only a source that cannot be read at all
+(missing, unreadable, not JSONL/CSV, a CSV header without ``image``/``question``) raises ``UsageError``.
+Nothing here decodes images: a row's image is only checked to be an existing file.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+from m3cli.errors import UsageError, describe
+from m3cli.fileio import iter_jsonl
+from m3cli.media.inputs import unique_ids
+from m3cli.scoring import choice_letters, gold_letter
+
+JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson")
+CSV_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
+MAX_CHOICES = 26
+
+GoldKind = Literal["answer", "answers", "choice"]
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One question with its gold answer.
+
+    ``gold`` holds the gold values: ``(answer,)`` for "answer", the human answers for "answers", and
+    ``(letter,)`` (the resolved option letter) for "choice", whose options are ``choices``.
+    """
+
+    id: str
+    image: str  # absolute, normalised path
+    question: str
+    gold_kind: GoldKind
+    gold: tuple[str, ...]
+    choices: tuple[str, ...] = ()
+    family: str | None = None
+    source: str = ""  # the data file ("-" for stdin)
+    line: int = 0
+
+    @property
+    def reference(self) -> str:
+        """One human-readable gold: the answer, the most common human answer, or ``"B. text"``."""
+        if self.gold_kind == "choice":
+            letter = self.gold[0]
+            return f"{letter}. {self.choices[choice_letters(len(self.choices)).index(letter)]}"
+        if self.gold_kind == "answers":
+            return max(self.gold, key=self.gold.count)
+        return self.gold[0]
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be evaluated; ``reason`` is one line without the location."""
+
+    id: str
+    source: str
+    line: int
+    reason: str
+
+    @property
+    def message(self) -> str:
+        """``<source> line <n>: <reason>``, for error rows and logs."""
+        where = "stdin" if self.source == "-" else self.source
+        return f"{where} line {self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class _DataFile:
+    path: str  # "-" for stdin
+    fmt: Literal["jsonl", "csv", "tsv"] | None  # None: sniff (stdin)
+    prefix: str  # default-id prefix
+    base_dir: str  # relative image paths resolve against this
+
+
+class _Bad(Exception):
+    """Internal: the current row is bad, with this reason."""
+
+
+# --- listing the source ----------------------------------------------------------------------------
+
+
+def _format_of(path: str) -> Literal["jsonl", "csv", "tsv"] | None:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in JSONL_SUFFIXES:
+        return "jsonl"
+    if ext in CSV_SUFFIXES:
+        return "tsv" if ext == ".tsv" else "csv"
+    return None
+
+
+def _list_folder(root: str) -> list[str]:
+    found: list[tuple[tuple[str, ...], str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or _format_of(name) is None:
+                continue
+            path = os.path.join(dirpath, name)
+            found.append((tuple(os.path.relpath(path, root).split(os.sep)), path))
+    return [path for _, path in sorted(found)]
+
+
+def _check_readable(path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({describe(exc)})") from None
+
+
+def _plan(source: str) -> list[_DataFile]:
+    if source == "-":
+        return [_DataFile("-", None, "stdin", os.getcwd())]
+    if not os.path.exists(source):
+        raise UsageError(f"{source}: no such file or folder")
+    if os.path.isdir(source):
+        paths = _list_folder(source)
+        if not paths:
+            raise UsageError(f"{source}: no {', '.join(JSONL_SUFFIXES + CSV_SUFFIXES)} files in this folder")
+        files = []
+        for path in paths:
+            rel = os.path.relpath(path, source)
+            prefix = os.path.splitext(rel)[0].replace(os.sep, "/")
+            files.append(_DataFile(path, _format_of(path), prefix, os.path.dirname(os.path.abspath(path))))
+    else:
+        fmt = _format_of(source)
+        if fmt is None:
+            raise UsageError(f"{source}: not a JSONL or CSV file (expected {', '.join(JSONL_SUFFIXES + CSV_SUFFIXES)})")
+        stem = os.path.splitext(os.path.basename(source))[0]
+        files = [_DataFile(source, fmt, stem, os.path.dirname(os.path.abspath(source)))]
+    for f in files:
+        _check_readable(f.path)
+        if f.fmt in ("csv", "tsv"):
+            with open(f.path, "rb") as fh:
+                _csv_header(_text_lines(fh), f.path, f.fmt)
+    return files
+
+
+# --- field parsing ---------------------------------------------------------------------------------
+
+
+def _scalar_text(value: Any, name: str) -> str | None:
+    """A string or number as text; None when missing or empty; _Bad for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _Bad(f"'{name}' must be a string (got {_json_type(value)})")
+    text = str(value).strip()
+    return text or None
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return type(value).__name__
+
+
+def _csv_list(cell: str, name: str) -> list[Any]:
+    """A CSV list cell: a JSON list, or ``|``-separated text."""
+    text = cell.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise _Bad(f"'{name}' looks like a JSON list but is not valid JSON") from None
+        if not isinstance(value, list):
+            raise _Bad(f"'{name}' must be a list")
+        return value
+    return [part for part in (p.strip() for p in text.split("|")) if part]
+
+
+def _text_list(value: Any, name: str, csv_cell: bool) -> list[str] | None:
+    if value is None or (csv_cell and not str(value).strip()):
+        return None
+    if csv_cell:
+        value = _csv_list(value, name)
+    if not isinstance(value, list):
+        raise _Bad(f"'{name}' must be a list (got {_json_type(value)})")
+    out = []
+    for item in value:
+        if name == "answers" and isinstance(item, dict):
+            item = item.get("answer")  # VQAv2 annotations: [{"answer": ..., "answer_id": ...}, ...]
+        text = _scalar_text(item, name + " item")
+        if text is None:
+            raise _Bad(f"'{name}' has an empty item")
+        out.append(text)
+    if not out:
+        raise _Bad(f"'{name}' is empty")
+    return out
+
+
+def _gold(raw: Mapping[str, Any], csv_cell: bool) -> tuple[GoldKind, tuple[str, ...], tuple[str, ...]]:
+    choices = _text_list(raw.get("choices"), "choices", csv_cell)
+    answer_value = raw.get("answer")
+    if choices is not None:
+        if not 2 <= len(choices) <= MAX_CHOICES:
+            raise _Bad(f"'choices' needs 2 to {MAX_CHOICES} options (got {len(choices)})")
+        answer = _scalar_text(answer_value, "answer")
+        if answer is None:
+            raise _Bad("'choices' given without the gold 'answer' (a letter or a choice's text)")
+        letter = gold_letter(choices, answer)
+        if letter is None:
+            letters = choice_letters(len(choices))
+            raise _Bad(f"'answer' {answer!r} is neither a letter {letters[0]}-{letters[-1]} nor one of the choices")
+        return "choice", (letter,), tuple(choices)
+    answers = _text_list(raw.get("answers"), "answers", csv_cell)
+    if answers is None and isinstance(answer_value, list):
+        answers = _text_list(answer_value, "answers", False)
+    if answers is not None:
+        return "answers", tuple(answers), ()
+    answer = _scalar_text(answer_value, "answer")
+    if answer is None:
+        raise _Bad("no gold answer: give 'answer', 'answers', or 'choices' with 'answer'")
+    return "answer", (answer,), ()
+
+
+def _image_path(value: Any, base_dir: str) -> str:
+    image = _scalar_text(value, "image")
+    if image is None:
+        raise _Bad("missing field 'image'")
+    path = os.path.normpath(os.path.join(base_dir, image))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _Bad(f"image not found: {path}") from None
+    except OSError as exc:
+        raise _Bad(f"image cannot be read: {path} ({describe(exc)})") from None
+    if os.path.isdir(path):
+        raise _Bad(f"image is a folder: {path}")
+    if st.st_size == 0:
+        raise _Bad(f"image is an empty file: {path}")
+    return path
+
+
+def _parse_row(raw: Mapping[str, Any], f: _DataFile, line: int, default_id: str, csv_cell: bool) -> EvalRow | BadRow:
+    try:
+        row_id = _scalar_text(raw.get("id"), "id") or default_id
+    except _Bad as bad:
+        return BadRow(default_id, f.path, line, str(bad))
+    try:
+        question = _scalar_text(raw.get("question"), "question")
+        if question is None:
+            raise _Bad("missing field 'question'")
+        kind, gold, choices = _gold(raw, csv_cell)
+        family = _scalar_text(raw.get("family"), "family") or _scalar_text(raw.get("category"), "category")
+        image = _image_path(raw.get("image"), f.base_dir)
+    except _Bad as bad:
+        return BadRow(row_id, f.path, line, str(bad))
+    return EvalRow(row_id, image, question, kind, gold, choices, family, f.path, line)
+
+
+# --- the two formats -------------------------------------------------------------------------------
+
+
+def _text_lines(lines: Iterable[bytes]) -> Iterator[str]:
+    """Decode byte lines as UTF-8 (a BOM on the first line dropped; bad bytes become U+FFFD)."""
+    for i, raw in enumerate(lines):
+        yield raw.decode("utf-8-sig" if i == 0 else "utf-8", errors="replace")
+
+
+class _Counted:
+    """An iterator of lines that counts how many it has handed out (the csv reader's position)."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self.lines = lines
+        self.count = 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        self.count += 1
+        return line
+
+
+def _csv_header(lines: Iterable[str], path: str, fmt: str) -> tuple[list[str], Any, _Counted] | None:
+    """Read the header of a CSV stream; None for an empty stream. UsageError when required columns lack."""
+    counted = _Counted(iter(lines))
+    reader = csv.reader(counted, delimiter="\t" if fmt == "tsv" else ",")
+    for cells in reader:
+        if not any(c.strip() for c in cells):
+            continue
+        header = [c.strip().lower() for c in cells]
+        missing = [name for name in ("image", "question") if name not in header]
+        if missing:
+            where = "stdin" if path == "-" else path
+            raise UsageError(
+                f"{where}: the CSV header has no {' or '.join(repr(m) for m in missing)} column "
+                f"(found: {', '.join(h for h in header if h) or 'nothing'})"
+            )
+        return header, reader, counted
+    return None
+
+
+def _iter_csv(lines: Iterable[str], f: _DataFile, fmt: str) -> Iterator[EvalRow | BadRow]:
+    head = _csv_header(lines, f.path, fmt)
+    if head is None:
+        return
+    header, reader, counted = head
+    while True:
+        start = counted.count + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield BadRow(f"{f.prefix}:{start}", f.path, start, f"not valid CSV ({describe(exc)})")
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        raw = {name: cell for name, cell in zip(header, cells, strict=False) if name and cell.strip()}
+        yield _parse_row(raw, f, start, f"{f.prefix}:{start}", csv_cell=True)
+
+
+def _iter_jsonl(lines: Iterable[bytes], f: _DataFile) -> Iterator[EvalRow | BadRow]:
+    for line, _end, _raw, parsed in iter_jsonl(lines):  # type: ignore[arg-type]  # any iterable of lines
+        default_id = f"{f.prefix}:{line}"
+        if parsed is None:
+            continue
+        if isinstance(parsed, Exception):
+            reason = f"not valid JSON ({parsed.msg})" if isinstance(parsed, json.JSONDecodeError) else "not UTF-8"
+            yield BadRow(default_id, f.path, line, reason)
+        elif not isinstance(parsed, dict):
+            yield BadRow(default_id, f.path, line, f"expected a JSON object (got {_json_type(parsed)})")
+        else:
+            yield _parse_row(parsed, f, line, default_id, csv_cell=False)
+
+
+def _byte_lines(stream: IO[Any]) -> Iterator[bytes]:
+    """Byte lines of a binary or text stream (tests hand in io.StringIO)."""
+    binary = getattr(stream, "buffer", None)
+    if binary is not None:
+        yield from binary
+        return
+    for line in stream:
+        yield line if isinstance(line, bytes) else line.encode("utf-8")
+
+
+def _iter_stdin(stream: IO[Any], f: _DataFile) -> Iterator[EvalRow | BadRow]:
+    lines = _byte_lines(stream)
+    head: list[bytes] = []
+    for raw in lines:
+        head.append(raw)
+        if raw.strip():
+            break
+    if not head or not head[-1].strip():
+        return
+    all_lines = itertools.chain(head, lines)
+    if head[-1].lstrip().lstrip(b"\xef\xbb\xbf").startswith(b"{"):
+        yield from _iter_jsonl(all_lines, f)
+    else:
+        yield from _iter_csv(_text_lines(all_lines), f, "csv")
+
+
+def _iter_file(f: _DataFile) -> Iterator[EvalRow | BadRow]:
+    try:
+        fh = open(f.path, "rb")  # closed by the ``with`` below, once the rows are read
+    except OSError as exc:
+        raise UsageError(f"{f.path}: cannot read ({describe(exc)})") from None
+    with fh:
+        if f.fmt == "jsonl":
+            yield from _iter_jsonl(fh, f)
+        else:
+            yield from _iter_csv(_text_lines(fh), f, f.fmt or "csv")
+
+
+def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None) -> Iterator[EvalRow | BadRow]:
+    """The rows of an eval data source (file, folder or ``-``), in order, ids unique.
+
+    The source is checked now (UsageError if it cannot be read, is not JSONL/CSV, or a CSV header lacks
+    ``image``/``question``); rows are parsed lazily. ``stdin`` replaces ``sys.stdin`` for ``-``.
+    """
+    files = _plan(os.fspath(source))
+
+    def rows() -> Iterator[EvalRow | BadRow]:
+        for f in files:
+            if f.path == "-":
+                yield from _iter_stdin(stdin if stdin is not None else sys.stdin, f)
+            else:
+                yield from _iter_file(f)
+
+    return unique_ids(rows())
+
+
+# --- many questions per image ----------------------------------------------------------------------
+
+
+def image_key(path: str | os.PathLike[str]) -> str:
+    """The identity of an image file: its resolved path (symlinks and ``..`` followed)."""
+    return os.path.realpath(os.fspath(path))
+
+
+def group_by_image(rows: Iterable[EvalRow]) -> list[tuple[str, list[EvalRow]]]:
+    """``[(image_key, rows about that image)]`` in first-seen order, rows in their own order: each
+    image can be decoded and encoded once for all its questions. BadRows, if any, are skipped."""
+    groups: dict[str, list[EvalRow]] = {}
+    for row in rows:
+        if isinstance(row, EvalRow):
+            groups.setdefault(image_key(row.image), []).append(row)
+    return list(groups.items())
+
+
+def split_rows(rows: Iterable[EvalRow | BadRow]) -> tuple[list[EvalRow], list[BadRow]]:
+    """Separate good rows from bad ones, each list in stream order."""
+    good: list[EvalRow] = []
+    bad: list[BadRow] = []
+    for row in rows:
+        (good if isinstance(row, EvalRow) else bad).append(row)  # type: ignore[arg-type]
+    return good, bad
+
+
+__all__ = [
+    "BadRow",
+    "EvalRow",
+    "GoldKind",
+    "group_by_image",
+    "image_key",
+    "read_eval_data",
+    "split_rows",
+]
