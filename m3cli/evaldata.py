@@ -35,15 +35,13 @@ from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 from m3cli.errors import UsageError, describe
+from m3cli.eval.fields import Bad, GoldKind, image_path, json_type, parse_gold, scalar_text
 from m3cli.fileio import iter_jsonl
 from m3cli.media.inputs import unique_ids
-from m3cli.scoring import choice_letters, gold_letter
+from m3cli.scoring import choice_letters
 
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson")
 CSV_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
-MAX_CHOICES = 26
-
-GoldKind = Literal["answer", "answers", "choice"]
 
 
 @dataclass(frozen=True)
@@ -97,10 +95,6 @@ class _DataFile:
     fmt: Literal["jsonl", "csv", "tsv"] | None  # None: sniff (stdin)
     prefix: str  # default-id prefix
     base_dir: str  # relative image paths resolve against this
-
-
-class _Bad(Exception):
-    """Internal: the current row is bad, with this reason."""
 
 
 # --- listing the source ----------------------------------------------------------------------------
@@ -163,121 +157,22 @@ def _plan(source: str) -> list[_DataFile]:
     return files
 
 
-# --- field parsing ---------------------------------------------------------------------------------
-
-
-def _scalar_text(value: Any, name: str) -> str | None:
-    """A string or number as text; None when missing or empty; _Bad for anything else."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _Bad(f"'{name}' must be a string (got {_json_type(value)})")
-    text = str(value).strip()
-    return text or None
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return type(value).__name__
-
-
-def _csv_list(cell: str, name: str) -> list[Any]:
-    """A CSV list cell: a JSON list, or ``|``-separated text."""
-    text = cell.strip()
-    if text.startswith("["):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            raise _Bad(f"'{name}' looks like a JSON list but is not valid JSON") from None
-        if not isinstance(value, list):
-            raise _Bad(f"'{name}' must be a list")
-        return value
-    return [part for part in (p.strip() for p in text.split("|")) if part]
-
-
-def _text_list(value: Any, name: str, csv_cell: bool) -> list[str] | None:
-    if value is None or (csv_cell and not str(value).strip()):
-        return None
-    if csv_cell:
-        value = _csv_list(value, name)
-    if not isinstance(value, list):
-        raise _Bad(f"'{name}' must be a list (got {_json_type(value)})")
-    out = []
-    for item in value:
-        if name == "answers" and isinstance(item, dict):
-            item = item.get("answer")  # VQAv2 annotations: [{"answer": ..., "answer_id": ...}, ...]
-        text = _scalar_text(item, name + " item")
-        if text is None:
-            raise _Bad(f"'{name}' has an empty item")
-        out.append(text)
-    if not out:
-        raise _Bad(f"'{name}' is empty")
-    return out
-
-
-def _gold(raw: Mapping[str, Any], csv_cell: bool) -> tuple[GoldKind, tuple[str, ...], tuple[str, ...]]:
-    choices = _text_list(raw.get("choices"), "choices", csv_cell)
-    answer_value = raw.get("answer")
-    if choices is not None:
-        if not 2 <= len(choices) <= MAX_CHOICES:
-            raise _Bad(f"'choices' needs 2 to {MAX_CHOICES} options (got {len(choices)})")
-        answer = _scalar_text(answer_value, "answer")
-        if answer is None:
-            raise _Bad("'choices' given without the gold 'answer' (a letter or a choice's text)")
-        letter = gold_letter(choices, answer)
-        if letter is None:
-            letters = choice_letters(len(choices))
-            raise _Bad(f"'answer' {answer!r} is neither a letter {letters[0]}-{letters[-1]} nor one of the choices")
-        return "choice", (letter,), tuple(choices)
-    answers = _text_list(raw.get("answers"), "answers", csv_cell)
-    if answers is None and isinstance(answer_value, list):
-        answers = _text_list(answer_value, "answers", False)
-    if answers is not None:
-        return "answers", tuple(answers), ()
-    answer = _scalar_text(answer_value, "answer")
-    if answer is None:
-        raise _Bad("no gold answer: give 'answer', 'answers', or 'choices' with 'answer'")
-    return "answer", (answer,), ()
-
-
-def _image_path(value: Any, base_dir: str) -> str:
-    image = _scalar_text(value, "image")
-    if image is None:
-        raise _Bad("missing field 'image'")
-    path = os.path.normpath(os.path.join(base_dir, image))
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise _Bad(f"image not found: {path}") from None
-    except OSError as exc:
-        raise _Bad(f"image cannot be read: {path} ({describe(exc)})") from None
-    if os.path.isdir(path):
-        raise _Bad(f"image is a folder: {path}")
-    if st.st_size == 0:
-        raise _Bad(f"image is an empty file: {path}")
-    return path
+# --- rows ------------------------------------------------------------------------------------------
 
 
 def _parse_row(raw: Mapping[str, Any], f: _DataFile, line: int, default_id: str, csv_cell: bool) -> EvalRow | BadRow:
     try:
-        row_id = _scalar_text(raw.get("id"), "id") or default_id
-    except _Bad as bad:
+        row_id = scalar_text(raw.get("id"), "id") or default_id
+    except Bad as bad:
         return BadRow(default_id, f.path, line, str(bad))
     try:
-        question = _scalar_text(raw.get("question"), "question")
+        question = scalar_text(raw.get("question"), "question")
         if question is None:
-            raise _Bad("missing field 'question'")
-        kind, gold, choices = _gold(raw, csv_cell)
-        family = _scalar_text(raw.get("family"), "family") or _scalar_text(raw.get("category"), "category")
-        image = _image_path(raw.get("image"), f.base_dir)
-    except _Bad as bad:
+            raise Bad("missing field 'question'")
+        kind, gold, choices = parse_gold(raw, csv_cell)
+        family = scalar_text(raw.get("family"), "family") or scalar_text(raw.get("category"), "category")
+        image = image_path(raw.get("image"), f.base_dir)
+    except Bad as bad:
         return BadRow(row_id, f.path, line, str(bad))
     return EvalRow(row_id, image, question, kind, gold, choices, family, f.path, line)
 
@@ -355,7 +250,7 @@ def _iter_jsonl(lines: Iterable[bytes], f: _DataFile) -> Iterator[EvalRow | BadR
             reason = f"not valid JSON ({parsed.msg})" if isinstance(parsed, json.JSONDecodeError) else "not UTF-8"
             yield BadRow(default_id, f.path, line, reason)
         elif not isinstance(parsed, dict):
-            yield BadRow(default_id, f.path, line, f"expected a JSON object (got {_json_type(parsed)})")
+            yield BadRow(default_id, f.path, line, f"expected a JSON object (got {json_type(parsed)})")
         else:
             yield _parse_row(parsed, f, line, default_id, csv_cell=False)
 

@@ -1,0 +1,224 @@
+"""``m3 eval --data``: the per-scale analysis on the user's own questions.
+
+Every row is answered at every scale from one encoding of its image (rows about the same image file
+share it: see :mod:`m3cli.eval.engine`), scored by its gold's form or a chosen metric, and written as a
+sample line (:mod:`m3cli.eval.samples`). With ``resume`` the samples file is the checkpoint: rows it
+already holds are not answered again. The report is computed from every sample of the data source at
+the end. A row that cannot be evaluated (bad row, missing or undecodable image, a backend failure on
+it) is an error sample and is counted, never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from m3cli.backends.base import Backend
+from m3cli.confidence import DEFAULT_MEASURE
+from m3cli.errors import M3Error, OutputError, UsageError, describe
+from m3cli.eval import samples as sm
+from m3cli.eval.engine import DEFAULT_CACHE, EncodeCache, EvalItem, answer_items
+from m3cli.eval.report import EvalReport
+from m3cli.evaldata import BadRow, EvalRow, image_key
+from m3cli.fileio import dumps_row
+from m3cli.scoring import CHOICE_SUFFIX, METRICS, build_choice_prompt, metric_for
+
+Progress = Callable[[int, int], None]
+
+
+class NothingEvaluated(M3Error):
+    """Not one row of the data could be evaluated (the report would be empty)."""
+
+    exit_code = 1
+
+
+@dataclass
+class DataOptions:
+    """How ``--data`` rows are asked, scored and checkpointed."""
+
+    scales: Sequence[int]
+    metric: str | None = None  # None: by each row's gold form
+    prompt_suffix: str | None = CHOICE_SUFFIX  # after a multiple-choice question's options
+    question_suffix: str | None = None  # after an open question
+    batch_size: int = 32
+    max_new_tokens: int = 16
+    measure: str = DEFAULT_MEASURE  # the confidence written in the samples
+    samples: str | None = None
+    resume: bool = False
+    retry_errors: bool = False
+    encode_cache: int = DEFAULT_CACHE
+    share: bool = True  # False: encode every row's image afresh (for measuring the saving)
+
+
+@dataclass
+class DataResult:
+    """The report and the counts behind it."""
+
+    report: EvalReport
+    errors: list[dict[str, Any]]  # error samples, in data order
+    computed: int  # rows answered or failed in this run
+    answered: int  # rows answered in this run
+    resumed: int  # rows taken from the samples file
+    images: int  # distinct image files among the evaluated rows
+    encodes: int  # images the backend encoded in this run
+    metrics: dict[str, int] = field(default_factory=dict)  # evaluated rows per metric
+    seconds: float = 0.0
+
+    @property
+    def ms_per_row(self) -> float:
+        """Wall time per row answered in this run (every scale, encode included)."""
+        return 1000 * self.seconds / self.answered if self.answered else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        """The counts for ``--json`` (beside the report's own numbers)."""
+        return {"metrics": self.metrics, "images": self.images, "encodes": self.encodes, "computed": self.computed,
+                "answered": self.answered, "resumed": self.resumed, "ms_per_row": self.ms_per_row,
+                "errors": {"count": len(self.errors), "rows": [{"id": e["id"], "error": e["error"]}
+                                                               for e in self.errors]}}
+
+
+def prompt_for(row: EvalRow, options: DataOptions) -> str:
+    """The text the model sees: the choice prompt (options + suffix) or the question (+ suffix)."""
+    if row.gold_kind == "choice":
+        return build_choice_prompt(row.question, row.choices, options.prompt_suffix)
+    return f"{row.question}\n{options.question_suffix}" if options.question_suffix else row.question
+
+
+def metric_of(row: EvalRow, options: DataOptions) -> str:
+    """The row's metric: the chosen one, else the one its gold's form calls for."""
+    return options.metric or metric_for(row)
+
+
+def _identity(path: str) -> tuple[str, int, int] | None:
+    """An image file's identity (resolved path, size, mtime): a changed file is a new image."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # loading will report it
+    return image_key(path), st.st_size, st.st_mtime_ns
+
+
+def _load(path: str):
+    from m3cli.media import load_image
+
+    return load_image(path)
+
+
+def _items(rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
+    for row in rows:  # lazily: each image is looked at just before its batch runs
+        yield EvalItem(row.id, _identity(row.image), lambda p=row.image: _load(p), prompt_for(row, options), row)
+
+
+def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, dict[str, Any]]:
+    """The samples already done for this data (resume), checked to fit this run's options."""
+    if not (options.resume and options.samples):
+        return {}
+    try:
+        found = sm.read_samples(options.samples)
+    except OSError as exc:
+        raise OutputError(f"{options.samples}: cannot read the samples to resume ({describe(exc)})") from None
+    done = {}
+    for row in rows:
+        sample = found.get(row.id)
+        if sample is None or (sample.get("error") is not None and options.retry_errors):
+            continue
+        if sample.get("error") is None and isinstance(row, EvalRow):
+            why = sm.mismatch(sample, prompt_for(row, options), metric_of(row, options), options.scales)
+            if why:
+                raise UsageError(f"{options.samples}: row {row.id} was evaluated with {why}; resume with the "
+                                 "same options or write a new --samples file")
+        done[row.id] = sample
+    return done
+
+
+def _open_samples(options: DataOptions) -> IO[str] | None:
+    if not options.samples:
+        return None
+    try:
+        return open(options.samples, "a" if options.resume else "w", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{options.samples}: cannot write the samples ({describe(exc)})") from None
+
+
+def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None) -> None:
+    if out is None or not lines:
+        return
+    try:
+        out.write("".join(dumps_row(s) + "\n" for s in lines))
+        out.flush()  # a checkpoint: what is written stays done if the run stops
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the samples ({describe(exc)})") from None
+
+
+def _bad_metric(row: EvalRow, options: DataOptions) -> str | None:
+    if metric_of(row, options) == "choice" and row.gold_kind != "choice":
+        return "metric 'choice' needs a row with 'choices'"
+    return None
+
+
+def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: DataOptions, label: str,
+                  progress: Progress | None = None) -> DataResult:
+    """Evaluate ``rows`` (from :func:`m3cli.evaldata.read_eval_data`) at ``options.scales``.
+
+    Raises :class:`NothingEvaluated` when no row could be evaluated (after writing their error samples).
+    """
+    if options.metric is not None and options.metric not in METRICS:
+        raise UsageError(f"unknown metric {options.metric!r} (choose from {', '.join(METRICS)})")
+    scales = sorted(options.scales)
+    prior = _prior(rows, options)
+    new: dict[str, dict[str, Any]] = {}
+    todo: list[EvalRow] = []
+    for row in rows:
+        if row.id in prior:
+            continue
+        if isinstance(row, BadRow):
+            new[row.id] = sm.error_sample(row, row.message)
+        elif (why := _bad_metric(row, options)) is not None:
+            new[row.id] = sm.error_sample(row, why, prompt_for(row, options), metric_of(row, options))
+        else:
+            todo.append(row)
+    cache = EncodeCache(options.encode_cache)
+    start = time.perf_counter()
+    out = _open_samples(options)
+    try:
+        _write(out, [new[r.id] for r in rows if r.id in new], options.samples)
+        done = 0
+        if progress and todo:
+            progress(0, len(todo))
+        for batch in answer_items(backend, _items(todo, options), scales, options.batch_size,
+                                  options.max_new_tokens, cache, options.share):
+            lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure)
+                     for r in batch]
+            _write(out, lines, options.samples)
+            new.update((s["id"], s) for s in lines)
+            done += len(batch)
+            if progress:
+                progress(done, len(todo))
+    finally:
+        if out is not None:
+            out.close()
+    seconds = time.perf_counter() - start
+    return _result(rows, prior, new, scales, label, seconds, cache.encodes)
+
+
+def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: list[int], label: str,
+            seconds: float, encodes: int) -> DataResult:
+    """The report from every sample of ``rows`` (resumed or new), in data order."""
+    every = [s for r in rows if (s := new.get(r.id) or prior.get(r.id)) is not None]
+    good = [s for s in every if s.get("error") is None]
+    errors = [s for s in every if s.get("error") is not None]
+    if not good:
+        first = errors[0]["error"] if errors else "the data has no rows"
+        raise NothingEvaluated(f"no row could be evaluated ({len(errors)} errors; the first: {first})")
+    records = [sm.record(s, scales) for s in good]
+    named = list(dict.fromkeys(r.family for r in records if r.family != sm.NO_FAMILY))
+    families = named + [sm.NO_FAMILY] if named and any(r.family == sm.NO_FAMILY for r in records) else named
+    report = EvalReport(None, scales, records, seconds, families, data=label)
+    answered = sum(s.get("error") is None for s in new.values())
+    return DataResult(report, errors, computed=len(new), answered=answered, resumed=len(prior),
+                      images=len({image_key(s["image"]) for s in good}), encodes=encodes,
+                      metrics=dict(Counter(s["metric"] for s in good)), seconds=seconds)

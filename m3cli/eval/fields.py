@@ -1,0 +1,121 @@
+"""Field parsing of eval data rows (:mod:`m3cli.evaldata`): text, lists, the gold, the image path.
+
+Each helper returns the field's value or raises :class:`Bad` with the one-line reason the row is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from m3cli.errors import describe
+from m3cli.scoring import choice_letters, gold_letter
+
+MAX_CHOICES = 26
+
+GoldKind = Literal["answer", "answers", "choice"]
+
+
+class Bad(Exception):
+    """The current row is bad, with this reason."""
+
+
+def scalar_text(value: Any, name: str) -> str | None:
+    """A string or number as text; None when missing or empty; Bad for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise Bad(f"'{name}' must be a string (got {json_type(value)})")
+    text = str(value).strip()
+    return text or None
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return type(value).__name__
+
+
+def csv_list(cell: str, name: str) -> list[Any]:
+    """A CSV list cell: a JSON list, or ``|``-separated text."""
+    text = cell.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise Bad(f"'{name}' looks like a JSON list but is not valid JSON") from None
+        if not isinstance(value, list):
+            raise Bad(f"'{name}' must be a list")
+        return value
+    return [part for part in (p.strip() for p in text.split("|")) if part]
+
+
+def text_list(value: Any, name: str, csv_cell: bool) -> list[str] | None:
+    if value is None or (csv_cell and not str(value).strip()):
+        return None
+    if csv_cell:
+        value = csv_list(value, name)
+    if not isinstance(value, list):
+        raise Bad(f"'{name}' must be a list (got {json_type(value)})")
+    out = []
+    for item in value:
+        if name == "answers" and isinstance(item, dict):
+            item = item.get("answer")  # VQAv2 annotations: [{"answer": ..., "answer_id": ...}, ...]
+        text = scalar_text(item, name + " item")
+        if text is None:
+            raise Bad(f"'{name}' has an empty item")
+        out.append(text)
+    if not out:
+        raise Bad(f"'{name}' is empty")
+    return out
+
+
+def parse_gold(raw: Mapping[str, Any], csv_cell: bool) -> tuple[GoldKind, tuple[str, ...], tuple[str, ...]]:
+    choices = text_list(raw.get("choices"), "choices", csv_cell)
+    answer_value = raw.get("answer")
+    if choices is not None:
+        if not 2 <= len(choices) <= MAX_CHOICES:
+            raise Bad(f"'choices' needs 2 to {MAX_CHOICES} options (got {len(choices)})")
+        answer = scalar_text(answer_value, "answer")
+        if answer is None:
+            raise Bad("'choices' given without the gold 'answer' (a letter or a choice's text)")
+        letter = gold_letter(choices, answer)
+        if letter is None:
+            letters = choice_letters(len(choices))
+            raise Bad(f"'answer' {answer!r} is neither a letter {letters[0]}-{letters[-1]} nor one of the choices")
+        return "choice", (letter,), tuple(choices)
+    answers = text_list(raw.get("answers"), "answers", csv_cell)
+    if answers is None and isinstance(answer_value, list):
+        answers = text_list(answer_value, "answers", False)
+    if answers is not None:
+        return "answers", tuple(answers), ()
+    answer = scalar_text(answer_value, "answer")
+    if answer is None:
+        raise Bad("no gold answer: give 'answer', 'answers', or 'choices' with 'answer'")
+    return "answer", (answer,), ()
+
+
+def image_path(value: Any, base_dir: str) -> str:
+    image = scalar_text(value, "image")
+    if image is None:
+        raise Bad("missing field 'image'")
+    path = os.path.normpath(os.path.join(base_dir, image))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise Bad(f"image not found: {path}") from None
+    except OSError as exc:
+        raise Bad(f"image cannot be read: {path} ({describe(exc)})") from None
+    if os.path.isdir(path):
+        raise Bad(f"image is a folder: {path}")
+    if st.st_size == 0:
+        raise Bad(f"image is an empty file: {path}")
+    return path

@@ -1,0 +1,122 @@
+"""Markdown tables and the plot of ``m3 eval``: a report in, text or a PNG out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from m3cli.eval.report import EvalReport
+
+if TYPE_CHECKING:
+    from m3cli.eval.datarun import DataResult
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def format_report(report: EvalReport, escalations: Sequence[dict] = (), header: str | None = None) -> str:
+    """Accuracy per family and scale, overall, the oracle, then (with escalations) the policy table."""
+    head = "| family | " + " | ".join(f"{s}" for s in report.scales) + " |"
+    first = header or f"{report.label}, {len(report.records)} questions, {report.seconds:.0f} s"
+    lines = [first, "", head, "|---|" + "---:|" * len(report.scales)]
+    for fam in report.families:
+        lines.append(f"| {fam} | " + " | ".join(_pct(report.accuracy(s, fam)) for s in report.scales) + " |")
+    lines.append("| **overall** | " + " | ".join(f"**{_pct(report.accuracy(s))}**" for s in report.scales) + " |")
+    o = report.oracle()
+    lines += ["", f"oracle: accuracy {_pct(o['accuracy'])}%, mean tokens {o['mean_tokens']:.2f} "
+              f"({o['mean_tokens_when_right']:.2f} over the questions some scale answers right)"]
+    if escalations:
+        lines += ["", "| policy | accuracy | mean tokens | mean rungs | ms/item |", "|---|---:|---:|---:|---:|"]
+        for s in report.scales:
+            lines.append(f"| fixed {s} | {_pct(report.accuracy(s))} | {s} | 1 | {report.fixed_ms(s):.1f} |")
+        for e in escalations:
+            lines.append(f"| auto-scale t={e['threshold']} | {_pct(e['accuracy'])} | {e['mean_tokens']:.1f} "
+                         f"| {e['mean_rungs']:.2f} | {e['ms_per_item']:.1f} |")
+        lines.append(f"| oracle | {_pct(o['accuracy'])} | {o['mean_tokens']:.1f} | - | - |")
+    return "\n".join(lines)
+
+
+def format_calibration(report: EvalReport, measures: Sequence[str]) -> str:
+    """Expected calibration error of each confidence measure at each scale (lower is better)."""
+    lines = ["", "calibration (ECE, 10 bins; lower is better):", "",
+             "| measure | " + " | ".join(str(s) for s in report.scales) + " |",
+             "|---|" + "---:|" * len(report.scales)]
+    for m in measures:
+        lines.append(f"| {m} | " + " | ".join(f"{report.calibration(m, s)['ece']:.3f}" for s in report.scales) + " |")
+    return "\n".join(lines)
+
+
+def format_tuning(rows: Sequence[dict], tuned: dict | None) -> str:
+    """``m3 eval --tune``: every (measure, threshold) tried, then the pick."""
+    lines = ["", "| measure | threshold | accuracy | mean tokens | mean rungs |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['measure']} | {r['threshold']} | {_pct(r['accuracy'])} | {r['mean_tokens']:.1f} "
+              f"| {r['mean_rungs']:.2f} |" for r in rows]
+    pick = f"measure {tuned['measure']}, threshold {tuned['threshold']}" if tuned else \
+        "none within 1 point of full-grid accuracy"
+    return "\n".join([*lines, "", f"pick: {pick}"])
+
+
+def format_errors(errors: Sequence[dict], shown: int = 5) -> str:
+    """The rows that were not evaluated: the count and the first few reasons."""
+    if not errors:
+        return ""
+    lines = ["", f"{len(errors)} row(s) not evaluated (error rows in --samples):"]
+    lines += [f"- {e['id']}: {e['error']}" for e in errors[:shown]]
+    if len(errors) > shown:
+        lines.append(f"- ... and {len(errors) - shown} more")
+    return "\n".join(lines)
+
+
+def plot(report: EvalReport, path: str, escalations: Sequence[dict] = ()) -> None:
+    """Accuracy vs mean visual tokens: one line per family, overall, the auto-scale curve, the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for fam in report.families:
+        ax.plot(report.scales, [100 * report.accuracy(s, fam) for s in report.scales], marker="o", label=fam, alpha=0.8)
+    ax.plot(report.scales, [100 * report.accuracy(s) for s in report.scales], marker="s", color="black",
+            linewidth=2.5, label="overall (fixed scales)")
+    o = report.oracle()
+    ax.scatter([o["mean_tokens"]], [100 * o["accuracy"]], marker="*", s=160, color="gold", edgecolor="black",
+               zorder=5, label="oracle")
+    if escalations:
+        pts = sorted(escalations, key=lambda e: e["mean_tokens"])
+        ax.plot([e["mean_tokens"] for e in pts], [100 * e["accuracy"] for e in pts], marker="^",
+                color="red", linestyle="--", label="auto-scale")
+    ax.set_xscale("log")
+    ax.set_xticks(report.scales)
+    ax.set_xticklabels([str(s) for s in report.scales])
+    ax.set_xlabel("mean visual tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.set_title(f"{report.label.replace('`', '')}, {len(report.records)} questions")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report_dict(report: EvalReport, escalations: Sequence[dict], tuned: dict | None, measure: str,
+                measures: Sequence[str], **extra) -> dict:
+    """Everything of ``--json``: the report's numbers, escalation rows, the tuning pick, calibration."""
+    return report.to_dict() | extra | {
+        "measure": measure, "escalation": list(escalations), "tuned": tuned,
+        "calibration": [report.calibration(m, s) for m in measures for s in report.scales]}
+
+
+def data_header(result: DataResult) -> str:
+    """The first line of a ``--data`` report: what was evaluated, how it was scored, what it cost."""
+    r = result.report
+    metrics = ", ".join(f"{m} ({n})" for m, n in sorted(result.metrics.items()))
+    resumed = f", {result.resumed} rows from the samples file" if result.resumed else ""
+    errors = f", {len(result.errors)} not evaluated" if result.errors else ""
+    cost = (f"{result.answered} answered in {result.seconds:.1f} s ({result.ms_per_row:.1f} ms/row, "
+            f"{result.encodes} images encoded)" if result.answered else "nothing new to answer")
+    return (f"{r.label}: {len(r.records)} questions on {result.images} images{errors}{resumed}; "
+            f"scored by {metrics}; {cost}")

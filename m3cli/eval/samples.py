@@ -1,0 +1,112 @@
+"""``m3 eval --samples``: one JSON line per data row with its answer, confidence and score at each scale.
+
+The file is also the checkpoint of ``--resume``: a row whose id already has a line is not answered again
+(its last line counts), and the report is computed from the lines, so a resumed run reports exactly what
+one uninterrupted run would. Row fields:
+
+- ``id``, ``image``, ``question``, ``prompt`` (the text the model saw), ``family``;
+- ``gold_kind`` (answer / answers / choice), ``gold`` (list; a choice row's gold letter), ``choices``;
+- ``metric`` (exact / vqa / choice / contains);
+- ``scales``: one entry per scale, ascending: ``tokens``, ``answer``, ``confidence`` (the run's measure),
+  ``score`` (the metric's value in [0, 1]), ``correct`` (``score == 1``), ``logprobs`` (per generated
+  token, so every confidence measure can be recomputed), ``prefill_ms``, ``decode_ms``;
+- ``oracle_tokens``: the fewest tokens reaching the row's best score (None when every scale scores 0);
+- ``encode_ms`` (this row's share of its image's encode; 0 when the encoding was reused), ``encode_reused``;
+- ``error``: None, or one line saying why the row was not evaluated (then ``scales`` is empty).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from m3cli.confidence import MEASURES
+from m3cli.eval.engine import ItemResult
+from m3cli.eval.report import Record
+from m3cli.evaldata import BadRow, EvalRow
+from m3cli.fileio import iter_jsonl
+from m3cli.output import repair_jsonl
+from m3cli.scoring import score
+
+NO_FAMILY = "(none)"
+
+
+def _row_fields(row: EvalRow, prompt: str | None, metric: str | None) -> dict[str, Any]:
+    return {"id": row.id, "image": row.image, "question": row.question, "prompt": prompt, "family": row.family,
+            "gold_kind": row.gold_kind, "gold": list(row.gold), "choices": list(row.choices), "metric": metric}
+
+
+def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str) -> dict[str, Any]:
+    """The sample line of an answered row (or of one whose answering failed: ``res.error``)."""
+    if res.error is not None:
+        return error_sample(row, res.error, res.item.prompt, metric)
+    per_scale = []
+    for tokens in sorted(res.generations):
+        gen = res.generations[tokens]
+        value = score(metric, gen.text, row)
+        per_scale.append({"tokens": tokens, "answer": gen.text, "confidence": MEASURES[measure](gen.logprobs),
+                          "score": value, "correct": value >= 1.0, "logprobs": list(gen.logprobs),
+                          "prefill_ms": round(gen.prefill_ms, 3), "decode_ms": round(gen.decode_ms, 3)})
+    best = max(s["score"] for s in per_scale)
+    oracle = min(s["tokens"] for s in per_scale if s["score"] == best) if best > 0 else None
+    return _row_fields(row, res.item.prompt, metric) | {
+        "scales": per_scale, "oracle_tokens": oracle, "encode_ms": round(res.encode_ms, 3),
+        "encode_reused": res.reused, "error": None}
+
+
+def error_sample(row: EvalRow | BadRow, message: str, prompt: str | None = None,
+                 metric: str | None = None) -> dict[str, Any]:
+    """The sample line of a row that was not evaluated."""
+    if isinstance(row, BadRow):
+        base = {"id": row.id, "image": None, "question": None, "prompt": None, "family": None, "gold_kind": None,
+                "gold": [], "choices": [], "metric": None}
+    else:
+        base = _row_fields(row, prompt, metric)
+    return base | {"scales": [], "oracle_tokens": None, "encode_ms": 0.0, "encode_reused": False,
+                   "error": message}
+
+
+def record(sample: dict[str, Any], scales: Sequence[int]) -> Record:
+    """The report's view of an evaluated sample, at ``scales`` (each must be in the sample)."""
+    by = {int(s["tokens"]): s for s in sample["scales"]}
+    gold = sample.get("gold") or [""]
+    truth = gold[0] if sample.get("gold_kind") != "answers" else max(gold, key=gold.count)
+    return Record(
+        family=sample.get("family") or NO_FAMILY, question=sample.get("question") or "", truth=str(truth),
+        answers={t: by[t]["answer"] for t in scales}, logprobs={t: list(by[t]["logprobs"]) for t in scales},
+        ms={t: float(by[t]["prefill_ms"]) + float(by[t]["decode_ms"]) for t in scales},
+        encode_ms=float(sample.get("encode_ms") or 0.0), scores={t: float(by[t]["score"]) for t in scales},
+        id=str(sample["id"]),
+    )
+
+
+def read_samples(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The last sample line per id of a samples file, after truncating a half-written last line.
+
+    A missing file gives nothing; lines that are not sample objects are skipped.
+    """
+    repair_jsonl(path)
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        f = open(path, "rb")  # closed by the with below
+    except FileNotFoundError:
+        return out
+    with f:
+        for _line, _end, _raw, value in iter_jsonl(f):
+            if isinstance(value, dict) and value.get("id") is not None and isinstance(value.get("scales"), list):
+                out[str(value["id"])] = value
+    return out
+
+
+def mismatch(sample: dict[str, Any], prompt: str, metric: str, scales: Sequence[int]) -> str | None:
+    """Why an evaluated sample cannot be reused for this run (other prompt, metric or scales), or None."""
+    if sample.get("prompt") != prompt:
+        return "another prompt (question or --prompt-suffix/--question-suffix changed)"
+    if sample.get("metric") != metric:
+        return f"--metric {sample.get('metric')}"
+    have = {int(s.get("tokens", -1)) for s in sample["scales"] if isinstance(s, dict)}
+    missing = [t for t in scales if t not in have]
+    if missing:
+        return f"no answers at {', '.join(map(str, missing))} tokens"
+    return None

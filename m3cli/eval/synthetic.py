@@ -1,0 +1,96 @@
+"""The synthetic scenes as an evaluation source: the built-in ``m3 eval`` and ``--export-data``.
+
+The built-in evaluation answers ``n`` family-balanced questions of a split; each scene is rendered and
+encoded once for all its questions (the same engine as ``--data``). An answer is right when its first
+word equals the one-word gold (:func:`~m3cli.eval.report.normalise`). ``export_scenes`` writes the same
+questions as a data file (PNG images + JSONL), so ``m3 eval --data`` can be tried on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from m3cli.backends.base import Backend
+from m3cli.data import scenes
+from m3cli.errors import M3Error, OutputError, describe
+from m3cli.eval.engine import EncodeCache, EvalItem, answer_items
+from m3cli.eval.report import EvalReport, Record
+from m3cli.fileio import atomic_write_text
+
+Progress = Callable[[int, int], None]
+
+
+def _items(split: str, n: int, families: Sequence[str] | None) -> list[EvalItem]:
+    out = []
+    for sample, qa in scenes.iter_questions(split, n, families):
+        out.append(EvalItem(f"{split}-{sample.index:05d}-{qa.family}", ("scene", split, sample.index),
+                            lambda scene=sample.scene: scenes.render(scene), qa.question, qa))
+    return out
+
+
+def evaluate(
+    backend: Backend,
+    split: str = "test",
+    n: int = 600,
+    scales: Sequence[int] | None = None,
+    families: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 4,
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Answer ``n`` family-balanced questions of ``split`` at every scale, encoding each scene once."""
+    scales = sorted(scales or backend.scales)
+    items = _items(split, n, families)
+    start = time.perf_counter()
+    records: list[Record] = []
+    if progress:
+        progress(0, len(items))
+    for batch in answer_items(backend, items, scales, batch_size, max_new_tokens, EncodeCache()):
+        for res in batch:
+            if res.error is not None:  # the scenes are ours: a failure here is the model's or the backend's
+                raise M3Error(f"question {res.item.id}: {res.error}")
+            qa, gens = res.item.payload, res.generations
+            records.append(Record(
+                family=qa.family, question=qa.question, truth=qa.answer,
+                answers={s: gens[s].text for s in scales},
+                logprobs={s: gens[s].logprobs for s in scales},
+                ms={s: gens[s].prefill_ms + gens[s].decode_ms for s in scales},
+                encode_ms=res.encode_ms, id=res.item.id,
+            ))
+        if progress:
+            progress(len(records), len(items))
+    fams = [f for f in scenes.FAMILIES if any(r.family == f for r in records)]
+    return EvalReport(split, scales, records, time.perf_counter() - start, fams)
+
+
+def export_scenes(out_dir: str | os.PathLike[str], split: str = "test", n: int = 600,
+                  families: Sequence[str] | None = None) -> tuple[str, int, int]:
+    """Write the questions ``evaluate(split, n, families)`` asks as ``<out_dir>/<split>.jsonl`` (``id``,
+    ``image``, ``question``, ``answer``, ``family``) and their scenes as ``<out_dir>/images/*.png``.
+
+    Returns (the JSONL path, rows, images). Existing files of the same names are replaced.
+    """
+    out_dir = os.fspath(out_dir)
+    try:
+        return _export(out_dir, split, n, families)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write the export ({describe(exc)})") from None
+
+
+def _export(out_dir: str, split: str, n: int, families: Sequence[str] | None) -> tuple[str, int, int]:
+    images = os.path.join(out_dir, "images")
+    os.makedirs(images, exist_ok=True)
+    lines, written = [], set()
+    for sample, qa in scenes.iter_questions(split, n, families):
+        name = f"{split}-{sample.index:05d}.png"
+        if name not in written:
+            scenes.render(sample.scene).save(os.path.join(images, name))
+            written.add(name)
+        lines.append(json.dumps({"id": f"{split}-{sample.index:05d}-{qa.family}", "image": f"images/{name}",
+                                 "question": qa.question, "answer": qa.answer, "family": qa.family}))
+    path = os.path.join(out_dir, f"{split}.jsonl")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path, len(lines), len(written)
