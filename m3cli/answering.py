@@ -1,31 +1,73 @@
 """Answer questions about images under a scale policy: encode once, pool per rung, decode.
 
 The core loop shared by ``m3 ask``, ``m3 batch`` and ``m3 eval``; it knows no CLI and prints nothing.
+
+Every problem that belongs to one item stays that item's: a question that is too long for the model or holds
+the image placeholder is refused before the model runs, and when a batched model call fails its members are
+retried one by one, so only the culprit gets an error :class:`Result` and its neighbours keep their answers.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from m3cli.backends.base import AnswerRequest, Backend, Encoded
+from m3cli.build import IMAGE_TOKEN
 from m3cli.confidence import DEFAULT_MEASURE, confidence
+from m3cli.errors import ItemError, M3Error, describe
 from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed, Policy, Rung, make_ladder
 from m3cli.scales import budget_to_scale
+
+log = logging.getLogger(__name__)
+
+# Longer questions are refused before the model runs: the attention of one 8 kB question took 2 GB.
+DEFAULT_MAX_QUESTION_CHARS = 2000
+IMAGE_PLACEHOLDER = IMAGE_TOKEN  # the text that marks the image in LLaVA prompts
+# What a failed model call on a batch raises (out of memory is a RuntimeError); anything else is a bug.
+MODEL_ERRORS = (RuntimeError, ValueError, MemoryError, M3Error)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
 class Result:
-    """What one question cost and returned: the final rung plus every rung tried."""
+    """What one question cost and returned: the final rung plus every rung tried, or the item's error."""
 
     answer: str
     confidence: float
-    tokens: int
+    tokens: int | None
     scales_tried: list[Rung]
     timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        """The model answered, with no text at all (never shown as if it were an answer)."""
+        return self.error is None and not self.answer
+
+    @property
+    def note(self) -> str | None:
+        """A one-line remark for the user about an answer that looks like none (None: nothing to say)."""
+        if self.empty:
+            return f"empty answer: the model generated no text at {self.tokens} visual tokens"
+        return None
 
     def to_dict(self) -> dict:
+        """The row fields of this result; an error result carries ``error`` and no answer."""
+        if self.error is not None:
+            return {
+                "answer": None,
+                "confidence": None,
+                "tokens": None,
+                "scales_tried": [r.to_dict() for r in self.scales_tried] or None,
+                "timings": None,
+                "error": self.error,
+            }
         return {
             "answer": self.answer,
             "confidence": round(self.confidence, 6),
@@ -59,38 +101,186 @@ def make_policy(
     return Fixed(budget_to_scale(tokens, grid).scale if tokens is not None else grid * grid)
 
 
-def answer_queries(
-    backend: Backend, queries: Sequence[Query], measure: str = DEFAULT_MEASURE
-) -> list[Result]:
-    """Run every query's policy to the end, batching all queries that sit on a rung together.
+def largest_scale(policy: Policy) -> int:
+    """The most visual tokens ``policy`` may ever use (its fixed scale, or the top of its ladder)."""
+    if isinstance(policy, Fixed):
+        return policy.scale
+    if isinstance(policy, Escalate):
+        return policy.ladder[-1]
+    return policy.first()
 
-    Escalation only re-runs the LM on the same encoded grid, pooled to the next scale.
+
+def context_length(backend: Backend) -> int | None:
+    """The positions the backend's language model can attend to (None: unknown, not checked)."""
+    n = getattr(backend, "context_length", None) or getattr(backend, "n_ctx", None)
+    if n is None:  # a transformers model: its text config's trained length
+        config = getattr(getattr(backend, "model", None), "config", None)
+        config = getattr(config, "text_config", config)
+        n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _placeholder(backend: Backend) -> str:
+    """The text that marks the image in the backend's prompts (its family's, else LLaVA's ``<image>``)."""
+    for owner in (backend, getattr(backend, "spec", None)):
+        token = getattr(owner, "image_token", None)
+        if isinstance(token, str) and token:
+            return token
+    return IMAGE_PLACEHOLDER
+
+
+def check_question(
+    backend: Backend,
+    question: str,
+    policy: Policy,
+    max_new_tokens: int,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+) -> str | None:
+    """Why this question cannot be answered by ``backend`` under ``policy``, before any model runs; None: it can.
+
+    Checked: its length in characters, a literal image placeholder (the prompt would then hold two images),
+    whether the prompt can be built, and whether prompt + ``max_new_tokens`` fit the model's context at the
+    largest scale the policy may climb to.
     """
+    if max_question_chars is not None and len(question) > max_question_chars:
+        return f"question too long: {len(question)} characters > {max_question_chars} (--max-question-chars)"
+    placeholder = _placeholder(backend)
+    if placeholder in question:
+        return f"question contains the image placeholder {placeholder} (the prompt would hold two images)"
+    prompt_ids = getattr(backend, "prompt_ids", None)
+    if prompt_ids is None:
+        return None
+    scale = largest_scale(policy)
+    try:
+        n_prompt = len(prompt_ids(question, scale))
+    except MODEL_ERRORS as exc:
+        return f"question cannot be turned into a prompt: {describe(exc)}"
+    limit = context_length(backend)
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        return (f"question too long for the model: the prompt at {scale} visual tokens needs {n_prompt} positions "
+                f"+ {max_new_tokens} new tokens, its context is {limit}")
+    return None
+
+
+def each_alone(call: Callable[[list[T]], Sequence[R]], items: Sequence[T], what: str) -> list[R | str]:
+    """``call(items)``; when that fails, each item on its own, so a failure is only its culprit's.
+
+    Returns one outcome per item: what ``call`` returned for it, or the one-line error message of its failure.
+    """
+    items = list(items)
+    if not items:
+        return []
+    try:
+        out = list(call(items))
+    except MODEL_ERRORS as exc:
+        if len(items) == 1:
+            log.debug("%s failed", what, exc_info=True)
+            return [f"model error: {describe(exc)}"]
+        log.info("%s of %d failed (%s); retrying one by one", what, len(items), describe(exc))
+        return [outcome for item in items for outcome in each_alone(call, [item], what)]
+    if len(out) != len(items):  # a backend bug, but still never a neighbour's answer for an item
+        raise RuntimeError(f"{what}: {len(out)} results for {len(items)} inputs")
+    return out
+
+
+def _next_scale(policy: Policy, tried: Sequence[Rung]) -> int | None:
+    """The policy's next rung; an escalating policy also climbs past an empty answer, whatever its threshold."""
+    nxt = policy.next(tried)
+    last = tried[-1]
+    if nxt is None and not last.answer and isinstance(policy, Escalate):
+        higher = [s for s in policy.ladder if s > last.scale]
+        nxt = higher[0] if higher else None
+    return nxt
+
+
+def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, errors: dict[int, str]) -> list[Result]:
+    """Every query's policy to the end (queries whose index is in ``errors`` are not run)."""
     rungs: list[list[Rung]] = [[] for _ in queries]
     timings = [{"encode_ms": q.encoded.encode_ms, "prefill_ms": 0.0, "decode_ms": 0.0} for q in queries]
-    next_scale: dict[int, int] = {i: q.policy.first() for i, q in enumerate(queries)}
+    next_scale = {i: q.policy.first() for i, q in enumerate(queries) if i not in errors}
     while next_scale:
         order = sorted(next_scale)
         requests = [
             AnswerRequest(queries[i].encoded, next_scale[i], queries[i].question, queries[i].max_new_tokens)
             for i in order
         ]
-        generations = backend.answer(requests)
+        outcomes = each_alone(backend.answer, requests, "answering a batch")
         following: dict[int, int] = {}
-        for i, gen in zip(order, generations, strict=True):
-            rungs[i].append(Rung(next_scale[i], gen.text, confidence(gen.logprobs, measure)))
+        for i, gen in zip(order, outcomes, strict=True):
+            if isinstance(gen, str):
+                errors[i] = gen
+                continue
+            text = gen.text.strip()
+            conf = confidence(gen.logprobs, measure) if text else 0.0  # an empty answer is no answer
+            rungs[i].append(Rung(next_scale[i], text, conf))
             timings[i]["prefill_ms"] += gen.prefill_ms
             timings[i]["decode_ms"] += gen.decode_ms
-            nxt = queries[i].policy.next(rungs[i])
+            nxt = _next_scale(queries[i].policy, rungs[i])
             if nxt is not None:
                 following[i] = nxt
         next_scale = following
     results = []
-    for tried, t in zip(rungs, timings, strict=True):
+    for i, (tried, t) in enumerate(zip(rungs, timings, strict=True)):
         t["total_ms"] = t["encode_ms"] + t["prefill_ms"] + t["decode_ms"]
-        final = tried[-1]
-        results.append(Result(final.answer, final.confidence, final.scale, tried, t))
+        if i in errors:
+            results.append(Result("", 0.0, None, tried, t, error=errors[i]))
+        else:
+            final = tried[-1]
+            results.append(Result(final.answer, final.confidence, final.scale, tried, t))
     return results
+
+
+def answer_queries(
+    backend: Backend,
+    queries: Sequence[Query],
+    measure: str = DEFAULT_MEASURE,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+) -> list[Result]:
+    """Run every query's policy to the end, batching all queries that sit on a rung together.
+
+    Escalation only re-runs the LM on the same encoded grid, pooled to the next scale. Never raises for one
+    item's problem: a refused question or a model failure is that query's ``Result.error``.
+    """
+    errors: dict[int, str] = {}
+    for i, q in enumerate(queries):
+        problem = check_question(backend, q.question, q.policy, q.max_new_tokens, max_question_chars)
+        if problem is not None:
+            errors[i] = problem
+    return _run_policies(backend, queries, measure, errors)
+
+
+def answer_images(
+    backend: Backend,
+    images: Sequence[Any],
+    questions: Sequence[str],
+    policies: Sequence[Policy],
+    max_new_tokens: int = 16,
+    measure: str = DEFAULT_MEASURE,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+) -> list[Result]:
+    """Check each question, encode the images of the answerable ones once, then run each policy.
+
+    One result per image, in order; per-item problems (question, encode, answer) are that item's error only.
+    A refused question costs no encode.
+    """
+    n = len(images)
+    if not len(questions) == len(policies) == n:
+        raise ValueError(f"{n} images, {len(questions)} questions and {len(policies)} policies")
+    errors: dict[int, str] = {}
+    for i, (q, pol) in enumerate(zip(questions, policies, strict=True)):
+        problem = check_question(backend, q, pol, max_new_tokens, max_question_chars)
+        if problem is not None:
+            errors[i] = problem
+    todo = [i for i in range(n) if i not in errors]
+    encoded: dict[int, Encoded] = {}
+    for i, enc in zip(todo, each_alone(backend.encode, [images[i] for i in todo], "encoding a batch"), strict=True):
+        if isinstance(enc, str):
+            errors[i] = enc
+        else:
+            encoded[i] = enc
+    placeholder = Encoded(grid=None, side=0, encode_ms=0.0)  # never answered: the item already has its error
+    queries = [Query(encoded.get(i, placeholder), questions[i], policies[i], max_new_tokens) for i in range(n)]
+    return _run_policies(backend, queries, measure, errors)
 
 
 def ask_images(
@@ -100,15 +290,17 @@ def ask_images(
     policies: Sequence[Policy],
     max_new_tokens: int = 16,
     measure: str = DEFAULT_MEASURE,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
 ) -> list[Result]:
-    """Encode each image once, then answer its question under its policy (one batch)."""
+    """:func:`answer_images` with a per-item wall time, for callers that want every answer or nothing:
+    the first item's problem is raised as :class:`~m3cli.errors.ItemError` (``m3 ask``: one line, exit 1)."""
     start = time.perf_counter()
-    encoded = backend.encode(images)
-    queries = [
-        Query(enc, q, pol, max_new_tokens) for enc, q, pol in zip(encoded, questions, policies, strict=True)
-    ]
-    results = answer_queries(backend, queries, measure)
+    results = answer_images(backend, images, questions, policies, max_new_tokens, measure, max_question_chars)
+    for r in results:
+        if r.error is not None:
+            raise ItemError(r.error)
     wall = (time.perf_counter() - start) * 1000 / max(len(results), 1)
     for r in results:
         r.timings["wall_ms"] = wall
     return results
+

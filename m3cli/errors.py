@@ -53,3 +53,12 @@ class EngineError(M3Error):
 
 class OutputError(M3Error):
     """The output cannot be written (disk full, permissions, a file that is not ours to resume)."""
+
+
+class ItemError(M3Error):
+    """One item cannot be answered (its question, image, prompt length or the model's run on it).
+
+    In ``m3 batch`` it is that item's error row alone, never its batch neighbours'; ``m3 ask`` exits 1.
+    """
+
+    exit_code = 1

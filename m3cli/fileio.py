@@ -1,7 +1,9 @@
-"""Small file helpers shared by every writer: atomic writes, JSONL reading, the JSON row encoding."""
+"""Small file helpers shared by every writer: atomic writes, JSONL reading, the JSON row encoding, and text
+that is safe to write whatever bytes a file name held."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -96,6 +98,60 @@ def finite(value: Any) -> Any:
 def dumps_row(value: Any) -> str:
     """One compact JSON line for a result row (UTF-8 text, NaN-free, odd values encoded)."""
     return json.dumps(finite(value), ensure_ascii=False, separators=(",", ":"), default=json_default)
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` as valid Unicode, so any UTF-8 writer takes it.
+
+    A file name that is not valid UTF-8 reaches Python with each undecodable byte as a lone surrogate
+    U+DC80..U+DCFF (``surrogateescape``); such a byte is written as the four characters ``\\xNN``, any other
+    lone surrogate (e.g. from a JSON ``"\\ud800"``) as ``\\uXXXX``. Valid text is returned unchanged, so
+    ordinary names, ids and answers never change. The original bytes of a path: :func:`path_bytes_b64`.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_escape_char(c) for c in text)
+    return text
+
+
+def _escape_char(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return c
+
+
+def has_surrogates(text: str) -> bool:
+    """Whether ``text`` holds lone surrogates (an undecodable file name byte, or a broken JSON string)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def path_bytes_b64(path: str) -> str:
+    """Base64 of a path's exact bytes as the OS has them (``os.fsencode``): what recovers a name that
+    :func:`escape_surrogates` had to escape (``base64.b64decode(value)`` gives the bytes back)."""
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate that no file name can hold (e.g. from JSON): keep it visible
+        raw = path.encode("utf-8", "surrogatepass")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def text_safe(value: Any) -> Any:
+    """``value`` with :func:`escape_surrogates` applied to every string in it (dict keys included)."""
+    if isinstance(value, str):
+        return escape_surrogates(value)
+    if isinstance(value, dict):
+        return {text_safe(k): text_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [text_safe(v) for v in value]
+    return value
 
 
 def iter_jsonl(f: IO[bytes]) -> Iterator[tuple[int, int, bytes, Any]]:

@@ -3,11 +3,15 @@
 Machine output goes to stdout, logs and errors to stderr. A :class:`~m3cli.errors.M3Error` is the user's to
 fix: ``UsageError`` prints like click's own usage errors (``m3 batch: error: ...``), the others as
 ``m3: error: ...``, each with its ``exit_code``. Anything else is a bug: still one line (exit 1), with the
-traceback under ``-vv``. This module imports nothing heavy, so the exit path never loads torch or Ray.
+traceback under ``-vv``. This module imports nothing heavy, so the exit path never loads torch or Ray, and
+once the exit code is known a further Ctrl-C (say, while Ray or torch shut down) ends the process at once,
+with no traceback.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import click
@@ -89,5 +93,32 @@ def cli(verbose: int) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="m3")
+    """Console-script entry point: run the command, then exit with its code, immune to a second Ctrl-C."""
+    try:
+        code = cli.main(prog_name="m3", standalone_mode=False)
+    except SystemExit as exc:  # commands end with SystemExit(exit_code)
+        code = exc.code
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was being reported
+        _guard_interrupts()
+        click.echo("m3: interrupted", err=True)
+        code = INTERRUPTED
+    _guard_interrupts()
+    sys.exit(code)
+
+
+def _guard_interrupts() -> None:
+    """From now on a Ctrl-C ends the process at once with exit code 130 instead of raising KeyboardInterrupt
+    into whatever runs (the report of the first one, atexit handlers of torch, Ray or multiprocessing)."""
+    try:
+        signal.signal(signal.SIGINT, _interrupted_while_exiting)
+    except ValueError:  # not the main thread: nothing to guard
+        pass
+
+
+def _interrupted_while_exiting(signum, frame) -> None:  # noqa: ARG001
+    try:
+        sys.stderr.flush()
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(INTERRUPTED)

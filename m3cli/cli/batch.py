@@ -5,11 +5,22 @@ from __future__ import annotations
 import click
 
 from m3cli.cli.app import command
-from m3cli.cli.options import SHARD, check_policy_flags, model_options, policy_options
+from m3cli.cli.options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARD,
+    check_policy_flags,
+    check_run_question,
+    model_options,
+    policy_options,
+    question_limit_option,
+)
+from m3cli.engines.defaults import DEFAULT_QUESTION
 
 BATCH_EXAMPLE = """
 \b
 Examples:
+  m3 batch ./frames --auto-scale
   m3 batch ./photos -q "what colour is the background?" --tokens 9 -o answers.jsonl
   m3 batch clip.mp4 --fps 1 -q "how many shapes are there?" --auto-scale
   find . -name '*.png' | m3 batch - -q "is there a red shape?" --format csv
@@ -24,11 +35,15 @@ def _run_options(fn):
                      help="Write rows here (default: stdout)."),
         click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text"]), default="jsonl",
                      show_default=True),
-        click.option("--resume", is_flag=True, help="Skip items whose id already has a row in -o FILE (JSONL)."),
+        click.option("--resume", is_flag=True,
+                     help="Skip items whose id already has a row in -o FILE (JSONL written by m3 batch with the "
+                          "same model, question and budget)."),
         click.option("--retry-errors", is_flag=True,
                      help="With --resume: answer again the items whose row was an error."),
+        click.option("--force", is_flag=True,
+                     help="With --resume: append even to rows made with another model, question or budget."),
         click.option("-b", "--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True),
-        click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--fps", type=POSITIVE, default=None,
                      help="Video: frames per second."),
         click.option("--every", type=click.IntRange(1), default=None, help="Video: every Nth frame."),
         click.option("--max-frames", type=click.IntRange(1), default=None,
@@ -46,7 +61,7 @@ def _run_options(fn):
 
 def _engine_options(fn):
     """--engine and the Ray engine's knobs."""
-    fn = click.option("--gpus-per-actor", type=click.FloatRange(0), default=0.0, show_default=True,
+    fn = click.option("--gpus-per-actor", type=NON_NEGATIVE, default=0.0, show_default=True,
                       help="--engine ray: GPUs per actor (1: one actor per GPU; 0: CPU inference).")(fn)
     fn = click.option("--actors", type=click.IntRange(1), default=1, show_default=True,
                       help="--engine ray: model replicas (answering actors).")(fn)
@@ -61,36 +76,40 @@ def _engine_options(fn):
 
 @command(epilog=BATCH_EXAMPLE)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-q", "--question", default=None,
+@click.option("-q", "--question", default=DEFAULT_QUESTION, show_default=True,
               help="The question for every item (stdin JSONL rows may set their own).")
 @policy_options
+@question_limit_option
 @model_options
 @_run_options
 @_engine_options
-def batch(inputs, question, tokens, auto_scale, threshold, ladder, output, fmt, resume, retry_errors, batch_size,
-          fps, every, max_frames, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor,
-          **model_kw):
+def batch(inputs, question, tokens, auto_scale, threshold, ladder, max_question_chars, output, fmt, resume,
+          retry_errors, force, batch_size, fps, every, max_frames, max_new_tokens, progress, shard, engine,
+          ray_address, actors, gpus_per_actor, **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
-    rows with image/question/tokens/id). Exit code 0: all items answered; 1: some rows have an error;
-    2: bad usage or model, before any work.
+    rows with image/question/tokens/id). Without -q every item is asked "What is this?" (recorded in each
+    row). Exit code 0: all items answered; 1: some rows have an error, or the output stopped taking rows;
+    2: bad usage, model or output, before any work.
     """
     from m3cli.engines.job import BatchJob, run_job
     from m3cli.engines.units import BatchOptions
     from m3cli.policy import DEFAULT_THRESHOLD
 
     check_policy_flags(auto_scale, threshold, ladder)
+    check_run_question(question, max_question_chars)
     opts = BatchOptions(
         question=question, tokens=tokens, auto_scale=auto_scale,
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=ladder,
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
+        max_question_chars=max_question_chars,
     )
     result = run_job(BatchJob(
         list(inputs), opts, model=model_kw, output=output, fmt=fmt, resume=resume, retry_errors=retry_errors,
-        shard=shard, engine=engine, ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
-        progress=progress,
-    ))
+        force=force, shard=shard, engine=engine, ray_address=ray_address, actors=actors,
+        gpus_per_actor=gpus_per_actor, progress=progress,
+    ), notes=lambda note: click.echo(f"m3: note: {note}", err=True))
     for line in result.report():
         click.echo(f"m3 batch: {line}", err=True)
     raise SystemExit(result.exit_code)

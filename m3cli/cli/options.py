@@ -1,14 +1,47 @@
 """Option sets shared by several commands, and the click types that check values at parse time.
 
 A bad value is a one-line usage error (exit 2) before any model loads: ``--tokens abc``, ``--ladder 9,x``,
-``--thresholds 2``, ``--shard 3/2``.
+``--thresholds 2``, ``--shard 3/2``, ``--threshold nan``, ``--threads -1``, ``--fps inf``. Every numeric option
+has a range type, and float options reject ``nan`` and ``inf`` (click's FloatRange lets both through).
 """
 
 from __future__ import annotations
 
+import math
+import re
+
 import click
 
+from m3cli.build import IMAGE_TOKEN
+from m3cli.dtypes import DTYPES
 from m3cli.errors import M3Error
+
+# = m3cli.answering.DEFAULT_MAX_QUESTION_CHARS (not imported: options stay import-light; a test checks both agree)
+MAX_QUESTION_CHARS = 2000
+ALL_GPU_LAYERS = 2**31 - 1  # what llama-cpp-python passes for -1 ("all layers")
+
+
+class FiniteFloat(click.FloatRange):
+    """A real number, optionally within bounds; ``nan``, ``inf`` and ``-inf`` are refused."""
+
+    def convert(self, value, param, ctx) -> float:
+        number = click.types.FloatParamType.convert(self, value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class DeviceName(click.ParamType):
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (``gpu`` and ``metal`` too, for llama.cpp)."""
+
+    name = "DEVICE"
+    PATTERN = re.compile(r"auto|cpu|mps|metal|gpu|cuda(:\d+)?")
+
+    def convert(self, value, param, ctx) -> str:
+        text = str(value).strip().lower()
+        if not self.PATTERN.fullmatch(text):
+            self.fail(f"unknown device {value!r} (use auto, cpu, cuda, cuda:N or mps)", param, ctx)
+        return text
 
 
 class TokenBudget(click.ParamType):
@@ -45,6 +78,8 @@ class NumberList(click.ParamType):
             numbers = [self.item(x) for x in str(value).split(",") if x.strip()]
         except ValueError:
             self.fail(f"must be comma-separated {kind}, got {value!r}", param, ctx)
+        if any(not math.isfinite(n) for n in numbers):
+            self.fail(f"needs finite {kind}, got {value!r}", param, ctx)
         if self.low is None and self.high is None:
             return numbers
         low = float("-inf") if self.low is None else self.low
@@ -74,21 +109,32 @@ class ShardSpec(click.ParamType):
 TOKENS = TokenBudget()
 INT_LIST = NumberList(int)
 SHARD = ShardSpec()
+THRESHOLD = FiniteFloat(0.0, 1.0)                     # a confidence
+POSITIVE = FiniteFloat(0.0, min_open=True)            # e.g. --fps
+NON_NEGATIVE = FiniteFloat(0.0)                       # e.g. --gpus-per-actor
+THREADS = click.IntRange(1, 4096)
+DEVICE = DeviceName()
+DTYPE = click.Choice(["auto", *DTYPES])
+
+
+def _gpu_layers(ctx, param, value):
+    return ALL_GPU_LAYERS if value == -1 else value
 
 
 def model_options(fn):
     """Options shared by every command that loads a model (``open_backend``'s keyword arguments)."""
-    fn = click.option("--ctx", type=click.IntRange(64), default=None, help="GGUF: context length (default 2048).")(fn)
+    fn = click.option("--ctx", type=click.IntRange(64, 1 << 24), default=None,
+                      help="GGUF: context length (default 2048).")(fn)
     fn = click.option("--mmproj-offload/--no-mmproj-offload", default=None,
                       help="GGUF: run the vision encoder on the GPU too (default: when the build has one).")(fn)
-    fn = click.option("--n-gpu-layers", type=int, default=None,
-                      help="GGUF: LM layers to offload (default: all when the build supports a GPU).")(fn)
+    fn = click.option("--n-gpu-layers", type=click.IntRange(-1), default=None, callback=_gpu_layers,
+                      help="GGUF: LM layers to offload, -1 all (default: all when the build supports a GPU).")(fn)
     fn = click.option("--mmproj", type=click.Path(dir_okay=False), default=None,
                       help="GGUF: the vision projector file (default: a sibling *mmproj*.gguf).")(fn)
-    fn = click.option("--threads", type=int, default=None, help="CPU threads for torch.")(fn)
-    fn = click.option("--dtype", default="auto", show_default=True,
+    fn = click.option("--threads", type=THREADS, default=None, help="CPU threads (>= 1).")(fn)
+    fn = click.option("--dtype", type=DTYPE, default="auto", show_default=True,
                       help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")(fn)
-    fn = click.option("--device", default="auto", show_default=True,
+    fn = click.option("--device", type=DEVICE, default="auto", show_default=True,
                       help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")(fn)
     fn = click.option("--backend", type=click.Choice(["auto", "torch", "llamacpp"]), default="auto",
                       show_default=True, help="Inference backend (auto: llamacpp for .gguf models, else torch).")(fn)
@@ -101,8 +147,8 @@ def policy_options(fn):
     """--tokens / --auto-scale and their knobs."""
     fn = click.option("--ladder", type=INT_LIST, default=None,
                       help="Escalation rungs, e.g. 9,36,576 (default: every scale).")(fn)
-    fn = click.option("--threshold", type=float, default=None,
-                      help="Confidence needed to stop escalating (default: the model's tuned value).")(fn)
+    fn = click.option("--threshold", type=THRESHOLD, default=None,
+                      help="Confidence in [0, 1] needed to stop escalating (default: the model's tuned value).")(fn)
     fn = click.option("--auto-scale", is_flag=True,
                       help="Start at the smallest scale; escalate while confidence < threshold.")(fn)
     fn = click.option("-t", "--tokens", type=TOKENS, default=None,
@@ -114,3 +160,24 @@ def check_policy_flags(auto_scale: bool, threshold: float | None, ladder: list[i
     """--ladder and --threshold only mean something with --auto-scale."""
     if not auto_scale and (ladder is not None or threshold is not None):
         raise click.UsageError("--ladder and --threshold need --auto-scale")
+
+
+def question_limit_option(fn):
+    """--max-question-chars: a longer question is that item's error (a row), refused before the model runs."""
+    return click.option("--max-question-chars", type=click.IntRange(1), default=MAX_QUESTION_CHARS,
+                        show_default=True,
+                        help="Refuse a longer question before the model runs (an error row for that item alone); "
+                             "prompts that do not fit the model's context are refused too.")(fn)
+
+
+def check_run_question(question: str | None, max_question_chars: int | None) -> None:
+    """A question given for the whole run (``-q``, ``m3 ask``'s QUESTION) that no item could be asked is one usage
+    error before any work, not an error row per item."""
+    if question is None:
+        return
+    if max_question_chars is not None and len(question) > max_question_chars:
+        raise click.UsageError(f"the question is {len(question)} characters, over --max-question-chars "
+                               f"{max_question_chars}")
+    if IMAGE_TOKEN in question:
+        raise click.UsageError(f"the question contains the image placeholder {IMAGE_TOKEN} "
+                               "(the prompt would hold two images)")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from m3cli.cli.app import command
+from m3cli.cli.options import THREADS
 
 
 @command()
@@ -18,7 +19,7 @@ from m3cli.cli.app import command
 @click.option("--init", "init_from", default=None, type=click.Path(file_okay=False),
               help="Start from a saved model directory instead of random weights.")
 @click.option("--stages", default=None, help="Run only these stages, e.g. m3 (default: all in the config).")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads for torch.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a TTY).")
 def train(config_path, out, resume, init_from, stages, threads, progress):
     """Train an M3 model with the staged recipe (vision, full-scale VQA, M3 nested loss).

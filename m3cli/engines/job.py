@@ -1,14 +1,19 @@
 """One ``m3 batch`` run from start to exit code: resume, shard selection, sinks, progress, engine choice.
 
 :func:`run_job` is what the CLI calls once it has parsed the flags; it knows no click and prints nothing
-but the optional progress bar on stderr. Problems found before any work are one-line
-:class:`~m3cli.errors.UsageError` / :class:`~m3cli.errors.M3Error` exceptions (exit code 2); the outcome of
-a run that started is a :class:`JobResult`, whose ``exit_code`` is 0 (all answered), 1 (error rows, or an
-engine that stopped part-way) or 130 (interrupted).
+but the optional progress bar on stderr (notes go to a callback). Problems that concern the whole run are
+found before the model loads and are one-line :class:`~m3cli.errors.UsageError` /
+:class:`~m3cli.errors.M3Error` exceptions (exit code 2): options that cannot go together, an output that
+cannot be written or is locked by another run, a ``--resume`` file that is not ours or was made with
+another question, model or budget. The outcome of a run that started is a :class:`JobResult`, whose
+``exit_code`` is 0 (all answered), 1 (error rows, an output that stopped accepting rows, or an engine that
+stopped part-way) or 130 (interrupted). Whatever stops a run, the output holds its rows in input order with
+no gap, so ``--resume`` completes it in order.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -17,7 +22,7 @@ from typing import Any
 from m3cli.engines import EngineRunError
 from m3cli.engines.units import BatchOptions
 from m3cli.errors import UsageError
-from m3cli.output import OrderedWriter, RowSink, Summary
+from m3cli.output import OrderedWriter, OutputTarget, OutputWriteError, RowSink, Summary, is_stdout
 
 ENGINES = ("local", "ray")
 
@@ -33,6 +38,7 @@ class BatchJob:
     fmt: str = "jsonl"
     resume: bool = False
     retry_errors: bool = False
+    force: bool = False  # --resume even if the rows were made with another question, model or budget
     shard: tuple[int, int] | None = None  # (K, N)
     engine: str = "local"
     ray_address: str | None = None
@@ -43,15 +49,19 @@ class BatchJob:
     def check(self) -> None:
         """Raise :class:`UsageError` for options that cannot go together."""
         opts = self.options
+        if opts.question is not None and not opts.question.strip():
+            raise UsageError("-q/--question is empty (leave it out to ask the default question)")
         if opts.fps is not None and opts.every is not None:
             raise UsageError("--fps and --every cannot be combined")
-        to_jsonl_file = bool(self.output) and self.fmt == "jsonl"
+        to_jsonl_file = not is_stdout(self.output) and self.fmt == "jsonl"
         if self.resume and not to_jsonl_file:
             raise UsageError("--resume needs -o FILE in jsonl format")
         if self.shard is not None and not to_jsonl_file:
-            raise UsageError("--shard needs -o FILE in jsonl format")
+            raise UsageError("--shard needs -o FILE in jsonl format (not stdout: the shard's sidecar goes beside it)")
         if self.retry_errors and not self.resume:
             raise UsageError("--retry-errors goes with --resume")
+        if self.force and not self.resume:
+            raise UsageError("--force goes with --resume")
         if self.engine not in ENGINES:
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine != "ray" and (self.ray_address is not None or self.actors != 1 or self.gpus_per_actor):
@@ -64,7 +74,8 @@ class JobResult:
 
     summary: Summary
     interrupted: bool = False
-    incomplete: str | None = None  # the engine stopped part-way: why
+    incomplete: str | None = None  # the engine or the output stopped part-way: why
+    resumable: bool = True  # the output is a JSONL file that --resume can complete
 
     @property
     def exit_code(self) -> int:
@@ -76,69 +87,105 @@ class JobResult:
 
     def report(self) -> list[str]:
         """The closing lines for stderr (the CLI prefixes them with ``m3 batch: ``)."""
+        hint = "; rerun with --resume" if self.resumable else ""
         if self.incomplete:
-            return [f"error: {self.incomplete}", f"{self.summary.line()} (incomplete; rerun with --resume)"]
-        return [self.summary.line() + (" (interrupted; rerun with --resume)" if self.interrupted else "")]
+            return [f"error: {self.incomplete}", f"{self.summary.line()} (incomplete{hint})"]
+        return [self.summary.line() + (f" (interrupted{hint})" if self.interrupted else "")]
 
 
-def run_job(job: BatchJob) -> JobResult:
-    """Run ``job``: every input answered once, rows in input order, the output resumable if it stops."""
+def run_record(job: BatchJob) -> dict[str, Any]:
+    """What the run's rows are made with, written in each row as ``run`` and compared by ``--resume``: the
+    model (resolved: a path made absolute), the question of items without their own, the budget and the
+    answer length. Device, dtype, batch size and frame sampling are left out: they may change between a
+    run and its resumption without changing what is asked."""
+    from m3cli.registry import resolve_model
+
+    opts = job.options
+    model = resolve_model(job.model.get("model"))  # RegistryError (exit 2) now rather than after the lock
+    if os.path.exists(model):
+        model = os.path.realpath(model)
+    record: dict[str, Any] = {"model": model, "question": opts.run_question, "tokens": opts.tokens}
+    if opts.auto_scale:
+        record.update(auto_scale=True, threshold=opts.threshold, ladder=opts.ladder)
+    record["max_new_tokens"] = opts.max_new_tokens
+    return record
+
+
+def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobResult:
+    """Run ``job``: every input answered once, rows in input order, the output resumable if it stops.
+
+    ``notes`` receives one-line remarks for the user (e.g. a ``--tokens`` budget rounded to a scale).
+    """
     from m3cli.media import iter_inputs
-    from m3cli.output import open_sink
 
     job.check()
     if job.engine == "ray":
         from m3cli.engines.ray import preflight
 
         preflight(job.model, job.ray_address)  # EngineError (exit 2) before the output file is touched
-    opts = _resumed_options(job)
-    backend = _open_local_backend(job, opts) if job.engine == "local" else None
-    items: Iterable = iter_inputs(list(job.inputs))
-    sink: RowSink = open_sink(job.fmt, job.output, append=job.resume)
+    run = run_record(job)
+    target = OutputTarget.open(job.output, job.fmt, resume=job.resume, run=run, force=job.force,
+                               retry_errors=job.retry_errors)
+    try:
+        opts = replace(job.options, run=run, done_ids=target.state.done_ids, failed_ids=target.state.failed_ids)
+        backend = _open_local_backend(job, opts, notes) if job.engine == "local" else None
+        sink: RowSink = target.sink()
+    except BaseException:
+        target.close(abandon=True)
+        raise
+    try:
+        return _run_started(job, backend, opts, sink, iter_inputs(list(job.inputs)))
+    finally:
+        target.close()
+
+
+def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, items: Iterable) -> JobResult:
     selector = None
     if job.shard is not None:
         items, sink, selector = _select_shard(job, items, sink)
     writer = OrderedWriter(sink)
-    result = JobResult(Summary())
+    result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt == "jsonl")
     bar = _progress_bar(job.progress)
     on_row = (lambda row: bar.update(1)) if bar is not None else None
     try:
         _run_engine(job, backend, items, opts, writer, result.summary, on_row)
-    except EngineRunError as exc:
+    except (EngineRunError, OutputWriteError) as exc:  # rows written so far are kept
         result.incomplete = str(exc)
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
-        writer.close()
+        try:
+            # Rows held back behind one not yet answered are dropped, never written past the gap: the file
+            # stays an in-order prefix that --resume extends in order.
+            writer.close(past_gaps=False)
+        except OutputWriteError as exc:
+            result.incomplete = result.incomplete or str(exc)
         if bar is not None:
             bar.close()
         result.summary.stop()
     if selector is not None and not result.interrupted and not result.incomplete and selector.total is not None:
         from m3cli.engines.shard import write_sidecar
 
-        write_sidecar(job.output, selector.k, selector.n, selector.total, True)
+        try:
+            write_sidecar(job.output, selector.k, selector.n, selector.total, True)
+        except OutputWriteError as exc:
+            result.incomplete = str(exc)
     return result
 
 
-def _resumed_options(job: BatchJob) -> BatchOptions:
-    """The run's options with the ids a resumed output already holds (the output is repaired first)."""
-    if not job.resume:
-        return job.options
-    from m3cli.output import read_done_ids, read_error_ids
-
-    done = read_done_ids(job.output, retry_errors=job.retry_errors)
-    return replace(job.options, done_ids=done, failed_ids=read_error_ids(job.output) & done)
-
-
-def _open_local_backend(job: BatchJob, opts: BatchOptions):
+def _open_local_backend(job: BatchJob, opts: BatchOptions, notes: Callable[[str], None] | None):
     """The backend for ``--engine local`` (Ray loads the model in its actors only; they check the ladder too)."""
     from m3cli.backends import open_backend
+    from m3cli.engines.units import budget_note
 
     backend = open_backend(**job.model)
     if opts.auto_scale:
         from m3cli.policy import make_ladder
 
         make_ladder(backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
+    note = budget_note(opts.tokens, backend.grid_side)
+    if note is not None and notes is not None:
+        notes(note)
     return backend
 
 

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from m3cli.errors import UsageError
-from m3cli.fileio import atomic_open, atomic_write_text, iter_jsonl
-from m3cli.output import JsonlSink, RowSink
+from m3cli.errors import OutputError, UsageError, describe
+from m3cli.fileio import atomic_open, atomic_write_text, escape_surrogates, iter_jsonl
+from m3cli.output import JsonlSink, OutputWriteError, RowSink
 
 if TYPE_CHECKING:  # media pulls in PyAV/numpy/Pillow; only its types are needed here
     from m3cli.media import BadInput, Item
@@ -74,7 +74,9 @@ def shard_of(item_id: str, n: int) -> int:
     """The shard (0..n-1) of a top-level item id: blake2b-64 of its UTF-8 bytes, big-endian, mod n.
 
     Stable across processes, machines and Python versions (unlike ``hash()``), and independent of the
-    other inputs. Pass a video's own id for its frames.
+    other inputs. Pass a video's own id for its frames. Item ids are valid Unicode (a file name's
+    undecodable bytes are escaped, see :func:`m3cli.fileio.escape_surrogates`), so an id hashes to the
+    same shard as the ``id`` written in its row.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"shard count must be an integer >= 1, got {n!r}")
@@ -183,7 +185,10 @@ def write_sidecar(output_path: str | os.PathLike[str], k: int, n: int, inputs: i
         raise ValueError(f"inputs must be an integer >= 0, got {inputs!r}")
     path = sidecar_path(output_path)
     data = {"shard": k, "of": n, "inputs": inputs, "complete": bool(complete)}
-    atomic_write_text(path, json.dumps(data) + "\n")
+    try:
+        atomic_write_text(path, json.dumps(data) + "\n")
+    except OSError as exc:
+        raise OutputWriteError(f"{escape_surrogates(path)}: cannot write ({describe(exc)})") from None
     return path
 
 
@@ -397,8 +402,11 @@ def _write_rows(rows: Iterable[dict[str, Any]], out_path: str | None) -> None:
             sink.write(row)
         sink.close()
         return
-    with atomic_open(out_path) as stream:
-        sink = JsonlSink(stream, owns=False)
-        for row in rows:
-            sink.write(row)
-        sink.flush()
+    try:
+        with atomic_open(out_path) as stream:
+            sink = JsonlSink(stream, owns=False)
+            for row in rows:
+                sink.write(row)
+            sink.flush()
+    except OSError as exc:  # the folder cannot take the file: nothing was written
+        raise OutputError(f"{escape_surrogates(os.fspath(out_path))}: cannot write ({describe(exc)})") from None

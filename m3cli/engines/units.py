@@ -11,28 +11,35 @@ import logging
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 
-from m3cli.answering import Query, answer_queries, make_policy
+from m3cli.answering import DEFAULT_MAX_QUESTION_CHARS, answer_images, make_policy
 from m3cli.backends.base import Backend
 from m3cli.confidence import DEFAULT_MEASURE
-from m3cli.errors import M3Error, describe
+from m3cli.engines.defaults import DEFAULT_QUESTION
+from m3cli.errors import M3Error
 from m3cli.media import BadInput, Item, MediaError, expand_video, load_image
 from m3cli.output import make_row
 from m3cli.policy import DEFAULT_THRESHOLD, Policy
+from m3cli.scales import budget_to_scale
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BatchOptions:
-    """How every item is answered unless its own row (stdin JSONL) says otherwise."""
+    """How every item is answered unless its own row (stdin JSONL) says otherwise.
 
-    question: str | None = None
+    ``question`` None means :data:`DEFAULT_QUESTION`. ``run`` is the record of what the run's rows are made
+    with (written in every row; ``--resume`` compares it), None for none.
+    """
+
+    question: str | None = DEFAULT_QUESTION
     tokens: int | None = None
     auto_scale: bool = False
     threshold: float = DEFAULT_THRESHOLD
     ladder: list[int] | None = None
     batch_size: int = 8
     max_new_tokens: int = 16
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS
     measure: str = DEFAULT_MEASURE
     fps: float | None = None
     every: int | None = None
@@ -40,6 +47,12 @@ class BatchOptions:
     prefetch: int = 0  # queue depth; 0 means 2 x batch_size
     done_ids: set[str] = field(default_factory=set)
     failed_ids: set[str] = field(default_factory=set)  # done ids whose earlier row is an error
+    run: dict | None = None
+
+    @property
+    def run_question(self) -> str:
+        """The question of every item that brings none of its own."""
+        return self.question or DEFAULT_QUESTION
 
 
 @dataclass
@@ -86,6 +99,21 @@ def decode_input(
             yield item, None, str(exc), False
 
 
+def budget_note(tokens: int | None, grid: int) -> str | None:
+    """The note for a ``--tokens`` budget that is not itself a nested scale (None when it is, or unset)."""
+    if tokens is None:
+        return None
+    budget = budget_to_scale(tokens, grid)
+    if not budget.rounded:
+        return None
+    return f"--tokens {budget.requested} rounded down to {budget.scale}, the largest nested scale <= it"
+
+
+def question_for(item: Item | BadInput, opts: BatchOptions) -> str:
+    """The item's own question (stdin JSONL), else the run's (-q, else :data:`DEFAULT_QUESTION`)."""
+    return getattr(item, "question", None) or opts.run_question
+
+
 def policy_for(item: Item, opts: BatchOptions, grid: int) -> Policy:
     """The item's scale policy: its own budget (JSONL ``tokens``) or the run's, fixed or escalating."""
     tokens = item.tokens if item.tokens is not None else opts.tokens
@@ -98,28 +126,20 @@ def answer_units(backend: Backend, units: list[Unit], opts: BatchOptions) -> lis
     rows: dict[int, dict] = {}
     ready: list[tuple[Unit, str, Policy]] = []
     for unit in units:
-        question = getattr(unit.item, "question", None) or opts.question
+        question = question_for(unit.item, opts)
         if unit.error is not None:
             rows[unit.seq] = _row(unit, backend, opts, error=unit.error)
-        elif not question:
-            rows[unit.seq] = _row(unit, backend, opts, error="no question: give -q or a 'question' field")
         else:
             try:
                 ready.append((unit, question, policy_for(unit.item, opts, backend.grid_side)))
             except (M3Error, ValueError) as exc:  # a bad per-item budget or ladder: that item's error row
                 rows[unit.seq] = _row(unit, backend, opts, error=str(exc))
     if ready:
-        try:
-            encoded = backend.encode([u.image for u, _, _ in ready])
-            queries = [Query(enc, q, pol, opts.max_new_tokens) for enc, (_, q, pol) in zip(encoded, ready, strict=True)]
-            results = answer_queries(backend, queries, opts.measure)
-        except (RuntimeError, ValueError) as exc:  # e.g. out of memory on one batch: report, keep going
-            log.debug("batch failed", exc_info=True)
-            for unit, _, _ in ready:
-                rows[unit.seq] = _row(unit, backend, opts, error=f"model error: {describe(exc)}")
-        else:
-            for (unit, question, _), result in zip(ready, results, strict=True):
-                rows[unit.seq] = _row(unit, backend, opts, question=question, result=result)
+        # never raises for one item: a refused question or a failed encode/answer is that item's error row
+        results = answer_images(backend, [u.image for u, _, _ in ready], [q for _, q, _ in ready],
+                                [p for _, _, p in ready], opts.max_new_tokens, opts.measure, opts.max_question_chars)
+        for (unit, question, _), result in zip(ready, results, strict=True):
+            rows[unit.seq] = _row(unit, backend, opts, question=question, result=result)
     return sorted(rows.items())
 
 
@@ -130,11 +150,13 @@ def _row(unit: Unit, backend: Backend, opts: BatchOptions, question=None, result
         "source": item.source,
         "frame": getattr(item, "frame", None),
         "time_s": getattr(item, "time_s", None),
-        "question": question or getattr(item, "question", None) or opts.question,
+        "question": question or question_for(item, opts),
         "model": backend.model_id,
         "backend": backend.name,
         "error": error,
+        "run": opts.run,
     }
     if result is not None:
         fields.update(result.to_dict())
+        fields["note"] = result.note
     return make_row(**fields)

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+from collections.abc import MutableSet
 from typing import Literal
 
 from m3cli.errors import MediaError, describe
+from m3cli.fileio import escape_surrogates
 
+log = logging.getLogger(__name__)
+
+# AVIF is read by Pillow itself (11.3+ wheels); HEIC/HEIF by the pillow-heif plugin (pip install 'm3cli[heif]').
+# Both are walked even without their decoder, so a missing one is an error row that says what to install,
+# never a silently skipped photo.
+AVIF_EXTS: frozenset[str] = frozenset({".avif", ".avifs"})
+HEIF_EXTS: frozenset[str] = frozenset({".heic", ".heif", ".heics", ".heifs", ".hif"})
 # Lower-case, with the leading dot. GIF is an image on purpose: animated GIFs use their first frame.
 IMAGE_EXTS: frozenset[str] = frozenset(
     {
         ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".webp",
         ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k",
     }
+    | AVIF_EXTS
+    | HEIF_EXTS
 )  # fmt: skip
 # ".ts" is deliberately absent: walking a source tree would pick up TypeScript files.
 VIDEO_EXTS: frozenset[str] = frozenset(
@@ -29,6 +41,19 @@ def media_kind(path: str | os.PathLike[str]) -> Literal["image", "video"] | None
     if ext in VIDEO_EXTS:
         return "video"
     return None
+
+
+def note_skipped(path: str | os.PathLike[str], seen: MutableSet[str]) -> None:
+    """Log that a folder walk skipped ``path`` for its unknown type: a WARNING the first time its extension is
+    met (``seen`` holds those already reported, one set per walk), later ones of that extension at debug level."""
+    name = escape_surrogates(os.fspath(path))  # a name that is not UTF-8 must not break the log line
+    ext = os.path.splitext(name)[1].lower() or "(no extension)"
+    if ext in seen:
+        log.debug("skipped non-media file: %s", name)
+        return
+    seen.add(ext)
+    log.warning("skipped non-media file: %s (%s is not a known image or video type; name a file explicitly to try "
+                "it as an image)", name, ext)
 
 
 def check_readable_file(name: str) -> None:

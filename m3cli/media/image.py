@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from m3cli.errors import MediaError, describe
-from m3cli.media.files import check_readable_file
+from m3cli.media.files import AVIF_EXTS, HEIF_EXTS, check_readable_file
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,45 @@ log = logging.getLogger(__name__)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, MemoryError)
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+# ISO-BMFF brands (bytes 8..12, after "ftyp") of HEIF/HEIC and AVIF files, to spot them whatever their name.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_PLUGINS: dict[str, bool] = {}
+
+
+def _container_kind(name: str, head: bytes) -> str | None:
+    """``"heif"`` or ``"avif"`` for a file of that family (by its ftyp brand, else its extension), else None."""
+    if head[4:8] == b"ftyp":
+        if head[8:12] in _AVIF_BRANDS:
+            return "avif"
+        if head[8:12] in _HEIF_BRANDS:
+            return "heif"
+    ext = os.path.splitext(name)[1].lower()
+    return "avif" if ext in AVIF_EXTS else "heif" if ext in HEIF_EXTS else None
+
+
+def _ensure_decoder(kind: str | None, name: str) -> None:
+    """Make sure Pillow can open a HEIF or AVIF image (registering a plugin once), or say what to install."""
+    if kind is None or _PLUGINS.get(kind):
+        return
+    from PIL import features
+
+    if kind == "avif" and features.check("avif"):
+        _PLUGINS[kind] = True
+        return
+    try:
+        if kind == "heif":
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+        else:
+            import pillow_avif  # noqa: F401 - registers itself with Pillow
+    except ImportError:
+        need = "the pillow-heif package (pip install 'm3cli[heif]')" if kind == "heif" else \
+            "Pillow >= 11.3 built with AVIF (pip install -U pillow) or pillow-avif-plugin"
+        raise MediaError(f"{name}: a {kind.upper()} image, which needs {need}") from None
+    _PLUGINS[kind] = True
 
 
 def _bomb_error(name: str, exc: BaseException | None, pixels: int | None = None) -> MediaError:
@@ -110,6 +149,14 @@ def load_image(
 
 
 def _decode_image(fh: IO[bytes], name: str, max_side: int) -> Image.Image:
+    head = b""
+    try:
+        if getattr(fh, "seekable", lambda: False)():
+            head = fh.read(16)
+            fh.seek(0)
+    except (OSError, ValueError, AttributeError):
+        head = b""
+    _ensure_decoder(_container_kind(name, head), name)
     try:
         # Pillow only *warns* between 1x and 2x MAX_IMAGE_PIXELS; we refuse above 1x.
         with warnings.catch_warnings():

@@ -2,6 +2,11 @@
 
 Enumeration is cheap (nothing is decoded) and never stops early: an input that cannot become an
 :class:`Item` is a :class:`BadInput` row. Every row gets a stable, unique id (see docs/architecture.md).
+
+File names are carried as Python does for the OS: a byte that is not valid UTF-8 is a lone surrogate
+(``surrogateescape``), so ``source`` opens the very file whatever its name. Ids are what rows show and
+``--resume`` / ``--shard`` match, so they are valid Unicode: such bytes are written ``\\xNN``
+(:func:`m3cli.fileio.escape_surrogates`). Stdin is read as bytes for the same reason.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, TextIO, TypeVar
+from typing import IO, Literal, TypeVar
 
 from m3cli.errors import describe
-from m3cli.media.files import media_kind
+from m3cli.fileio import escape_surrogates
+from m3cli.media.files import media_kind, note_skipped
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ class BadInput:
     error: str
 
 
-def _walk(root: str, visited: set[tuple[int, int]]) -> Iterator[tuple[str, str] | BadInput]:
+def _walk(root: str, visited: set[tuple[int, int]], skipped: set[str]) -> Iterator[tuple[str, str] | BadInput]:
     """Yield (path, kind) for media under ``root`` depth-first with names sorted at every level.
 
     Sorting siblings by name in a depth-first walk orders files by their path components.
@@ -72,11 +78,11 @@ def _walk(root: str, visited: set[tuple[int, int]]) -> Iterator[tuple[str, str] 
         except OSError:
             is_dir = is_file = False
         if is_dir:
-            yield from _walk(entry.path, visited)
+            yield from _walk(entry.path, visited, skipped)
         elif is_file:
             kind = media_kind(entry.name)
             if kind is None:
-                log.debug("skipped non-media file: %s", entry.path)
+                note_skipped(entry.path, skipped)  # a WARNING once per unknown extension
                 continue
             yield entry.path, kind
         else:
@@ -93,7 +99,7 @@ def _expand_path(
         return
     if os.path.isdir(path):
         root_id = item_id if item_id is not None else norm
-        for found in _walk(path, set()):
+        for found in _walk(path, set(), set()):
             if isinstance(found, BadInput):
                 yield found
                 continue
@@ -135,6 +141,8 @@ def _jsonl_row(line: str, lineno: int) -> Iterator[Item | BadInput]:
     problem = None
     if question is not None and not isinstance(question, str):
         problem = "'question' must be a string"
+    elif question is not None and not question.strip():
+        problem = "'question' is empty (leave it out to ask the run's question)"
     elif tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         problem = "'tokens' must be a positive integer"
     if problem:
@@ -143,8 +151,19 @@ def _jsonl_row(line: str, lineno: int) -> Iterator[Item | BadInput]:
     yield from _expand_path(image, item_id=item_id, question=question, tokens=tokens)
 
 
-def _read_stdin(stdin: TextIO) -> Iterator[Item | BadInput]:
-    for lineno, raw in enumerate(stdin, 1):
+def _stdin_lines(stdin: IO) -> Iterator[str]:
+    """Lines of stdin as text; read as bytes where possible, so a path that is not valid UTF-8 keeps its bytes
+    (``surrogateescape``, as the OS hands names to Python) whatever the stream's encoding or error mode."""
+    binary = getattr(stdin, "buffer", None)
+    if binary is None:  # already text (a StringIO in tests and library use)
+        yield from stdin
+        return
+    for raw in binary:
+        yield raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+
+
+def _read_stdin(stdin: IO) -> Iterator[Item | BadInput]:
+    for lineno, raw in enumerate(_stdin_lines(stdin), 1):
         line = raw.strip()
         if lineno == 1:
             line = line.lstrip("\ufeff")  # tolerate a UTF-8 BOM from Windows tools
@@ -157,13 +176,16 @@ def _read_stdin(stdin: TextIO) -> Iterator[Item | BadInput]:
 
 
 def unique_ids(rows: Iterable[R]) -> Iterator[R]:
-    """Suffix repeated ids with ~2, ~3, ... in stream order so every row id is unique.
+    """Make ids valid Unicode (undecodable bytes escaped) and unique: repeats get ~2, ~3, ... in stream order.
 
     ``rows`` are frozen dataclasses with an ``id`` field (Item, BadInput, or any other input row).
     """
     used: set[str] = set()
     counts: dict[str, int] = {}
     for row in rows:
+        safe = escape_surrogates(row.id)
+        if safe != row.id:
+            row = replace(row, id=safe)
         new_id = row.id
         if new_id in used:
             n = counts.get(row.id, 1)
@@ -178,7 +200,7 @@ def unique_ids(rows: Iterable[R]) -> Iterator[R]:
         yield row
 
 
-def iter_inputs(paths: Sequence[str], stdin: TextIO | None = None) -> Iterator[Item | BadInput]:
+def iter_inputs(paths: Sequence[str], stdin: IO | None = None) -> Iterator[Item | BadInput]:
     """Enumerate files, directories (recursive, sorted) and ``-`` (stdin paths or JSONL) as unique Items.
 
     Problems with a single input become BadInput rows; enumeration never stops early.

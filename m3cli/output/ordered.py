@@ -70,26 +70,33 @@ class OrderedWriter:
         self.sink.flush()
         self.written += 1
 
-    def close(self) -> list[int]:
-        """Write what is still buffered (in order, past any gaps), close the sink, return the missing seqs.
+    def close(self, past_gaps: bool = True) -> list[int]:
+        """Close the sink and return the missing seqs; rows still buffered behind a gap are written (in order,
+        past the gaps) when ``past_gaps``, else dropped.
 
-        An empty list means every sequence number up to the highest seen was put or skipped. Rows behind a
-        gap are still written rather than dropped, so a resumed run need not redo them; a non-empty result
-        is a caller bug or an aborted run. Only gaps below the highest seen seq are known here: compare
-        ``next_seq`` with the input count to catch trailing ones. Closing twice returns ``[]``.
+        An empty list means every sequence number up to the highest seen was put or skipped. A non-empty
+        result is a caller bug or an aborted run. A file that a run will resume must not get rows past a gap
+        (the resumed rows would land after them, out of input order): ``m3 batch`` closes with
+        ``past_gaps=False``, so its output is always an in-order prefix that the next run extends. Only gaps
+        below the highest seen seq are known here: compare ``next_seq`` with the input count to catch
+        trailing ones. Closing twice returns ``[]``. The sink is closed even if writing fails.
         """
         with self._lock:
             if self._closed:
                 return []
             self._closed = True
             missing: list[int] = []
-            if self._buffer:
-                top = max(self._buffer)
-                missing = [s for s in range(self._next, top) if s not in self._buffer]
-                for seq in sorted(self._buffer):
-                    ready = self._buffer.pop(seq)
-                    if ready is not None:
-                        self._emit(ready)
-                self._next = top + 1
-            self.sink.close()
+            try:
+                if self._buffer:
+                    top = max(self._buffer)
+                    missing = [s for s in range(self._next, top) if s not in self._buffer]
+                    held = sorted(self._buffer) if past_gaps else []
+                    for seq in held:
+                        ready = self._buffer[seq]
+                        if ready is not None:
+                            self._emit(ready)
+                    self._buffer.clear()
+                    self._next = top + 1
+            finally:
+                self.sink.close()
             return missing

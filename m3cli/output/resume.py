@@ -1,11 +1,21 @@
-"""Resuming from a JSONL output: which ids are done, and repairing a file a killed run left half-written."""
+"""Resuming from a JSONL output: which ids are done, and repairing a file a killed run left half-written.
+
+:func:`prepare_resume` is what ``m3 batch --resume`` runs before any work: it refuses, leaving the file
+byte-for-byte untouched, a file that is not ``m3 batch`` JSONL or whose rows were made with another
+question, model or budget, and only then cuts a half-written last line. The lenient readers below
+(:func:`read_done_ids`, :func:`read_error_ids`) skip what they do not understand.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
-from m3cli.fileio import iter_jsonl
+from m3cli.errors import OutputError, describe
+from m3cli.fileio import escape_surrogates, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +82,144 @@ def read_error_ids(path: str | os.PathLike[str]) -> set[str]:
     """Ids whose last row in a JSONL output is an error (no repair; read after ``read_done_ids``)."""
     last_error, _ = _scan_jsonl(path, repair=False)
     return {ident for ident, failed in last_error.items() if failed}
+
+
+# What every m3 batch row has (older versions included) and how its line starts: make_row puts "id" first.
+ROW_REQUIRED_KEYS = frozenset({"id", "source", "question", "answer", "error"})
+_ROW_START = b'{"id"'
+_PEEK = 4096
+RUN_KEY = "run"
+
+_RUN_LABELS = {
+    "model": "model",
+    "question": "question",
+    "tokens": "--tokens",
+    "auto_scale": "--auto-scale",
+    "threshold": "--threshold",
+    "ladder": "--ladder",
+    "max_new_tokens": "--max-new-tokens",
+}
+
+
+@dataclass
+class ResumeState:
+    """What a resumed output already holds."""
+
+    done_ids: set[str] = field(default_factory=set)
+    failed_ids: set[str] = field(default_factory=set)  # done ids whose last row is an error
+    rows: int = 0
+    repaired_bytes: int = 0
+
+
+def _not_ours(path: str, lineno: int, why: str) -> OutputError:
+    return OutputError(
+        f"{escape_surrogates(path)}:{lineno}: {why}, so this is not m3 batch JSONL output; --resume only appends "
+        "to a file m3 batch wrote (the file was left untouched)"
+    )
+
+
+def _check_row_line(path: str, lineno: int, row: Any) -> str:
+    """The id of a complete line that must be one of our rows; OutputError otherwise."""
+    if isinstance(row, Exception):
+        raise _not_ours(path, lineno, "line is not JSON")
+    if not isinstance(row, dict):
+        raise _not_ours(path, lineno, "line is not a JSON object")
+    missing = sorted(ROW_REQUIRED_KEYS - set(row))
+    if missing:
+        raise _not_ours(path, lineno, f"row lacks {', '.join(repr(k) for k in missing)}")
+    if not isinstance(row["id"], str):
+        raise _not_ours(path, lineno, "row id is not a string")
+    return row["id"]
+
+
+def _run_difference(path: str, old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return (f"{escape_surrogates(path)}: its rows carry no run record (written by an older m3), so their "
+                "question, model and budget cannot be checked; --force resumes anyway")
+    order = list(_RUN_LABELS)
+    diffs = []
+    for key in sorted(set(old) | set(new), key=lambda k: (order.index(k) if k in order else len(order), k)):
+        if old.get(key) != new.get(key):
+            label = _RUN_LABELS.get(key, key)
+            diffs.append(f"{label} {_shown(old.get(key))} (this run: {_shown(new.get(key))})")
+    return (f"{escape_surrogates(path)}: its rows were made with {', '.join(diffs)}; resuming would mix two runs "
+            "in one file (--force resumes anyway)")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return json.dumps(escape_surrogates(text), ensure_ascii=False)
+    return json.dumps(value)
+
+
+def prepare_resume(
+    path: str | os.PathLike[str],
+    run: dict[str, Any] | None = None,
+    force: bool = False,
+    retry_errors: bool = False,
+) -> ResumeState:
+    """Check that ``path`` can be resumed, cut a half-written last line, and return what it holds.
+
+    Our JSONL: every complete line is blank or a JSON object with the keys of a row (``ROW_REQUIRED_KEYS``);
+    an unterminated last line is a row cut by a kill when it starts like one (``{"id"``), and is then
+    removed. A missing or empty file is fine. With ``run`` (the record of this run), every row must carry
+    the same record unless ``force``. Anything else raises :class:`OutputError` (one line) and leaves the
+    file exactly as it was. With ``retry_errors`` ids whose last row is an error are not done.
+    """
+    path = os.fspath(path)
+    try:
+        f = open(path, "rb")  # closed by the with below
+    except FileNotFoundError:
+        return ResumeState()
+    except OSError as exc:
+        raise OutputError(f"{escape_surrogates(path)}: cannot read ({describe(exc)})") from None
+    state = ResumeState()
+    last_error: dict[str, bool] = {}
+    good_end = 0
+    mismatch: str | None = None
+    with f:
+        if not os.path.isfile(path):
+            raise OutputError(f"{escape_surrogates(path)}: --resume needs a regular file")
+        head = f.read(_PEEK)
+        text = head.lstrip()
+        if text and not (_ROW_START.startswith(text) or text.startswith(_ROW_START)):
+            # refused before reading on: a binary file or one huge line would cost memory for nothing
+            raise _not_ours(path, head[: len(head) - len(text)].count(b"\n") + 1, "line does not start like a row")
+        f.seek(0)
+        for lineno, end, raw, row in iter_jsonl(f):
+            if not raw.endswith(b"\n"):
+                if not raw.lstrip().startswith(_ROW_START):
+                    raise _not_ours(path, lineno, "last line is not a row")
+                break  # a row cut by a kill: removed below
+            if row is None:  # blank line
+                continue
+            ident = _check_row_line(path, lineno, row)
+            if run is not None and not force and mismatch is None and row.get(RUN_KEY) != run:
+                mismatch = _run_difference(path, row.get(RUN_KEY), run)
+            last_error[ident] = row.get("error") is not None
+            state.rows += 1
+            good_end = end
+        size = f.seek(0, os.SEEK_END)
+    if mismatch is not None:
+        raise OutputError(mismatch)
+    if size > good_end:
+        _truncate(path, good_end, size - good_end)
+        state.repaired_bytes = size - good_end
+    state.done_ids = {i for i, failed in last_error.items() if not (retry_errors and failed)}
+    state.failed_ids = {i for i, failed in last_error.items() if failed} & state.done_ids
+    return state
+
+
+def _truncate(path: str, size: int, removed: int) -> None:
+    try:
+        with open(path, "r+b") as w:
+            w.truncate(size)
+            w.flush()
+            os.fsync(w.fileno())
+    except OSError as exc:
+        raise OutputError(f"{escape_surrogates(path)}: cannot cut its half-written last line ({describe(exc)})") \
+            from None
+    log.warning("%s: removed %d trailing byte(s) of incomplete output", escape_surrogates(path), removed)
