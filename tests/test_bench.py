@@ -22,3 +22,25 @@ def test_bench_batch_and_escalation(tiny_model_dir, tmp_path):
     res = CliRunner().invoke(cli, ["bench", "escalation", "--model", str(tiny_model_dir), "-n", "2"])
     assert res.exit_code == 0, res.output
     assert "ratio" in res.stdout
+
+
+def test_bench_latency_counts_tokens_and_prompt_rows(tiny_model_dir):
+    res = CliRunner().invoke(cli, ["bench", "latency", "--model", str(tiny_model_dir), "--repeat", "1",
+                                   "--tokens", "576,1", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.stdout.splitlines() if line.startswith("| tokens"))
+    assert header.endswith("| decode ms/token | prompt tokens | prefill ms/row |")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert int(rows[0][9]) - int(rows[1][9]) == 575  # the same text around 576 and 1 visual tokens
+    assert all(1.0 <= float(r[4]) <= 3.0 for r in rows)  # EOS counts as a generated token, the cap does not
+
+
+def test_bench_escalation_ladder(tiny_model_dir):
+    res = CliRunner().invoke(cli, ["bench", "escalation", "--model", str(tiny_model_dir), "-n", "2",
+                                   "--ladder", "9,576", "--threshold", "1.0"])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| 2 "))
+    assert row.split("|")[6].strip() == "2.00"  # threshold 1: both rungs, every item
+    res = CliRunner().invoke(cli, ["bench", "escalation", "--model", str(tiny_model_dir), "--ladder", "10"])
+    assert res.exit_code == 2 and "not nested scales" in res.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from m3cli.backends.base import Backend
@@ -23,16 +24,21 @@ class EscalationTiming:
 
 
 def escalation_overhead(backend: Backend, n: int = 100, threshold: float | None = None, max_new_tokens: int = 4,
-                        split: str = "test") -> EscalationTiming:
+                        split: str = "test", ladder: Sequence[int] | None = None) -> EscalationTiming:
     """Per item: --auto-scale time against one fixed pass at the scale where that item ended (one run).
 
-    Both sides include the image encode; items are timed one at a time so each has its own time.
+    Both sides include the image encode; items are timed one at a time so each has its own time. ``ladder``
+    (default every scale) is the rungs tried, smallest first.
     """
     from m3cli.answering import ask_images
     from m3cli.data.scenes import iter_questions, render
-    from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed
+    from m3cli.errors import UsageError
+    from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed, make_ladder
 
-    policy = Escalate(tuple(sorted(backend.scales)), DEFAULT_THRESHOLD if threshold is None else threshold)
+    try:
+        policy = Escalate(make_ladder(backend.grid_side, ladder), DEFAULT_THRESHOLD if threshold is None else threshold)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     pairs = list(iter_questions(split, n))
     ask_images(backend, [render(pairs[0][0].scene)], [pairs[0][1].question], [Fixed(1)], max_new_tokens)  # warm-up
     auto, fixed, tokens, rungs = [], [], [], []

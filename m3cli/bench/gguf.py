@@ -23,16 +23,19 @@ class GgufComparison:
 
 
 def stock_llava15_loop(lm_path: str, mmproj_path: str, paths: Sequence[str], question: str, max_new_tokens: int,
-                       threads: int | None = None, n_ctx: int = 2048, flash_attn: bool = False) -> ThroughputRow:
+                       threads: int | None = None, n_ctx: int = 2048, flash_attn: bool = False,
+                       suppress_eos: bool = False) -> ThroughputRow:
     """What a llama-cpp-python user writes today: ``Llava15ChatHandler`` + ``create_chat_completion``, one
     image at a time as a data URI, greedy; the full 576-token grid every time (the handler cannot pool).
 
     The handler runs its CLIP encoder with flash attention only when the ``Llama`` has ``flash_attn=True``
-    (off by default); our backend leaves it on ``auto``, which is on for CPU."""
+    (off by default); our backend leaves it on ``auto``, which is on for CPU. ``suppress_eos`` masks EOS
+    (random-weight shapes: every answer then runs to ``max_new_tokens``); the row records the mean number
+    of new tokens either way, counted by a logits processor (one call per sampled token)."""
     import base64
     import os
 
-    from llama_cpp import Llama
+    from llama_cpp import Llama, LogitsProcessorList
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
     llm = Llama(model_path=str(lm_path), chat_handler=Llava15ChatHandler(clip_model_path=str(mmproj_path),
@@ -40,22 +43,32 @@ def stock_llava15_loop(lm_path: str, mmproj_path: str, paths: Sequence[str], que
                 n_ctx=n_ctx, n_threads=threads or os.cpu_count() or 1, n_gpu_layers=0, verbose=False, seed=0,
                 flash_attn=flash_attn)
 
-    def ask(path: str) -> str:
+    eos = int(llm.token_eos())
+    sampled = [0]
+
+    def per_token(input_ids, scores):
+        # called once per sampled token: the exact count (the reply's usage re-tokenises the text)
+        sampled[0] += 1
+        if suppress_eos:
+            scores[eos] = -float("inf")
+        return scores
+
+    def ask(path: str) -> int:
         with open(path, "rb") as fh:
             uri = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
-        out = llm.create_chat_completion(
+        sampled[0] = 0
+        llm.create_chat_completion(
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                    {"type": "text", "text": question}]}],
-            max_tokens=max_new_tokens, temperature=0.0, top_k=1)
-        return out["choices"][0]["message"]["content"]
+            max_tokens=max_new_tokens, temperature=0.0, top_k=1, logits_processor=LogitsProcessorList([per_token]))
+        return sampled[0]
 
     try:
         ask(paths[0])  # warm-up (first encode allocates the CLIP graph)
         start = time.perf_counter()
-        for path in paths:
-            ask(path)
+        tokens = [ask(path) for path in paths]
         label = "stock `Llava15ChatHandler`, 576 tokens, one by one" + (", flash_attn=True" if flash_attn else "")
-        return ThroughputRow(label, len(paths), time.perf_counter() - start)
+        return ThroughputRow(label, len(paths), time.perf_counter() - start, sum(tokens) / len(tokens))
     finally:
         llm.close()
 

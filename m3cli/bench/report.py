@@ -1,4 +1,4 @@
-"""Markdown tables for ``m3 bench`` (and the ``m3 eval --tune`` table): measurements in, text out."""
+"""Markdown tables for ``m3 bench``: measurements in, text out."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ if TYPE_CHECKING:  # the measurement modules import the engines; the tables need
     from m3cli.bench.gguf import GgufComparison
     from m3cli.bench.latency import LatencyRow
     from m3cli.bench.memory import MemoryGrowth
+    from m3cli.bench.profile import LayerTiming, MatmulRate
     from m3cli.bench.ray import ScaleOutReport
-    from m3cli.bench.throughput import ThroughputRow
+    from m3cli.bench.shape_bench import ShapeBatchReport, ShapeGgufReport, ShapeRun
+    from m3cli.bench.throughput import ScaleRun, ThroughputRow
 
 
 def machine_line(backend: Backend) -> str:
@@ -38,30 +40,38 @@ def _model_line(backend: Backend) -> str:
 
 
 def format_latency_table(rows: Sequence[LatencyRow], backend: Backend) -> str:
-    """Per-scale latency with the prefill and total ratios to the largest scale."""
+    """Per-scale latency with the prefill and total ratios to the largest scale, the decode time per token
+    and (where the backend tells the prompt length) the prefill time per prompt row."""
     full = next((r for r in rows if r.scale == max(r.scale for r in rows)), rows[0])
     lines = [
         _model_line(backend),
         "",
-        "| tokens | encode ms | prefill ms | decode ms | new tokens | total ms | prefill vs max | total vs max |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | encode ms | prefill ms | decode ms | new tokens | total ms | prefill vs max | total vs max "
+        "| decode ms/token | prompt tokens | prefill ms/row |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        per_token = "-" if r.decode_ms_per_token is None else f"{r.decode_ms_per_token:.1f}"
+        prompt = "-" if r.prompt_tokens is None else str(r.prompt_tokens)
+        per_row = "-" if not r.prompt_tokens else f"{r.prefill_ms / r.prompt_tokens:.2f}"
         lines.append(
             f"| {r.scale} | {r.encode_ms:.1f} | {r.prefill_ms:.1f} | {r.decode_ms:.1f} | {r.new_tokens:.1f} "
-            f"| {r.total_ms:.1f} | {r.prefill_ms / full.prefill_ms:.2f}x | {r.total_ms / full.total_ms:.2f}x |"
+            f"| {r.total_ms:.1f} | {r.prefill_ms / full.prefill_ms:.2f}x | {r.total_ms / full.total_ms:.2f}x "
+            f"| {per_token} | {prompt} | {per_row} |"
         )
     return "\n".join(lines)
 
 
 def format_throughput(rows: Sequence[ThroughputRow], baseline: ThroughputRow, backend: Backend,
-                      baseline_name: str = "naive") -> str:
-    """Items/s of each run and its ratio to ``baseline``."""
+                      baseline_name: str = "naive", tokens: bool = False) -> str:
+    """Items/s of each run and its ratio to ``baseline`` (with ``tokens``, the new tokens per answer too)."""
+    extra, rule = (" new tokens/answer |", "---:|") if tokens else ("", "")
     lines = [_model_line(backend), "",
-             f"| run | items | seconds | items/s | vs {baseline_name} |", "|---|---:|---:|---:|---:|"]
+             f"| run | items | seconds | items/s | vs {baseline_name} |{extra}", f"|---|---:|---:|---:|---:|{rule}"]
     for r in rows:
+        cell = (" - |" if r.new_tokens is None else f" {r.new_tokens:.1f} |") if tokens else ""
         lines.append(f"| {r.label} | {r.items} | {r.seconds:.1f} | {r.items_per_s:.2f} "
-                     f"| {r.items_per_s / baseline.items_per_s:.2f}x |")
+                     f"| {r.items_per_s / baseline.items_per_s:.2f}x |{cell}")
     return "\n".join(lines)
 
 
@@ -110,12 +120,88 @@ def format_scale_out(report: ScaleOutReport, backend: Backend, tokens: int, batc
     return "\n".join(lines)
 
 
-def format_tuning(rows: Sequence[dict], tuned: dict | None) -> str:
-    """``m3 eval --tune``: every (measure, threshold) tried, then the pick. (It belongs with evaluate's own
-    formatter; it sits here until that module grows one, so the CLI formats no table.)"""
-    lines = ["", "| measure | threshold | accuracy | mean tokens | mean rungs |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['measure']} | {r['threshold']} | {100 * r['accuracy']:.1f} | {r['mean_tokens']:.1f} "
-              f"| {r['mean_rungs']:.2f} |" for r in rows]
-    pick = f"measure {tuned['measure']}, threshold {tuned['threshold']}" if tuned else \
-        "none within 1 point of full-grid accuracy"
-    return "\n".join([*lines, "", f"pick: {pick}"])
+
+# ---------------------------------------------------------------------------------------------
+# --shape runs (random-weight paper-scale models)
+# ---------------------------------------------------------------------------------------------
+def format_amdahl(sweep: Sequence[ScaleRun]) -> str:
+    """For each scale: the measured batch speed-up over 576 against the Amdahl bound from the same run's
+    stage times, (encode + LM at 576) / (encode + LM at s); the achieved share of the bound is what the
+    engine (image decoding, batching, tokenising, rows) keeps of the pooling win."""
+    full = next((r for r in sweep if r.scale == 576), None)
+    if full is None:
+        return "(no Amdahl view: --tokens did not include 576)"
+    # the encode does not depend on the scale: one mean over every run keeps run-to-run noise out of the bound
+    encode = sum(r.encode_ms for r in sweep) / len(sweep)
+    lines = ["| tokens | encode ms/item | LM ms/item | wall ms/item | speed-up vs 576 | Amdahl bound "
+             "| achieved / bound |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sweep:
+        speedup = r.row.items_per_s / full.row.items_per_s
+        bound = (encode + full.lm_ms) / (encode + r.lm_ms) if encode + r.lm_ms > 0 else float("nan")
+        wall = 1000 * r.row.seconds / r.row.items
+        lines.append(f"| {r.scale} | {r.encode_ms:.0f} | {r.lm_ms:.0f} | {wall:.0f} | {speedup:.2f}x | {bound:.2f}x "
+                     f"| {100 * speedup / bound:.0f}% |")
+    lines.append(f"\nBound = (E + LM at 576) / (E + LM at s), E = {encode:.0f} ms/item (the mean encode of all "
+                 "runs); achieved / bound is the share of the pooling win the whole engine keeps.")
+    return "\n".join(lines)
+
+
+def format_shape_latency(rows: Sequence[LatencyRow], backend: Backend, run: ShapeRun) -> str:
+    """The latency table of a shape run under its heading."""
+    return f"{run.heading()}\n\n{format_latency_table(rows, backend)}"
+
+
+def format_shape_batch(report: ShapeBatchReport) -> str:
+    """Throughput of every scale against the naive loop, then the Amdahl view."""
+    rows = ([report.naive] if report.naive else []) + [r.row for r in report.sweep]
+    base_name = "naive" if report.naive else "576"
+    base = report.naive or next((r.row for r in report.sweep if r.scale == 576), rows[0])
+    naive_note = ("" if not report.naive else
+                  f"\nNaive loop: stock `processor(...)` + `model.generate(pixel_values=...)` on the untouched "
+                  f"model (all tower layers), one image at a time, `min_new_tokens={report.run.max_new_tokens}`; "
+                  f"timed over {report.naive.items} item(s).")
+    return (f"{report.run.heading()}\n\n{format_throughput(rows, base, report.backend, base_name, tokens=True)}"
+            f"\n{naive_note}\n\nAmdahl view (stage times from the rows of the same runs, batch "
+            f"{report.batch_size}):\n\n{format_amdahl(report.sweep)}")
+
+
+def format_shape_escalation(t: EscalationTiming, backend: Backend, run: ShapeRun, threshold: float | None,
+                            ladder: Sequence[int] | None) -> str:
+    """The escalation table of a shape run; random weights make the confidences (hence the rungs) arbitrary."""
+    from m3cli.policy import DEFAULT_THRESHOLD
+
+    rungs = ",".join(str(x) for x in sorted(ladder)) if ladder else "every scale"
+    note = (f"Ladder {rungs}, threshold {DEFAULT_THRESHOLD if threshold is None else threshold}. Random weights "
+            "give near-uniform next-token distributions, so confidences are tiny and items climb to the top "
+            "rung: the ratio is the cost of the rungs below it (use --ladder 9,576 for one failed rung).")
+    return f"{run.heading()}\n\n{format_escalation(t, backend)}\n\n{note}"
+
+
+def format_shape_gguf(report: ShapeGgufReport) -> str:
+    """The GGUF pair, how it was made, and its throughput against the stock handler."""
+    head = (f"{report.run.heading()}\nGGUF `{report.gguf_path}` ({report.quant}) + `{report.mmproj_path}` (f16); "
+            f"{'; '.join(report.notes)}. New tokens are counted, not assumed: the stock rows mask EOS in a logits "
+            "processor (the handler may sample one token more when the text ends inside a UTF-8 character); our "
+            "backend's loop stops at end-of-generation tokens, which random weights rarely pick.")
+    table = format_throughput(report.rows, report.rows[0], report.backend, baseline_name="stock handler",
+                              tokens=True)
+    return f"{head}\n\n{table}"
+
+
+def format_profile(run: ShapeRun, rates: Sequence[MatmulRate], timings: Sequence[LayerTiming],
+                   bandwidth: float) -> str:
+    """The matmul rate by row count, the decoder layers' share of prefill and decode, and the bandwidth."""
+    lines = [run.heading(), "", "`F.linear` of the LM's up projection (rows x hidden) x (hidden x FF), best of 3:", "",
+             "| rows | dtype | ms | GFLOP/s |", "|---:|---|---:|---:|"]
+    lines += [f"| {r.rows} | {r.dtype} | {r.ms:.1f} | {r.gflops:.0f} |" for r in rates]
+    lines += ["", "Decoder layers timed by forward hooks (the rest of a forward is embedding, image merge, final "
+              "norm, LM head and glue):", "",
+              "| forward | LM rows | forward ms | decoder layers ms | ms/layer | layers' share | GFLOP/s | GB/s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in timings:
+        share = f"{100 * t.layers_ms / t.total_ms:.0f}%" if t.total_ms > 0 else "-"
+        lines.append(f"| {t.label} | {t.rows} | {t.total_ms:.1f} | {t.layers_ms:.1f} | {t.layer_ms:.1f} | {share} "
+                     f"| {t.gflops:.0f} | {t.gbps:.1f} |")
+    lines += ["", f"Copy bandwidth (read + write) of a 512 MiB tensor: {bandwidth:.1f} GB/s (a decode step reads "
+              "every weight once: GB/s near this is memory-bound)."]
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ class ThroughputRow:
     label: str
     items: int
     seconds: float
+    new_tokens: float | None = None  # mean new tokens per answer, where counted
 
     @property
     def items_per_s(self) -> float:
@@ -23,24 +24,63 @@ class ThroughputRow:
 
 def naive_generate_loop(backend, paths: Sequence[str], question: str, max_new_tokens: int) -> ThroughputRow:
     """What a user would write without m3cli: stock ``generate(pixel_values)`` at the full grid, one by one."""
-    import torch
     from transformers import LlavaForConditionalGeneration
-
-    from m3cli.media import load_image
 
     # a fresh, untouched transformers model: the backend's own copy skips the unused last tower layer
     model = LlavaForConditionalGeneration.from_pretrained(backend.model_id, dtype=backend.dtype)
     model = model.to(backend.device).eval()
-    processor = backend.processor
+    return stock_generate_loop(model, backend.processor, backend.device, paths, question, max_new_tokens)
+
+
+def stock_generate_loop(model, processor, device: str, paths: Sequence[str], question: str, max_new_tokens: int,
+                        fixed_length: bool = False) -> ThroughputRow:
+    """Stock ``processor(...)`` + ``model.generate(pixel_values=...)`` over ``paths``, one image at a time, on an
+    untouched model. ``fixed_length`` forces exactly ``max_new_tokens`` new tokens (``min_new_tokens``), as
+    the random-weight shapes need for a like-for-like timing."""
+    import torch
+
+    from m3cli.media import load_image
+
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    extra = {"min_new_tokens": max_new_tokens} if fixed_length else {}
+    new_tokens = []
     start = time.perf_counter()
     for path in paths:
-        inputs = processor(images=[load_image(path)], text=[prompt], return_tensors="pt").to(backend.device)
+        inputs = processor(images=[load_image(path)], text=[prompt], return_tensors="pt").to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+        new_tokens.append(out.shape[-1] - inputs["input_ids"].shape[-1])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return ThroughputRow("naive loop: stock generate(pixel_values), 576 tokens, batch 1", len(paths),
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, sum(new_tokens) / max(len(new_tokens), 1))
+
+
+class TokenCounter:
+    """A backend seen through its ``answer`` calls: counts the answers and the new tokens they generated."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self.answers = 0
+        self.tokens = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def answer(self, requests):
+        from m3cli.bench.latency import generated_tokens
+
+        gens = self._backend.answer(requests)
+        self.answers += len(gens)
+        self.tokens += sum(generated_tokens(g, r.max_new_tokens) for g, r in zip(gens, requests, strict=True))
+        return gens
+
+    @property
+    def mean(self) -> float | None:
+        return self.tokens / self.answers if self.answers else None
 
 
 def batch_throughput(backend: Backend, paths: Sequence[str], question: str, tokens: int | None, batch_size: int,
@@ -55,12 +95,13 @@ def batch_throughput(backend: Backend, paths: Sequence[str], question: str, toke
 
     opts = BatchOptions(question=question, tokens=tokens, auto_scale=auto_scale, batch_size=batch_size,
                         max_new_tokens=max_new_tokens)
+    counter = TokenCounter(backend)
     start = time.perf_counter()
-    run_batch(backend, iter_inputs(list(paths)), opts, OrderedWriter(JsonlSink(io.StringIO())), Summary(),
+    run_batch(counter, iter_inputs(list(paths)), opts, OrderedWriter(JsonlSink(io.StringIO())), Summary(),
               on_row=on_row)
     mode = "--auto-scale" if auto_scale else f"--tokens {tokens}"
     return ThroughputRow(label or f"m3 batch {mode} --batch-size {batch_size}", len(paths),
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, counter.mean)
 
 
 def batch_comparison(backend: Backend, paths: Sequence[str], batch_size: int, max_new_tokens: int,
@@ -73,3 +114,47 @@ def batch_comparison(backend: Backend, paths: Sequence[str], batch_size: int, ma
     rows.append(batch_throughput(backend, paths, question, 9, batch_size, max_new_tokens))
     rows.append(batch_throughput(backend, paths, question, None, batch_size, max_new_tokens, auto_scale=True))
     return rows
+
+
+@dataclass
+class ScaleRun:
+    """One ``m3 batch --tokens s`` run with the mean per-item stage times its rows report."""
+
+    scale: int
+    row: ThroughputRow
+    encode_ms: float  # vision tower + projector, per item
+    lm_ms: float  # prefill + decode, per item (a batch's time shared by its items)
+
+    @property
+    def stage_ms(self) -> float:
+        return self.encode_ms + self.lm_ms
+
+
+class StageClock:
+    """An ``on_row`` callback keeping each row's stage timings; an error row is a failed benchmark."""
+
+    def __init__(self) -> None:
+        self.encode: list[float] = []
+        self.lm: list[float] = []
+
+    def __call__(self, row: dict) -> None:
+        if row.get("error"):
+            raise RuntimeError(f"bench item failed: {row['error']}")
+        t = row.get("timings") or {}
+        self.encode.append(float(t.get("encode_ms", 0.0)))
+        self.lm.append(float(t.get("prefill_ms", 0.0)) + float(t.get("decode_ms", 0.0)))
+
+    def run(self, scale: int, row: ThroughputRow) -> ScaleRun:
+        n = max(len(self.encode), 1)
+        return ScaleRun(scale, row, sum(self.encode) / n, sum(self.lm) / n)
+
+
+def scale_sweep(backend: Backend, paths: Sequence[str], question: str, scales: Sequence[int], batch_size: int,
+                max_new_tokens: int) -> list[ScaleRun]:
+    """``m3 batch --tokens s`` over the same items at every scale, with the stage times for the Amdahl view."""
+    runs = []
+    for scale in scales:
+        clock = StageClock()
+        row = batch_throughput(backend, paths, question, scale, batch_size, max_new_tokens, on_row=clock)
+        runs.append(clock.run(scale, row))
+    return runs

@@ -5,9 +5,44 @@ from __future__ import annotations
 import click
 
 from m3cli.cli.app import group
-from m3cli.cli.options import INT_LIST, NumberList, model_options
+from m3cli.cli.options import INT_LIST, THREADS, THRESHOLD, NumberList, model_options
 
 WORKDIR_HELP = "Where the scene PNGs are written."
+SHAPE_HELP = ("Time a paper-scale architecture with RANDOM weights made in memory instead of --model: "
+              "llava-1.5-7b or llava-1.5-13b (llava-next-7b: not yet).")
+LAYERS_HELP = "With --shape: build only N LM layers (quick profiling; LM times scale ~linearly with N)."
+
+
+def shape_options(fn):
+    """--shape / --layers: the random-weight paper-scale models (``m3cli.bench.shapes``)."""
+    fn = click.option("--layers", type=click.IntRange(1), default=None, help=LAYERS_HELP)(fn)
+    fn = click.option("--shape", default=None, metavar="NAME", help=SHAPE_HELP)(fn)
+    return fn
+
+
+def _check_shape_flags(shape: str | None, layers: int | None, model_kw: dict) -> None:
+    """--shape replaces --model and runs the torch backend; --layers needs --shape."""
+    from m3cli.backends import GGUF_OPTIONS
+    from m3cli.errors import UsageError
+
+    if shape is None:
+        if layers is not None:
+            raise UsageError("--layers needs --shape")
+        return
+    if model_kw.get("model"):
+        raise UsageError("--shape builds its own model: drop --model")
+    if model_kw.get("backend") not in (None, "auto", "torch"):
+        raise UsageError("--shape runs the torch backend here (m3 bench gguf --shape times llama.cpp)")
+    stray = [k for k in GGUF_OPTIONS if model_kw.get(k) is not None]
+    if stray:
+        raise UsageError(f"--{stray[0].replace('_', '-')} applies to GGUF models, not --shape")
+
+
+def _pick(value, shipped, shaped, shape):
+    """An option's default: one for the shipped model, a smaller one for a paper-scale shape."""
+    if value is not None:
+        return value
+    return shaped if shape else shipped
 
 
 @group()
@@ -17,18 +52,35 @@ def bench():
 
 @bench.command("latency")
 @model_options
+@shape_options
 @click.option("--image", type=click.Path(dir_okay=False), default=None,
               help="Image to use (default: a generated scene).")
 @click.option("--tokens", "scales", type=INT_LIST, default=None,
               help="Scales to time, e.g. 1,9,36,144,576 (default: all).")
-@click.option("--repeat", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 1000), default=None, help="Default 5 (1 with --shape).")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=1, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
-def bench_latency(image, scales, repeat, batch_size, max_new_tokens, **model_kw):
+@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=None, help="Default 8 (4 with --shape).")
+def bench_latency(image, scales, repeat, batch_size, max_new_tokens, shape, layers, **model_kw):
     """Per-scale latency: encode / prefill / decode ms (medians) and the speed-up over 576 tokens."""
-    from m3cli.backends import open_backend
     from m3cli.bench.latency import latency_by_scale
     from m3cli.bench.report import format_latency_table
+
+    _check_shape_flags(shape, layers, model_kw)
+    repeat = _pick(repeat, 5, 1, shape)
+    max_new_tokens = _pick(max_new_tokens, 8, 4, shape)
+    if shape:
+        from m3cli.bench.report import format_shape_latency
+        from m3cli.bench.shape_bench import open_shape, prepare
+
+        run = prepare(shape, layers, model_kw["device"], model_kw["dtype"], batch_size,
+                      max(scales) if scales else 576, max_new_tokens, model_kw.get("threads"))
+        backend = open_shape(run, model_kw.get("threads"))
+        chosen = scales or sorted(backend.scales, reverse=True)
+        rows = latency_by_scale(backend, image_path=image, scales=chosen, repeat=repeat, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, warm_up_scale=min(chosen))
+        click.echo(format_shape_latency(rows, backend, run))
+        return
+    from m3cli.backends import open_backend
 
     backend = open_backend(**model_kw)
     rows = latency_by_scale(backend, image_path=image, scales=scales or None, repeat=repeat,
@@ -38,13 +90,40 @@ def bench_latency(image, scales, repeat, batch_size, max_new_tokens, **model_kw)
 
 @bench.command("batch")
 @model_options
-@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=200, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True)
+@shape_options
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=None,
+              help="Items (default 200; 4 with --shape).")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=None, help="Default 8 (4 with --shape).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--workdir", default="runs/bench-scenes", show_default=True, help=WORKDIR_HELP)
 @click.option("--skip-naive", is_flag=True, help="Do not time the naive stock-generate loop.")
-def bench_batch(count, batch_size, max_new_tokens, workdir, skip_naive, **model_kw):
+@click.option("--tokens", "scales", type=INT_LIST, default=None,
+              help="With --shape: the scales to sweep (default: all; include 576 for the Amdahl view).")
+@click.option("--naive-n", type=click.IntRange(1), default=None,
+              help="With --shape: time the naive loop over only the first N items (default: all -n).")
+def bench_batch(count, batch_size, max_new_tokens, workdir, skip_naive, scales, naive_n, shape, layers, **model_kw):
     """Images/s of m3 batch (--tokens 9, 576 and --auto-scale) against a naive stock generate() loop."""
+    from m3cli.errors import UsageError
+
+    _check_shape_flags(shape, layers, model_kw)
+    count = _pick(count, 200, 4, shape)
+    batch_size = _pick(batch_size, 8, 4, shape)
+    if shape:
+        from m3cli.bench.report import format_shape_batch
+        from m3cli.bench.shape_bench import prepare, shape_batch
+
+        threads = model_kw.get("threads")
+        run = prepare(shape, layers, model_kw["device"], model_kw["dtype"], batch_size,
+                      max(scales) if scales else 576, max_new_tokens, threads)
+        chosen = sorted(set(scales), reverse=True) if scales else [576, 144, 36, 9, 1]
+        bad = [s for s in chosen if s not in (576, 144, 36, 9, 1)]
+        if bad:
+            raise UsageError(f"--tokens {bad[0]} is not a nested scale (576, 144, 36, 9, 1)")
+        report = shape_batch(run, count, batch_size, chosen, workdir, naive_n, skip_naive, threads)
+        click.echo(format_shape_batch(report))
+        return
+    if scales is not None or naive_n is not None:
+        raise UsageError("--tokens and --naive-n need --shape")
     from m3cli.backends import open_backend
     from m3cli.bench.report import format_throughput
     from m3cli.bench.scenes import scene_files
@@ -57,16 +136,35 @@ def bench_batch(count, batch_size, max_new_tokens, workdir, skip_naive, **model_
 
 @bench.command("escalation")
 @model_options
-@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=120, show_default=True)
-@click.option("--threshold", type=float, default=None, help="Default: the tuned threshold.")
-def bench_escalation(count, threshold, **model_kw):
+@shape_options
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=None,
+              help="Items (default 120; 4 with --shape).")
+@click.option("--threshold", type=THRESHOLD, default=None, help="Default: the tuned threshold.")
+@click.option("--ladder", type=INT_LIST, default=None, help="Escalation rungs, e.g. 9,576 (default: every scale).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
+def bench_escalation(count, threshold, ladder, max_new_tokens, shape, layers, **model_kw):
     """--auto-scale time per item against one fixed pass at the scale where that item ended."""
-    from m3cli.backends import open_backend
     from m3cli.bench.escalation import escalation_overhead
     from m3cli.bench.report import format_escalation
 
+    _check_shape_flags(shape, layers, model_kw)
+    count = _pick(count, 120, 4, shape)
+    if shape:
+        from m3cli.bench.report import format_shape_escalation
+        from m3cli.bench.shape_bench import open_shape, prepare
+
+        run = prepare(shape, layers, model_kw["device"], model_kw["dtype"], 1, max(ladder) if ladder else 576,
+                      max_new_tokens, model_kw.get("threads"))
+        backend = open_shape(run, model_kw.get("threads"))
+        timing = escalation_overhead(backend, n=count, threshold=threshold, max_new_tokens=max_new_tokens,
+                                     ladder=ladder)
+        click.echo(format_shape_escalation(timing, backend, run, threshold, ladder))
+        return
+    from m3cli.backends import open_backend
+
     backend = open_backend(**model_kw)
-    click.echo(format_escalation(escalation_overhead(backend, n=count, threshold=threshold), backend))
+    timing = escalation_overhead(backend, n=count, threshold=threshold, max_new_tokens=max_new_tokens, ladder=ladder)
+    click.echo(format_escalation(timing, backend))
 
 
 @bench.command("ray")
@@ -96,18 +194,37 @@ def bench_ray(count, tokens, batch_size, max_new_tokens, actor_counts, ray_addre
 
 @bench.command("gguf")
 @click.option("-m", "--model", default=None, help="HF model dir or registry name (default: the shipped model).")
+@shape_options
 @click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False), default=None,
               help="Its GGUF language model (default: convert --model into --workdir).")
 @click.option("--mmproj", type=click.Path(dir_okay=False), default=None, help="The GGUF pair's mmproj.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True)
-@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_0"]), default="q4_0", show_default=True,
+              help="With --shape: the LM's type (q8_0/q4_0 made by llama.cpp's llama_model_quantize).")
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=None,
+              help="Items (default 200; 4 with --shape).")
 @click.option("--tokens", type=click.IntRange(1), default=9, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for every run (default: all cores).")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads for every run (default: all cores).")
 @click.option("--workdir", default="runs/bench-gguf", show_default=True, help="Scenes and converted GGUF go here.")
-def bench_gguf(model, gguf_path, mmproj, outtype, count, tokens, batch_size, max_new_tokens, threads, workdir):
+def bench_gguf(model, gguf_path, mmproj, outtype, quant, count, tokens, batch_size, max_new_tokens, threads, workdir,
+               shape, layers):
     """Our llama.cpp backend at --tokens against stock Llava15ChatHandler at 576, and our torch backend."""
+    from m3cli.errors import UsageError
+
+    if shape is None and layers is not None:
+        raise UsageError("--layers needs --shape")
+    count = _pick(count, 200, 4, shape)
+    if shape:
+        if model or gguf_path or mmproj:
+            raise UsageError("--shape writes its own GGUF pair: drop --model, --gguf and --mmproj")
+        from m3cli.bench.report import format_shape_gguf
+        from m3cli.bench.shape_bench import prepare_gguf, shape_gguf
+
+        run = prepare_gguf(shape, layers, quant, max_new_tokens, threads)
+        click.echo(format_shape_gguf(shape_gguf(run, quant, count, tokens, max_new_tokens, threads, workdir)))
+        return
     from m3cli.bench.gguf import gguf_comparison
     from m3cli.bench.report import format_gguf
 
@@ -127,3 +244,35 @@ def bench_memory(model, small, large, workdir):
     from m3cli.bench.report import format_memory
 
     click.echo(format_memory(memory_growth(model, workdir, small, large)))
+
+
+@bench.command("profile")
+@click.option("--shape", required=True, metavar="NAME", help="The architecture to profile (see --shape above).")
+@click.option("--layers", type=click.IntRange(1), default=2, show_default=True, help=LAYERS_HELP)
+@click.option("--tokens", "scales", type=INT_LIST, default="576,9", show_default=True, help="Scales to prefill.")
+@click.option("--batch", "batches", type=NumberList(int, low=1), default="1,8", show_default=True,
+              help="Batch sizes to prefill.")
+@click.option("--attn", "attention", default="sdpa,eager", show_default=True,
+              help="Attention implementations to compare, comma-separated.")
+@click.option("--repeat", type=click.IntRange(1, 100), default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--threads", type=THREADS, default=None)
+def bench_profile(shape, layers, scales, batches, attention, repeat, device, dtype, threads):
+    """Where a small prefill's time goes: matmul rate by rows, decoder layers per forward, sdpa vs eager."""
+    from m3cli.bench.profile import layer_timings, matmul_rates, memcpy_gbps
+    from m3cli.bench.report import format_profile
+    from m3cli.bench.shape_bench import open_shape, prepare
+    from m3cli.errors import UsageError
+
+    attn = [a.strip() for a in attention.split(",") if a.strip()]
+    bad = [a for a in attn if a not in ("sdpa", "eager")]
+    if bad:
+        raise UsageError(f"--attn {bad[0]!r}: use sdpa and/or eager")
+    run = prepare(shape, layers, device, dtype, max(batches), max(scales), 3, threads)
+    backend = open_shape(run, threads)
+    cfg = backend.model.config.text_config
+    rows = sorted({1, 9, 16, 50, 128, *(b * len(backend.prompt_ids("q", s)) for s in scales for b in batches)})
+    rates = matmul_rates(rows, cfg.hidden_size, cfg.intermediate_size, [run.dtype])
+    timings = layer_timings(backend, scales, batches, attn, repeat)
+    click.echo(format_profile(run, rates, timings, memcpy_gbps()))
