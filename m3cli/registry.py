@@ -1,4 +1,8 @@
-"""Resolve a ``--model`` value: a registry name, a local directory or GGUF file, or a hub id."""
+"""Resolve a ``--model`` value: a registry name, a local directory or GGUF file, or a hub id.
+
+A registry entry names a local path (relative to the registry file) or a hub id; what the files are (llava-hf,
+an original LLaVA checkpoint to convert, a family m3 cannot run) is detected when the backend opens them.
+"""
 
 from __future__ import annotations
 
@@ -63,12 +67,9 @@ def resolve_model(value: str | None) -> str:
     name = value or DEFAULT_MODEL
     entry = load_registry().get(name)
     if entry is not None:
-        if entry.format == "llava-original":
-            raise RegistryError(
-                f"{name} ({entry.location}) is stored in the original LLaVA layout: download it, run "
-                f"`m3 convert DIR --to hf OUT`, then pass --model OUT"
-            )
-        if entry.format == "hf" and Path(entry.location).is_absolute() and not Path(entry.location).exists():
+        # llava-original entries resolve like any hub id or directory: the torch backend detects the original
+        # layout and converts it once into the cache (m3cli.backends.locate)
+        if Path(entry.location).is_absolute() and not Path(entry.location).exists():
             raise RegistryError(f"model {name!r} is registered but missing at {entry.location}")
         return entry.location
     if value is None:

@@ -164,8 +164,15 @@ def originals(tmp_path_factory, full_ref, tiny_model_dir):
     return inside, outside, tower
 
 
+@pytest.fixture(scope="module")
+def vicuna_ref(tiny_model_dir):
+    """The source model with the prompt recipe a converted original checkpoint keeps (vicuna_v1)."""
+    return TorchBackend(str(tiny_model_dir), device="cpu", chat_template="vicuna_v1")
+
+
 def _check_converted(out, ref):
     backend = TorchBackend(str(out), device="cpu")
+    assert backend.spec.preprocess == "pad" and backend.prompt.recipe_name == "vicuna_v1"
     tok = backend.tokenizer
     # tokens added, embeddings resized with mean rows
     assert tok.convert_tokens_to_ids("<image>") == N_ORIG == backend.image_token_id
@@ -181,7 +188,7 @@ def _check_converted(out, ref):
             assert torch.allclose(got[key][N_ORIG:], mean.expand(2, -1), atol=1e-6)
         else:
             assert torch.equal(got[key], want[key]), key
-    # prompts: same text ids, <image> at its new id
+    # prompts: the vicuna_v1 recipe's text ids, <image> at its new id
     ref_ids = ref.prompt_ids(Q, 4)
     assert backend.prompt_ids(Q, 4) == [N_ORIG if i == ref.image_token_id else i for i in ref_ids]
     # encoded grids and greedy answers at the full grid (and one pooled scale)
@@ -201,7 +208,7 @@ def _check_converted(out, ref):
     return backend
 
 
-def test_convert_with_tower_inside_checkpoint(originals, tiny_backend, tmp_path):
+def test_convert_with_tower_inside_checkpoint(originals, vicuna_ref, tmp_path):
     inside, _, _ = originals
     out = convert_original_to_hf(inside, tmp_path / "hf")
     assert out == tmp_path / "hf"
@@ -210,13 +217,14 @@ def test_convert_with_tower_inside_checkpoint(originals, tiny_backend, tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llava" and config["vision_feature_layer"] == -2
     assert config["vision_feature_select_strategy"] == "default" and config["image_seq_length"] == 576
-    _check_converted(out, tiny_backend)
+    assert config["m3cli"]["prompt_recipe"] == "vicuna_v1" and config["m3cli"]["image_aspect_ratio"] == "pad"
+    _check_converted(out, vicuna_ref)
 
 
-def test_convert_with_separate_tower_dir(originals, tiny_backend, tmp_path):
+def test_convert_with_separate_tower_dir(originals, vicuna_ref, tmp_path):
     _, outside, tower = originals
     out = convert_original_to_hf(outside, tmp_path / "hf", vision_tower=tower)
-    _check_converted(out, tiny_backend)
+    _check_converted(out, vicuna_ref)
 
 
 def test_dtype_cast(originals, tmp_path):

@@ -1,17 +1,20 @@
 """The one place that turns (question, n) into a model's prompt ids with exactly n image placeholders.
 
-Both backends answer with the same prompt: the model's chat template rendered for one user turn (the
-image, then the question) with the generation prompt, tokenised, and the single image placeholder repeated
-n times. Rendering and tokenising are the backend's (transformers' processor or llama.cpp's vocabulary),
-passed in as callbacks; the split around the placeholder and the per-question cache live here.
+Both backends build their prompts with :class:`FamilyPrompt`: the model family's recipe
+(:mod:`m3cli.families.prompts`: ``vicuna_v1`` with the original per-piece tokenisation, the model's own
+chat template, ...) tokenised through the backend's :class:`~m3cli.families.TokenizerAdapter`
+(``HFTokenizerAdapter`` for transformers, the llama.cpp vocabulary's for GGUF). Every BOS, special-token
+and dummy-prefix rule lives in the family layer, so the two backends give equal ids for one model; this
+module only caches the ids around the image per question.
 
-A model family whose recipe tokenises differently (e.g. LLaVA-1.5's SentencePiece prompts, where the text
-is split at ``<image>`` and each piece tokenised on its own, BOS once) overrides :meth:`ChatPrompt.split`.
+:class:`ChatPrompt` and :func:`jinja_renderer` (render a template, tokenise the whole string) are the
+older, backend-supplied form, kept for callers that have not moved to :class:`FamilyPrompt`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from m3cli.backends.base import ModelLoadError
 
@@ -27,19 +30,13 @@ def chat_messages(question: str) -> list[dict]:
 def jinja_renderer(template: str, bos_token: str, eos_token: str) -> Render:
     """Render a chat template stored as text (e.g. in a GGUF) the way transformers does, for one question.
 
-    The template is compiled on the first call, so loading a model never pays for (or fails on) it early.
+    ``{% generation %}`` tags work (:func:`m3cli.families.render_chat_template`); a template that fails is a
+    one-line :class:`~m3cli.families.TemplateError`.
     """
-    compiled = []
+    from m3cli.families import render_chat_template
 
     def render(question: str) -> str:
-        if not compiled:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            compiled.append(env.from_string(template))
-        return compiled[0].render(messages=chat_messages(question), add_generation_prompt=True,
-                                  bos_token=bos_token, eos_token=eos_token)
+        return render_chat_template(template, question, bos_token=bos_token, eos_token=eos_token)
 
     return render
 
@@ -74,6 +71,47 @@ class ChatPrompt:
         parts = self._cache.get(question)
         if parts is None:
             parts = self.split(self.render(question))
+            if len(self._cache) > self.MAX_CACHED:
+                self._cache.clear()
+            self._cache[question] = parts
+        return parts
+
+    def ids(self, question: str, n_image_tokens: int) -> list[int]:
+        """The prompt ids with exactly ``n_image_tokens`` image placeholders."""
+        before, after = self.parts(question)
+        return before + [self.image_token_id] * n_image_tokens + after
+
+
+class FamilyPrompt:
+    """Prompt ids of one model from its family's recipe and the backend's tokenizer adapter.
+
+    ``ids(question, n)`` is ``before + [image_token_id] * n + after`` with the ids around the image cached per
+    question. Built at load, it tokenises one probe question, so a recipe that cannot work with this
+    tokenizer (no ``<image>`` token, a template placing no image) fails before any work, in one line.
+    """
+
+    MAX_CACHED = ChatPrompt.MAX_CACHED
+
+    def __init__(self, family: Any, tokenizer: Any, model_id: str):
+        from m3cli.families import TemplateError
+
+        self.family = family
+        self.tokenizer = tokenizer     # a TokenizerAdapter
+        self.model_id = model_id
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+        try:
+            probe = family.prompt_parts("What is in the image?", tokenizer)
+        except TemplateError as exc:
+            raise ModelLoadError(f"{model_id}: {exc}") from None
+        self.image_token_id: int = probe.image_token_id
+        self.recipe_name: str = family.recipe.name
+
+    def parts(self, question: str) -> tuple[list[int], list[int]]:
+        """The ids before and after the image placeholders for ``question`` (cached)."""
+        parts = self._cache.get(question)
+        if parts is None:
+            got = self.family.prompt_parts(question, self.tokenizer)
+            parts = (got.before, got.after)
             if len(self._cache) > self.MAX_CACHED:
                 self._cache.clear()
             self._cache[question] = parts

@@ -1,4 +1,12 @@
-"""PyTorch / transformers backend: a Hugging Face LLaVA with M3 pooling after the projector."""
+"""PyTorch / transformers backend: a Hugging Face LLaVA with M3 pooling after the projector.
+
+The model's family (:mod:`m3cli.families`) is detected from its files before any weights load
+(:func:`m3cli.backends.locate.locate_model`, which also finds hub ids and converts original-layout
+checkpoints once into the cache); the family then gives the backend its pixels (``pad`` for original
+LLaVA-1.5 checkpoints and their conversions, ``crop`` for llava-hf's CLIP processor) and its prompt ids
+(the family's recipe through :class:`~m3cli.families.HFTokenizerAdapter`). transformers supplies the
+modelling code and the tokenizer only.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError
-from m3cli.backends.prompt import ChatPrompt, chat_messages
+from m3cli.backends.prompt import FamilyPrompt
 from m3cli.dtypes import DTYPES, torch_dtype
-from m3cli.errors import describe
+from m3cli.errors import M3Error, describe
 from m3cli.scales import nested_scales, pool
 
 log = logging.getLogger(__name__)
@@ -55,41 +63,79 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", threads: int | None = None):
-        import torch
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                 vision_tower: str | Path | None = None, chat_template: str | None = None):
+        from m3cli.backends.locate import find_model, prepare_model
+        from m3cli.families import HFTokenizerAdapter, follow_tokenizer
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.model_id = str(model)
+        # detection first (no torch, no weights), then the device, then the one-time conversion and the load
+        found = find_model(str(model), vision_tower=vision_tower, chat_template=chat_template)
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
-        self.model, self.processor = _load(self.model_id, self.device, self.dtype)
+        located = prepare_model(found)
+        self.model_id = str(model)
+        self.model_dir = located.path
+        self.family = located.family
+        self.spec = located.family.spec
+        if self.spec.family != "llava15":
+            raise ModelLoadError(f"{model}: the torch backend runs LLaVA-1.5 models only, not {self.spec.name}")
+        self.processor = _load_processor(self.model_id, located.path)
         self.tokenizer = self.processor.tokenizer
+        # the prompt is checked against the tokenizer before the weights load
+        adapter = HFTokenizerAdapter(self.tokenizer)
+        self.family = follow_tokenizer(self.family, adapter)
+        self.spec = self.family.spec
+        self.prompt = FamilyPrompt(self.family, adapter, self.model_id)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.model = _load_weights(self.model_id, located.path, self.device, self.dtype)
         cfg = self.model.config
         if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
             raise ModelLoadError(f"{model}: only LLaVA models that drop CLS ('default' strategy) are supported")
         vision = cfg.vision_config
+        if vision.image_size != self.spec.image.size:
+            raise ModelLoadError(f"{model}: the vision tower takes {vision.image_size}px images but the image "
+                                 f"processor makes {self.spec.image.size}px ones")
         self.grid_side = vision.image_size // vision.patch_size
         self.scales = nested_scales(self.grid_side)
         self.feature_layer = _drop_unused_tower_layers(self.model)
         self.image_token_id = cfg.image_token_id
+        if self.prompt.image_token_id != self.image_token_id:
+            raise ModelLoadError(f"{model}: the tokenizer's <image> is id {self.prompt.image_token_id} but the "
+                                 f"model's image_token_id is {self.image_token_id}")
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.prompt = hf_chat_prompt(self.processor, self.image_token_id, self.model_id)
 
     # -- prompts -------------------------------------------------------------------------
     def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
-        """Token ids of the chat prompt with exactly ``n_image_tokens`` image placeholders."""
+        """Token ids of the family's prompt with exactly ``n_image_tokens`` image placeholders."""
         return self.prompt.ids(question, n_image_tokens)
 
     # -- encoding ------------------------------------------------------------------------
     def pixel_values(self, images: Sequence):
-        """The processor's normalised pixel tensor for a list of PIL images."""
-        out = self.processor.image_processor(list(images), return_tensors="pt")
-        return out["pixel_values"].to(self.device, self.dtype)
+        """The family's normalised pixels for a list of PIL images: ``(N, 3, size, size)``.
+
+        The geometry (pad or crop, CLIP's resize) and the normalisation are the family's
+        (:func:`m3cli.families.tower_image`, :func:`m3cli.families.pixel_array`), equal bit for bit to
+        transformers' PIL image processors and independent of which processor class is installed.
+        """
+        import numpy as np
+        import torch
+
+        from m3cli.families import pixel_array
+
+        arrays = []
+        for image in images:
+            crops = self.family.crops(image if image.mode == "RGB" else image.convert("RGB"))
+            if len(crops) != 1:
+                raise ModelLoadError(f"{self.model_id}: {len(crops)} crops per image; the torch backend takes one")
+            arrays.append(pixel_array(crops[0], self.spec.image))
+        return torch.from_numpy(np.stack(arrays)).to(self.device, self.dtype)
 
     def encode(self, images: Sequence) -> list[Encoded]:
         """Vision tower + projector once per image: one (G*G, D) grid each."""
@@ -205,19 +251,6 @@ class TorchBackend:
             torch.cuda.empty_cache()
 
 
-def hf_chat_prompt(processor, image_token_id: int, model_id: str) -> ChatPrompt:
-    """The prompt of a transformers model: its processor's chat template and tokenizer (BOS added)."""
-    tokenizer = processor.tokenizer
-
-    def render(question: str) -> str:
-        return processor.apply_chat_template(chat_messages(question), add_generation_prompt=True, tokenize=False)
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=True).input_ids
-
-    return ChatPrompt(render, tokenize, image_token_id, model_id)
-
-
 def _drop_unused_tower_layers(model):
     """Drop the vision layers after the one the projector reads; returns the layer index to read now.
 
@@ -248,27 +281,47 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _load(model: str, device: str, dtype):
-    """Load model + processor, turning every failure into one line."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def _load_processor(model_id: str, path: Path):
+    """The directory's processor (its tokenizer is what the backend uses), as one-line errors."""
+    from transformers import AutoProcessor
 
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_local and not path.is_dir():
-        raise ModelLoadError(f"model directory not found: {model}")
-    if looks_local and not (path / "config.json").is_file():
-        raise ModelLoadError(f"{model}: not a Hugging Face model directory (no config.json)")
-    source = str(path) if looks_local else model
     try:
-        processor = AutoProcessor.from_pretrained(source)
-        net = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load model {model}: {describe(exc)}") from exc
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise ModelLoadError(f"{model}: not a loadable LLaVA model: {describe(exc)}") from exc
-    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
-        raise ModelLoadError(f"{model}: processor lacks a tokenizer or an image processor")
+        processor = AutoProcessor.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer/processor file is the user's to fix
+        raise ModelLoadError(f"{model_id}: cannot load its tokenizer or processor: {describe(exc)}") from None
+    if getattr(processor, "tokenizer", None) is None:
+        raise ModelLoadError(f"{model_id}: processor lacks a tokenizer")
+    return processor
+
+
+def _load_weights(model_id: str, path: Path, device: str, dtype):
+    """The model from the local directory ``path``, every failure one line.
+
+    The weight files are checked first (an empty or truncated safetensors file is named, not a traceback);
+    a ``pytorch_model.bin`` that ``torch.load(weights_only=True)`` refuses is one line too.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from m3cli.weights import check_weight_files
+
+    try:
+        check_weight_files(path)
+    except M3Error as exc:
+        raise ModelLoadError(str(exc)) from None
+    try:
+        net = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - corrupt or incompatible weights: one line, never a traceback
+        raise ModelLoadError(_weights_error(model_id, path, exc)) from None
     net.to(device)
     net.eval()
-    return net, processor
+    return net
 
+
+def _weights_error(model_id: str, path: Path, exc: BaseException) -> str:
+    """One line for a weights load failure."""
+    text = describe(exc)
+    if "weights_only" in str(exc) or type(exc).__name__ == "UnpicklingError":
+        bins = sorted(p.name for p in path.glob("*.bin")) or ["pytorch_model.bin"]
+        return (f"{model_id}: {bins[0]} holds pickled objects that torch.load(weights_only=True) refuses to run; "
+                "convert it to safetensors where you trust it, or use a safetensors copy")
+    return f"{model_id}: cannot load the weights: {type(exc).__name__}: {text}"

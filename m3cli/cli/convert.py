@@ -13,6 +13,7 @@ CONVERT_EXAMPLE = """
 \b
 Examples:
   m3 convert ~/ckpt/llava-v1.5-7b-m3 --to hf ~/models/llava-v1.5-7b-m3-hf
+  m3 convert mucai/llava-v1.5-7b-m3 --to hf ~/models/llava-v1.5-7b-m3-hf
   m3 convert models/m3-shapes --to gguf ~/models/m3-shapes-gguf --outtype q8_0
   m3 convert --fix-mmproj mmproj-model-f16.gguf ~/models/fixed
 """
@@ -22,12 +23,14 @@ Examples:
 @click.argument("src")
 @click.argument("out")
 @click.option("--to", "target", type=click.Choice(["hf", "gguf"]), default=None,
-              help="hf: original-LLaVA checkpoint -> transformers layout; gguf: HF LLaVA -> LM + mmproj GGUF.")
+              help="hf: original-LLaVA checkpoint (directory, hub id or registry name) -> transformers layout that "
+                   "keeps its recipe; gguf: HF LLaVA -> LM + mmproj GGUF.")
 @click.option("--fix-mmproj", is_flag=True, help="Rewrite a legacy llama.cpp LLaVA mmproj (SRC) into OUT dir.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
               help="gguf: weight type of the language model (the mmproj stays f32, or f16 with f16).")
 @click.option("--vision-tower", type=click.Path(file_okay=False), default=None,
-              help="hf: local CLIP directory when the checkpoint does not carry its tower.")
+              help="hf: local CLIP directory when the checkpoint does not carry its tower and its mm_vision_tower "
+                   "is not in the local Hugging Face cache (default: $M3_VISION_TOWER).")
 @click.option("--dtype", default="auto", show_default=True, help="hf: auto (keep), float32, float16 or bfloat16.")
 def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
     """Convert models: SRC --to hf OUT, SRC --to gguf OUT_DIR, or --fix-mmproj IN OUT_DIR."""
@@ -39,13 +42,34 @@ def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
 
             click.echo(str(fix(src, out)))
         elif target == "hf":
+            from m3cli.backends.locate import vision_tower_option
             from m3cli.convert.original_llava import convert_original_to_hf
 
-            click.echo(str(convert_original_to_hf(src, out, dtype=dtype, vision_tower=vision_tower)))
+            src_dir, label = _original_source(src)
+            tower = vision_tower_option(vision_tower)
+            click.echo(str(convert_original_to_hf(src_dir, out, dtype=dtype, vision_tower=tower, source=label)))
         else:
             click.echo("\n".join(map(str, _to_gguf(src, out, outtype))))
     except ConvertError as exc:  # shown as a usage error of this command, as click shows its own
         raise click.UsageError(str(exc)) from None
+
+
+def _original_source(src: str) -> tuple[str, str]:
+    """SRC for --to hf: a directory as it is; a registry name or hub id from the local cache (or downloaded)."""
+    if Path(src).exists():
+        return src, src
+    from m3cli import hub
+    from m3cli.registry import resolve_model
+
+    resolved = resolve_model(src)
+    if Path(resolved).exists() or not hub.looks_like_hub_id(resolved):
+        return resolved, resolved
+    from m3cli.families import detect_family
+
+    meta = hub.fetch(resolved, what="checkpoint", weights=False)
+    if detect_family(meta).layout != "original":  # refused before the weights download
+        raise ConvertError(f"{resolved}: already a Hugging Face model; load it directly")
+    return str(hub.fetch(resolved, what="checkpoint")), resolved
 
 
 def _to_gguf(src: str, out: str, outtype: str):

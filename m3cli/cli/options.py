@@ -123,6 +123,12 @@ def _gpu_layers(ctx, param, value):
 
 def model_options(fn):
     """Options shared by every command that loads a model (``open_backend``'s keyword arguments)."""
+    fn = click.option("--vision-tower", type=click.Path(file_okay=False), default=None,
+                      help="Original LLaVA checkpoints: the CLIP tower directory (default: $M3_VISION_TOWER, "
+                           "else mm_vision_tower from the local Hugging Face cache).")(fn)
+    fn = click.option("--chat-template", default=None, metavar="FILE|NAME",
+                      help="The prompt: a jinja / chat_template.json file or a recipe (vicuna_v1, "
+                           "mistral_instruct, chatml_direct); also for a model without a template.")(fn)
     fn = click.option("--ctx", type=click.IntRange(64, 1 << 24), default=None,
                       help="GGUF: context length (default 2048).")(fn)
     fn = click.option("--mmproj-offload/--no-mmproj-offload", default=None,

@@ -1,11 +1,14 @@
 """Convert an original-LLaVA checkpoint (``LlavaLlamaForCausalLM``) to the Hugging Face layout.
 
-M3's released checkpoints (``mucai/llava-v1.5-7b-m3``, ``mucai/llava-next-vicuna-7b-m3``) are
-stored the way haotian-liu/LLaVA saves them: ``model_type: llava_llama``, the projector as
-``model.mm_projector.{0,2}``, the Llama weights at ``model.*`` and the CLIP tower either inside
-the checkpoint (``model.vision_tower.vision_tower.vision_model.*``) or only named by
-``mm_vision_tower``. This module rewrites such a directory as a stock
-``LlavaForConditionalGeneration`` + ``LlavaProcessor`` directory that ``TorchBackend`` loads.
+M3's released checkpoints (``mucai/llava-v1.5-7b-m3``) and liuhaotian's LLaVA-1.5 are stored the way
+haotian-liu/LLaVA saves them: ``model_type`` ``llava_llama`` (or ``llava`` with the ``mm_*`` keys), the
+projector as ``model.mm_projector.{0,2}``, the Llama weights at ``model.*`` and the CLIP tower either
+inside the checkpoint (``model.vision_tower.vision_tower.vision_model.*``) or only named by
+``mm_vision_tower``. This module rewrites such a directory as a stock ``LlavaForConditionalGeneration``
++ ``LlavaProcessor`` directory that keeps the original recipe (``pad`` preprocessing through
+``LlavaImageProcessor(do_pad=True)``, the ``vicuna_v1`` chat template, an ``m3cli`` block in config.json;
+see :mod:`m3cli.families.converted`), so ``TorchBackend`` and plain transformers both answer as the
+original does. :mod:`m3cli.convert.original_cache` runs it once into the cache on first load.
 
 Weights are streamed one source shard at a time into a model built on the meta device, so
 peak memory is about one copy of the model (never the source and the output together).
@@ -13,12 +16,19 @@ peak memory is about one copy of the model (never the source and the output toge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 
 from m3cli.build import IMAGE_TOKEN
-from m3cli.convert.original_parts import find_tower_dir, llava_processor, prepare_tokenizer, vision_config_for
+from m3cli.convert.original_parts import (
+    find_tower_dir,
+    is_sentencepiece,
+    llava_processor,
+    prepare_tokenizer,
+    vision_config_for,
+)
 from m3cli.convert.original_weights import (
     SRC_PROJECTOR,
     SRC_PROJECTOR_KEYS,
@@ -30,7 +40,8 @@ from m3cli.convert.original_weights import (
     tower_rest,
 )
 from m3cli.dtypes import DTYPES, torch_dtype
-from m3cli.errors import ConvertError, describe
+from m3cli.errors import ConvertError, ModelError, describe
+from m3cli.families.converted import M3CLI_KEY, m3cli_block, vicuna_v1_template
 from m3cli.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -49,15 +60,22 @@ def convert_original_to_hf(
     out: str | Path,
     dtype: str = "auto",
     vision_tower: str | Path | None = None,
+    *,
+    source: str | None = None,
 ) -> Path:
     """Convert the original-LLaVA directory ``src`` into a HF LLaVA directory ``out``.
 
     ``vision_tower`` is a local CLIP directory (``config.json``, optionally weights and
     ``preprocessor_config.json``), needed when the checkpoint does not carry its tower and
-    ``mm_vision_tower`` is not a local path. Tower weights inside the checkpoint take
-    precedence over the directory's. ``dtype`` is ``auto`` (keep the checkpoint's) or
-    float32 / float16 / bfloat16. ``out`` must not exist or be empty; it is written to a
+    ``mm_vision_tower`` is neither a local path nor in the local Hugging Face cache. Tower weights
+    inside the checkpoint take precedence over the directory's. ``dtype`` is ``auto`` (keep the
+    checkpoint's) or float32 / float16 / bfloat16. ``source`` names the checkpoint in the output's
+    ``m3cli`` block (default: ``src``). ``out`` must not exist or be empty; it is written to a
     temporary sibling first and appears only when complete. Returns ``out``.
+
+    The output keeps the original recipe (see :mod:`m3cli.families.converted`): an ``m3cli`` block in
+    config.json, a ``LlavaImageProcessor`` that pads (``image_aspect_ratio: pad``) and the ``vicuna_v1``
+    chat template.
     """
     import torch
 
@@ -75,10 +93,14 @@ def convert_original_to_hf(
     names = weights.keys()
     _check_lm_weights(src, names)
     tower_dir = find_tower_dir(cfg, src, vision_tower)
+    spec = _source_spec(src, tower_dir)
     tower_in_ckpt = any(k.startswith(SRC_TOWER) for k in names)
     tower_files = None if tower_in_ckpt else _separate_tower(cfg, src, tower_dir)
     vision_config = vision_config_for(cfg, tower_dir, weights if tower_in_ckpt else tower_files)
     tokenizer, tok_before, added = prepare_tokenizer(src)
+    spm = is_sentencepiece(tokenizer)
+    template = vicuna_v1_template(spm=spm) if spec.prompt_recipe == "vicuna_v1" else None
+    tokenizer.chat_template = template
 
     src_rows, hidden = weights.shape("model.embed_tokens.weight")
     if tok_before > src_rows:
@@ -105,31 +127,47 @@ def convert_original_to_hf(
     grid = vision_config.image_size // vision_config.patch_size
     config = _llava_config(cfg, vision_config, tokenizer, vocab, tie, strategy,
                            grid * grid + (strategy == "full"), target_dtype)
+    setattr(config, M3CLI_KEY, m3cli_block(spec, source or str(src)))
 
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     _fill_weights(model, src, weights, tower_files, tie, vocab, new_rows, target_dtype)
-    notes: list[str] = []
-    if "model.image_newline" in names:
-        notes.append("LLaVA-NeXT `image_newline` dropped: this is a plain LLaVA (one base image, no anyres tiles).")
 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    processor = llava_processor(tokenizer, vision_config, strategy, tower_dir, src)
+    processor = llava_processor(tokenizer, vision_config, strategy, spec, template)
 
     with atomic_dir(out, prefix=f".{out.name}.converting-") as tmp:
         model.save_pretrained(tmp, max_shard_size="5GB")
         processor.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_readme(src, cfg, tower_in_ckpt, tower_dir, added, src_rows, vocab,
-                                               vision_config, strategy, notes))
+        (tmp / "README.md").write_text(_readme(src, cfg, spec, tower_in_ckpt, tower_dir, added, src_rows, vocab,
+                                               vision_config, strategy, spm))
         if out.exists():
-            out.rmdir()  # checked empty above; the finished folder is renamed onto its name
+            with contextlib.suppress(OSError):  # checked empty above; a racing conversion may have filled it
+                out.rmdir()
     log.info("wrote %s", out)
     return out
+
+
+def _source_spec(src: Path, tower_dir: Path | None):
+    """The family detection's view of the source (its recipe and preprocessing go into the output)."""
+    from m3cli.families import detect_family
+
+    try:
+        spec = detect_family(src, vision_tower=tower_dir)
+    except ModelError as exc:
+        raise ConvertError(str(exc)) from None
+    if spec.layout != "original":
+        raise ConvertError(f"{src}: not an original-layout LLaVA checkpoint ({spec.name})")
+    if spec.family != "llava15":
+        aspect = spec.source.image_aspect_ratio if spec.source else "?"
+        raise ConvertError(f"{src}: {spec.name} (image_aspect_ratio {aspect}) is not supported by the converter "
+                           "yet; LLaVA-1.5 checkpoints are")
+    return spec
 
 
 def _check_lm_weights(src: Path, names) -> None:
@@ -235,9 +273,11 @@ def _read_source_config(src: Path) -> dict:
         raise ConvertError(f"{path}: config is not a JSON object")
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    if model_type == "llava" or "LlavaForConditionalGeneration" in archs:
-        raise ConvertError(f"{src}: already a Hugging Face LLaVA (model_type llava); load it directly")
-    if model_type != "llava_llama" and "LlavaLlamaForCausalLM" not in archs:
+    # liuhaotian's own releases say model_type "llava" like transformers' LLaVA; their mm_* keys tell them apart
+    original = "mm_vision_tower" in cfg and "vision_config" not in cfg
+    if not original and (model_type in ("llava", "llava_next") or "LlavaForConditionalGeneration" in archs):
+        raise ConvertError(f"{src}: already a Hugging Face LLaVA (model_type {model_type}); load it directly")
+    if model_type not in ("llava_llama", "llava") and "LlavaLlamaForCausalLM" not in archs:
         raise ConvertError(f"{src}: not an original LLaVA-Llama checkpoint (model_type {model_type!r})")
     if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ConvertError(f"{src}: projector type {cfg['mm_projector_type']!r} unsupported (only mlp2x_gelu)")
@@ -281,23 +321,30 @@ def _target_dtype(requested: str, source):
     return torch_dtype(requested)
 
 
-def _readme(src, cfg, tower_in_ckpt, tower_dir, added, src_rows, vocab, vc, strategy, notes) -> str:
+def _readme(src, cfg, spec, tower_in_ckpt, tower_dir, added, src_rows, vocab, vc, strategy, spm) -> str:
     tower = "from the checkpoint" if tower_in_ckpt else f"from {tower_dir}"
     added_text = ", ".join(f"{t} (id {i})" for t, i in added.items()) or "none"
+    aspect = cfg.get("image_aspect_ratio", "square")
     lines = [
         "# Converted LLaVA checkpoint",
         "",
-        f"Converted by `m3 convert --to hf` from `{src}` (original LLaVA layout, "
-        f"`{(cfg.get('architectures') or ['LlavaLlamaForCausalLM'])[0]}`) to `LlavaForConditionalGeneration`.",
+        f"Converted by m3 from `{src}` (original LLaVA layout, "
+        f"`{(cfg.get('architectures') or ['LlavaLlamaForCausalLM'])[0]}`) to `LlavaForConditionalGeneration`. "
+        "It keeps the original recipe, also for plain transformers users (`AutoProcessor` + the chat template):",
         "",
         f"- Vision tower `{cfg.get('mm_vision_tower')}` ({tower}): {vc.image_size}px, patch {vc.patch_size}, "
         f"feature layer {cfg.get('mm_vision_select_layer')}, strategy `{strategy}`.",
         f"- Tokens added: {added_text}; embeddings resized {src_rows} -> {vocab} rows (new rows = mean of the old).",
-        "- Chat template: LLaVA-1.5 `USER: <image>\\n{question} ASSISTANT:` (vicuna_v1 without its system line).",
-        f"- image_aspect_ratio: {cfg.get('image_aspect_ratio', 'square')}"
-        + (" — the original pads each image to a square (background = the processor's mean colour) before "
-           "CLIP preprocessing; this processor does not pad (the media loader does, if at all)."
-           if cfg.get("image_aspect_ratio") == "pad" else ""),
+        f"- image_aspect_ratio: {aspect}"
+        + (" — each image is padded to a square with the processor's mean colour, centred, before CLIP "
+           "preprocessing (`LlavaImageProcessor` with `do_pad: true`, the original `expand2square`)."
+           if spec.preprocess == "pad" else " — CLIP's resize and centre crop."),
+        f"- Prompt: `{spec.prompt_recipe}`"
+        + (" (the system line, then `USER: <image>\\n{question} ASSISTANT:`), as the LLaVA-1.5 and M3 evaluations "
+           "use it; the chat template writes `<image> \\n` so that transformers' tokenisation gives the original "
+           "per-piece ids (a `▁` before the newline)." if spec.prompt_recipe == "vicuna_v1" and spm else
+           " (the system line, then `USER: <image>\\n{question} ASSISTANT:`)." if spec.prompt_recipe == "vicuna_v1"
+           else " (recorded in config.json's `m3cli` block; no chat template written)."),
+        "- config.json's `m3cli` block records the recipe for m3.",
     ]
-    lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -9,12 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from m3cli.build import CHAT_TEMPLATE, IMAGE_TOKEN, PAD
+from m3cli.build import IMAGE_TOKEN, PAD
 from m3cli.convert.original_weights import SRC_TOWER, WeightFiles, tower_rest
 from m3cli.errors import ConvertError, describe
-
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # The public towers LLaVA uses, so a checkpoint that carries its tower converts without
 # a copy of the CLIP repository. Checked against the weight shapes before use.
@@ -30,16 +27,13 @@ CLIP_PRESETS = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
-# Image-processor settings read from a CLIP ``preprocessor_config.json``.
-IMAGE_PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
-                          "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
-
 
 # -- vision tower ------------------------------------------------------------------------
 
 
 def find_tower_dir(cfg: dict, src: Path, given) -> Path | None:
-    """The local CLIP directory: the argument, else ``mm_vision_tower`` if it is a local dir."""
+    """The local CLIP directory: the argument, else ``mm_vision_tower`` as a local directory (absolute, or
+    relative to the checkpoint), else that hub id's snapshot in the local Hugging Face cache (no network)."""
     if given is not None:
         path = Path(given).expanduser()
         if not path.is_dir():
@@ -56,6 +50,12 @@ def find_tower_dir(cfg: dict, src: Path, given) -> Path | None:
                 return path
         except OSError:
             continue
+    from m3cli import hub
+
+    if hub.looks_like_hub_id(name):
+        cached = hub.cached_snapshot(name)
+        if cached is not None and (cached / "config.json").is_file():
+            return cached
     return None
 
 
@@ -108,27 +108,39 @@ def vision_config_for(cfg: dict, tower_dir: Path | None, weights: WeightFiles):
     return vc
 
 
-# -- tokenizer and processor -------------------------------------------------------------
+# -- tokenizer and processor ------------------------------------------------------------
 
 
 def prepare_tokenizer(src: Path):
-    """The source tokenizer with ``<image>`` (and ``<pad>`` if missing) added; (tok, len before, added)."""
+    """The source tokenizer with ``<image>`` (and ``<pad>`` if missing) added; (tok, len before, added).
+
+    A ``tokenizer.model``-only checkpoint (every LLaVA-1.5 / Vicuna release) is converted to a fast tokenizer,
+    which needs ``sentencepiece`` and ``protobuf``; without them this is one line saying so (transformers would
+    fall back to a tiktoken reader and fail with a message about tiktoken). The copy that is loaded has the
+    ``"__type": "AddedToken"`` keys of transformers-4.31-era configs removed: the tokenizers library prints an
+    "Ignored unknown kwarg option __type" line for each one otherwise.
+    """
     from transformers import AddedToken, AutoTokenizer
 
     if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ConvertError(f"{src}: no tokenizer files (tokenizer.model or tokenizer.json)")
+    spm_only = (src / "tokenizer.model").is_file() and not (src / "tokenizer.json").is_file()
+    if spm_only:
+        missing = [m for m in ("sentencepiece", "google.protobuf") if not _importable(m)]
+        if missing:
+            names = " and ".join("protobuf" if m == "google.protobuf" else m for m in missing)
+            raise ConvertError(f"{src}: its tokenizer is a SentencePiece tokenizer.model, which needs the {names} "
+                               f"package{'s' if len(missing) > 1 else ''}: pip install sentencepiece protobuf")
     try:
         # Load from a copy of just the tokenizer files: next to a llava_llama config.json,
         # AutoTokenizer would consult that (unknown) model type.
         with tempfile.TemporaryDirectory(prefix="m3-tokenizer-") as tmp:
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
-                    shutil.copyfile(src / name, Path(tmp) / name)
+                    _copy_tokenizer_file(src / name, Path(tmp) / name)
             tok = AutoTokenizer.from_pretrained(tmp)
     except Exception as exc:  # noqa: BLE001 - any tokenizer failure becomes one line
-        hint = " (a sentencepiece tokenizer.model needs the sentencepiece package)" \
-            if (src / "tokenizer.model").is_file() and not (src / "tokenizer.json").is_file() else ""
-        raise ConvertError(f"{src}: cannot load the tokenizer: {describe(exc)}{hint}") from exc
+        raise ConvertError(f"{src}: cannot load the tokenizer: {describe(exc)}") from exc
     before = len(tok)
     vocab = tok.get_vocab()
     added: dict[str, int] = {}
@@ -138,42 +150,66 @@ def prepare_tokenizer(src: Path):
             added[text] = tok.convert_tokens_to_ids(text)
     tok.pad_token = PAD
     tok.padding_side = "left"
-    tok.chat_template = CHAT_TEMPLATE
     probe = tok("USER: <image>\nhi", add_special_tokens=False).input_ids
     if probe.count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) != 1:
         raise ConvertError(f"{src}: the tokenizer does not keep {IMAGE_TOKEN} as one token")
     return tok, before, added
 
 
-def llava_processor(tokenizer, vision_config, strategy: str, tower_dir: Path | None, src: Path):
-    """A stock ``LlavaProcessor``: CLIP preprocessing from the tower's (or source's) config, our chat template."""
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _copy_tokenizer_file(src: Path, dst: Path) -> None:
+    """Copy a tokenizer file; JSON configs lose their ``__type`` keys on the way."""
+    if src.suffix != ".json":
+        shutil.copyfile(src, dst)
+        return
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConvertError(f"{src}: unreadable: {describe(exc)}") from exc
+    dst.write_text(json.dumps(_without_type_keys(data), ensure_ascii=False), encoding="utf-8")
+
+
+def _without_type_keys(value):
+    if isinstance(value, dict):
+        return {k: _without_type_keys(v) for k, v in value.items() if k != "__type"}
+    if isinstance(value, list):
+        return [_without_type_keys(v) for v in value]
+    return value
+
+
+def is_sentencepiece(tokenizer) -> bool:
+    """Whether the tokenizer puts SentencePiece's dummy prefix in front of a text (LLaMA / Vicuna ones do)."""
+    from m3cli.families import HFTokenizerAdapter, PieceEncoder
+
+    return PieceEncoder(HFTokenizerAdapter(tokenizer)).has_dummy_prefix
+
+
+def llava_processor(tokenizer, vision_config, strategy: str, spec, chat_template: str | None):
+    """A stock ``LlavaProcessor`` that keeps the original recipe: ``LlavaImageProcessor`` (``do_pad`` for
+    ``image_aspect_ratio: pad``) with the tower's settings as detection read them, and ``chat_template``."""
     from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from m3cli.families.converted import image_processor_config
 
     side = vision_config.image_size
-    settings = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                    do_center_crop=True, resample=3, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-    for folder in (tower_dir, src):
-        path = folder / "preprocessor_config.json" if folder is not None else None
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ConvertError(f"{path}: unreadable: {describe(exc)}") from exc
-            settings.update({k: data[k] for k in IMAGE_PROCESSOR_FIELDS if k in data})
-            break
-    if isinstance(settings["size"], int):
-        settings["size"] = {"shortest_edge": settings["size"]}
-    if isinstance(settings["crop_size"], int):
-        settings["crop_size"] = {"height": settings["crop_size"], "width": settings["crop_size"]}
-    crop = settings["crop_size"]
-    if settings.get("do_center_crop", True) and (crop.get("height"), crop.get("width")) != (side, side):
-        raise ConvertError(f"image processor crops to {crop} but the tower expects {side}x{side}")
+    if spec.image.size != side:
+        raise ConvertError(f"the image processor makes {spec.image.size}x{spec.image.size} images but the tower "
+                           f"expects {side}x{side}")
+    settings = {k: v for k, v in image_processor_config(spec).items() if k != "image_processor_type"}
     return LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(**settings),
+        image_processor=LlavaImageProcessorPil(**settings),
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=strategy,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         num_additional_image_tokens=1,
     )

@@ -96,6 +96,14 @@ class WeightFiles:
         self.kind, self.files, self._keys = self._discover(folder)
         if not self.files and not allow_empty:
             raise ConvertError(f"{folder}: no {what} weights (*.safetensors or pytorch_model*.bin)")
+        if self.kind == "safetensors":
+            from m3cli.weights import WeightFileError, check_safetensors
+
+            for path in self.files:  # an empty or truncated shard is named now, not a traceback mid-conversion
+                try:
+                    check_safetensors(path)
+                except WeightFileError as exc:
+                    raise ConvertError(str(exc)) from None
         self._bin_cache: tuple[Path, dict] | None = None
 
     @staticmethod

@@ -67,6 +67,25 @@ def family_for(spec: FamilySpec, recipe: PromptRecipe | None = None) -> Family:
     return getattr(importlib.import_module(module), cls)(spec, recipe)
 
 
+def follow_tokenizer(family: Family, tok: TokenizerAdapter) -> Family:
+    """``family`` with its chat-template recipe doing what ``tok`` does after a special token.
+
+    The ``hf_template`` recipe promises transformers' tokenisation of the rendered prompt; an adapter that
+    measures it (``HFTokenizerAdapter.prefix_after_special``) overrides what detection read from the files.
+    Other recipes, and adapters that do not measure (None), leave ``family`` as it is.
+    """
+    from dataclasses import replace
+
+    from m3cli.families.prompts import TemplateRecipe
+
+    measured = getattr(tok, "prefix_after_special", None)
+    recipe = family.recipe
+    if measured is None or not isinstance(recipe, TemplateRecipe) or recipe.prefix_after_special == measured:
+        return family
+    spec = replace(family.spec, prefix_after_special=measured)
+    return family_for(spec, TemplateRecipe(recipe.template, prefix_after_special=measured))
+
+
 def open_family(path: str | Path, *, vision_tower: str | Path | None = None,
                 fallback_recipe: str | None = None) -> Family:
     """:func:`detect_family` then :func:`family_for`: refuses, in one line, anything m3 cannot run."""
@@ -77,6 +96,6 @@ __all__ = [
     "FAMILIES", "RECIPE_NAMES", "SUPPORTED", "Family", "FamilyBase", "FamilySpec", "HFTokenizerAdapter",
     "ImageSpec", "OriginalSource", "PieceEncoder", "PromptParts", "PromptRecipe", "QuestionError",
     "TemplateError", "TokenizerAdapter", "UnsupportedModelError", "chat_template_option", "detect_family",
-    "family_for", "find_chat_template", "gguf_family_spec", "open_family", "pixel_array", "recipe_for_template",
-    "recipe_from_gguf", "recipe_named", "render_chat_template", "tower_image",
+    "family_for", "find_chat_template", "follow_tokenizer", "gguf_family_spec", "open_family", "pixel_array",
+    "recipe_for_template", "recipe_from_gguf", "recipe_named", "render_chat_template", "tower_image",
 ]

@@ -180,7 +180,7 @@ def _hf(root: Path, cfg: dict, arch: str, *, next_: bool, fallback_recipe: str |
         chat_template=template,
         image_token=str(proc_cfg.get("image_token") or "<image>"),
         image_token_id=int(token_id) if token_id is not None else None,
-        prefix_after_special=_legacy_spm(tok_cfg),
+        prefix_after_special=_prefix_after_special(root, tok_cfg),
         converted=bool(block),
         grid_pinpoints=pinpoints,
         anyres_flavour="hf" if next_ else None,
@@ -260,6 +260,46 @@ def _legacy_spm(tok_cfg: dict) -> bool:
     # Metaspace prepend_scheme "always"); the default legacy=false does so only at the start ("first")
     cls = str(tok_cfg.get("tokenizer_class") or "")
     return bool(tok_cfg.get("legacy")) and cls.startswith(("LlamaTokenizer", "CodeLlamaTokenizer"))
+
+
+def _prefix_after_special(root: Path, tok_cfg: dict) -> bool:
+    """Whether transformers' tokenizer of ``root`` puts SentencePiece's "▁" in front of text after a special token.
+
+    transformers 5 runs a ``tokenizer.json`` pipeline as it is written, so that file decides: a ``Prepend("▁")``
+    normaliser (the form transformers 4.3x wrote, e.g. in the llava-hf repositories) or a Metaspace
+    pre-tokenizer with ``prepend_scheme: always`` prefixes every text segment, also the one after ``<image>``;
+    ``prepend_scheme: first`` only the first. Without a ``tokenizer.json`` the slow tokenizer is converted
+    with the ``legacy`` flag of ``tokenizer_config.json``.
+    """
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        return _legacy_spm(tok_cfg)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return _legacy_spm(tok_cfg)  # the tokenizer load reports a broken file; detection stays on the config
+    if not isinstance(data, dict):
+        return False
+    for node in _pipeline_nodes(data.get("normalizer")):
+        if node.get("type") == "Prepend" and node.get("prepend") == "\u2581":
+            return True
+    for node in _pipeline_nodes(data.get("pre_tokenizer")):
+        if node.get("type") == "Metaspace":
+            scheme = node.get("prepend_scheme")
+            if scheme is None:  # tokenizers < 0.14 wrote add_prefix_space instead
+                return bool(node.get("add_prefix_space", True))
+            return scheme == "always"
+    return False
+
+
+def _pipeline_nodes(node: Any) -> list[dict]:
+    """A tokenizer.json normaliser / pre-tokenizer and the members of its Sequence, flattened."""
+    if not isinstance(node, dict):
+        return []
+    members = node.get("normalizers") or node.get("pretokenizers")
+    if node.get("type") == "Sequence" and isinstance(members, list):
+        return [n for m in members for n in _pipeline_nodes(m)]
+    return [node]
 
 
 def find_chat_template(root: str | Path, proc_cfg: dict | None = None) -> str | None:
@@ -404,8 +444,9 @@ def _tower_image_spec(name: str, tower_name: str, tower_dir: Path | None) -> Ima
     if tower_dir is None:
         known = KNOWN_TOWERS.get(tower_name)
         if known is None:
-            raise ModelError(f"{name}: cannot tell the image settings of vision tower {tower_name}; "
-                             "pass --vision-tower DIR")
+            raise ModelError(f"{name}: its vision tower {tower_name} is neither a local directory nor in the local "
+                             f"Hugging Face cache; pass --vision-tower DIR, or download it first "
+                             f"(huggingface-cli download {tower_name})")
         return known
     tower_cfg = _read_json(tower_dir / "config.json")
     vision_cfg = tower_cfg.get("vision_config") or tower_cfg
