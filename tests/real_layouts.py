@@ -669,6 +669,11 @@ def build_llava_hf_bpe(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: i
 # --------------------------------------------------------------------------- llama.cpp's converters
 
 LLAMACPP_SRC_ENV = "M3_LLAMACPP_SRC"
+# Where the README's test command (and .ci/run) puts the llama-cpp-python sdist with ``pip download``.
+REPO_SDIST_DIR = Path(__file__).resolve().parents[1] / ".cache" / "llama-cpp-src"
+LLAMACPP_SDIST = "llama-cpp-python==0.3.36"
+LLAMACPP_HOWTO = (f"pip download --no-deps --no-binary :all: {LLAMACPP_SDIST} -d {REPO_SDIST_DIR} "
+                  f"(or set {LLAMACPP_SRC_ENV} to a llama.cpp tree or that sdist)")
 
 
 def _llamacpp_root(path: Path) -> Path | None:
@@ -682,10 +687,12 @@ def find_llamacpp(cache_dir: str | Path, *, allow_download: bool = False) -> Pat
     """A llama.cpp source tree holding ``convert_hf_to_gguf.py`` and the legacy LLaVA converter.
 
     Looked for in this order: ``$M3_LLAMACPP_SRC`` (a llama.cpp checkout, an unpacked
-    llama-cpp-python sdist, or its ``.tar.gz``); a tree already unpacked under ``cache_dir``; with
-    ``allow_download``, the llama-cpp-python sdist of the installed version fetched with
-    ``pip download`` (its ``vendor/llama.cpp`` is the llama.cpp the wheel was built from).
-    Returns None when none is found. Only the converter scripts are unpacked."""
+    llama-cpp-python sdist, or its ``.tar.gz``); a tree already unpacked under ``cache_dir``; a
+    ``llama_cpp_python-*.tar.gz`` in ``<repo>/.cache/llama-cpp-src/`` (where the README's test command
+    downloads it; unpacked once next to it and reused); with ``allow_download``, the llama-cpp-python
+    sdist of the installed version fetched with ``pip download`` (its ``vendor/llama.cpp`` is the
+    llama.cpp the wheel was built from). Returns None when none is found (:data:`LLAMACPP_HOWTO` says
+    how to get it). Only the converter scripts are unpacked."""
     cache = Path(cache_dir)
     env = os.environ.get(LLAMACPP_SRC_ENV)
     if env:
@@ -698,6 +705,9 @@ def find_llamacpp(cache_dir: str | Path, *, allow_download: bool = False) -> Pat
     for tree in sorted(cache.glob("llama_cpp_python-*")):
         if root := _llamacpp_root(tree):
             return root
+    tarballs = sorted(REPO_SDIST_DIR.glob("llama_cpp_python-*.tar.gz"))
+    if tarballs:
+        return _unpack_converters(tarballs[-1], REPO_SDIST_DIR)
     if not allow_download:
         return None
     try:
@@ -716,17 +726,36 @@ def find_llamacpp(cache_dir: str | Path, *, allow_download: bool = False) -> Pat
     return _unpack_converters(tarballs[-1], cache)
 
 
+_CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "tools/mtmd/legacy-models/",
+                    "models/templates/")
+
+
 def _unpack_converters(tarball: Path, cache: Path) -> Path | None:
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "tools/mtmd/legacy-models/", "models/templates/")
-    with tarfile.open(tarball) as tar:
-        members = []
-        for m in tar.getmembers():
-            parts = m.name.split("/", 3)
-            rel = parts[3] if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] else None
-            if rel and (rel in wanted or rel.startswith(wanted)) and (m.isfile() or m.isdir()):
-                members.append(m)
-        tar.extractall(cache, members=members, filter="data")
-    return _llamacpp_root(cache / tarball.name.removesuffix(".tar.gz"))
+    """The converter scripts of ``tarball`` under ``cache/<sdist name>`` (unpacked once, atomically: a
+    second process, or a later run, finds the complete tree and reuses it)."""
+    import tempfile
+
+    name = tarball.name.removesuffix(".tar.gz")
+    if root := _llamacpp_root(cache / name):
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache))
+    try:
+        with tarfile.open(tarball) as tar:
+            members = []
+            for m in tar.getmembers():
+                parts = m.name.split("/", 3)
+                rel = parts[3] if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] else None
+                if rel and (rel in _CONVERTER_FILES or rel.startswith(_CONVERTER_FILES)) and (m.isfile() or m.isdir()):
+                    members.append(m)
+            tar.extractall(tmp, members=members, filter="data")
+        try:
+            os.replace(tmp / name, cache / name)
+        except OSError:  # another process got there first: use its tree
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _llamacpp_root(cache / name)
 
 
 def _run_tool(args: list, cwd: Path | None = None, env_extra: dict | None = None) -> None:

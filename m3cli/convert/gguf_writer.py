@@ -3,7 +3,11 @@
 The checkpoint is read by ``hf_llava``; the mmproj is written in the layout of ``m3cli.gguf.layout``
 (all L vision blocks with ``feature_layer = [L-1]``, no post-layernorm, positions ``[1..N, 0]``, plus
 the ``*.rot180.gguf`` companion that recovers patch 0), so llama.cpp's stock LLaVA encoder returns
-features equal to Hugging Face's ``hidden_states[-2]`` with CLS dropped. Nothing here imports torch.
+features equal to Hugging Face's ``hidden_states[-2]`` with CLS dropped. The language model carries the
+vocabulary (``gguf_vocab``: SentencePiece as llama.cpp's ``llama`` model, byte-level BPE as ``gpt2``), the
+chat template and the family's recipe keys (``m3cli.prompt_recipe``, ``m3cli.image_aspect_ratio``), so the
+llama.cpp backend prompts and preprocesses exactly as the torch backend does on the source directory.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from m3cli.convert.gguf_vocab import add_vocab_kv, build_vocab, prefix_after_special, special_ids
 from m3cli.convert.hf_llava import HFLlava, load_hf_llava
 from m3cli.errors import ConvertError
+from m3cli.families.gguf_spec import GGUF_ASPECT_KEY
+from m3cli.families.prompts import GGUF_RECIPE_KEY
+from m3cli.gguf.keys import IMAGE_TOKEN_ID_KEY, PREFIX_AFTER_SPECIAL_KEY
 from m3cli.gguf.layout import (
     FILE_TYPES,
     LAYOUT_CLS_LAST,
@@ -82,68 +90,46 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _tokenizer_kv(kv: KeyValues, m: HFLlava, n_vocab_rows: int) -> None:
-    tok = m.tokenizer
-    vocab: dict[str, int] = dict(tok["model"]["vocab"])
-    special_ids = set()
-    for added in tok.get("added_tokens", []):
-        vocab[added["content"]] = int(added["id"])
-        if added.get("special", False):
-            special_ids.add(int(added["id"]))
-    size = max(max(vocab.values()) + 1, n_vocab_rows)
-    if size != n_vocab_rows:
-        raise ConvertError(f"{m.path}: tokenizer has {size} tokens but the embedding has {n_vocab_rows} rows")
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [5] * size   # UNUSED
-    for text, idx in vocab.items():
-        tokens[idx] = text
-        types[idx] = 3 if idx in special_ids else 1   # CONTROL or NORMAL
-    merges = []
-    for merge in tok["model"].get("merges", []):
-        merges.append(merge if isinstance(merge, str) else " ".join(merge))
-    kv.add("tokenizer.ggml.model", "gpt2", "STRING")
-    kv.add("tokenizer.ggml.pre", "gpt-2", "STRING")
-    kv.add("tokenizer.ggml.tokens", tokens, "ARRAY", "STRING")
-    kv.add("tokenizer.ggml.token_type", types, "ARRAY", "INT32")
-    kv.add("tokenizer.ggml.merges", merges, "ARRAY", "STRING")
-
-    def token_id(value) -> int | None:
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            return vocab.get(value)
-        return None
-
-    cfg = m.extra.get("tokenizer_config", {})
-    text_cfg = m.text
-    bos = token_id(cfg.get("bos_token")) if cfg.get("bos_token") else text_cfg.get("bos_token_id")
-    eos = token_id(cfg.get("eos_token")) if cfg.get("eos_token") else text_cfg.get("eos_token_id")
-    pad = token_id(cfg.get("pad_token")) if cfg.get("pad_token") else text_cfg.get("pad_token_id")
-    if isinstance(eos, list):
-        eos = eos[0]
-    if bos is not None:
-        kv.add("tokenizer.ggml.bos_token_id", int(bos), "UINT32")
-    if eos is None:
+    """The vocabulary (``llama`` for SentencePiece, ``gpt2`` for byte-level BPE), chat template and recipe keys."""
+    vocab = build_vocab(m.tokenizer, n_vocab_rows)
+    ids = special_ids(m.tokenizer, vocab, m.config, m.text)
+    if ids.eos is None:
         raise ConvertError(f"{m.path}: no EOS token")
-    kv.add("tokenizer.ggml.eos_token_id", int(eos), "UINT32")
-    if pad is not None:
-        kv.add("tokenizer.ggml.padding_token_id", int(pad), "UINT32")
-    kv.add("tokenizer.ggml.add_bos_token", _adds_bos(tok, bos), "BOOL")
-    kv.add("tokenizer.ggml.add_eos_token", False, "BOOL")
-    kv.add("tokenizer.chat_template", m.chat_template, "STRING")
+    add_vocab_kv(kv, vocab, ids)
+    recipe = _recipe_keys(m)
+    template = recipe.pop("template", None) or m.chat_template
+    if template:
+        kv.add("tokenizer.chat_template", template, "STRING")
+    for key, value in recipe.items():
+        kv.add(key, value, "BOOL" if isinstance(value, bool) else "STRING")
     image_token = m.config.get("image_token_id", m.config.get("image_token_index"))
     if image_token is not None:
-        kv.add("m3cli.image_token_id", int(image_token), "UINT32")
+        kv.add(IMAGE_TOKEN_ID_KEY, int(image_token), "UINT32")
 
 
-def _adds_bos(tok: dict, bos: int | None) -> bool:
-    post = tok.get("post_processor") or {}
-    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    for step in steps:
-        if step.get("type") == "TemplateProcessing":
-            first = (step.get("single") or [{}])[0]
-            special = first.get("SpecialToken")
-            return special is not None and bos is not None
-    return False
+def _recipe_keys(m: HFLlava) -> dict:
+    """What the family layer detects in the directory, for the llama.cpp backend to find again.
+
+    ``m3cli.prompt_recipe`` (``hf_template`` for llava-hf directories, ``vicuna_v1`` for conversions of
+    original checkpoints), ``m3cli.image_aspect_ratio`` (``crop`` / ``pad``) and ``m3cli.prefix_after_special``
+    (whether the transformers tokenizer puts a ``▁`` after special tokens). A directory without a chat
+    template records no recipe: the backend then falls back to the family's recipe with a notice.
+    """
+    from m3cli.families import detect_family
+    from m3cli.families.spec import TemplateError
+
+    keys: dict = {}
+    try:
+        spec = detect_family(m.path)
+        keys[GGUF_RECIPE_KEY] = spec.prompt_recipe
+        if spec.chat_template:
+            keys["template"] = spec.chat_template
+    except TemplateError:
+        spec = detect_family(m.path, fallback_recipe="vicuna_v1")
+    keys[GGUF_ASPECT_KEY] = spec.preprocess
+    prefix = prefix_after_special(m.tokenizer)
+    keys[PREFIX_AFTER_SPECIAL_KEY] = bool(spec.prefix_after_special if prefix is None else prefix)
+    return keys
 
 
 def _lm_arrays(m: HFLlava) -> list[tuple[str, np.ndarray]]:

@@ -1,6 +1,8 @@
-"""Reading a saved Hugging Face LLaVA (CLIP tower, Llama LM, byte-level BPE tokenizer) as NumPy arrays.
+"""Reading a saved Hugging Face LLaVA (CLIP tower, Llama LM, SentencePiece or byte-level BPE tokenizer) as NumPy.
 
-Nothing here imports torch unless a checkpoint holds bf16 tensors, which NumPy cannot read.
+Nothing here imports torch unless a checkpoint holds bf16 tensors, which NumPy cannot read. The tokenizer files
+are classified by :func:`m3cli.convert.gguf_vocab.tokenizer_kind`; the chat template is optional (a GGUF
+without one gets the family's recipe at load time, with a notice).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m3cli.convert.gguf_vocab import TokenizerFiles, tokenizer_kind
 from m3cli.errors import ConvertError
 
 
@@ -23,8 +26,8 @@ class HFLlava:
     vision: dict
     text: dict
     tensors: dict[str, np.ndarray]          # canonical names: vision.*, proj.*, lm.*, lm_head
-    tokenizer: dict
-    chat_template: str
+    tokenizer: TokenizerFiles
+    chat_template: str | None
     image_mean: list[float]
     image_std: list[float]
     extra: dict = field(default_factory=dict)
@@ -97,7 +100,7 @@ def _load_with_torch(file: Path, first_error: Exception) -> dict[str, np.ndarray
     return out
 
 
-def _chat_template(path: Path, tok_cfg: dict) -> str:
+def _chat_template(path: Path, tok_cfg: dict) -> str | None:
     for candidate in (path / "chat_template.jinja",):
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8")
@@ -109,7 +112,7 @@ def _chat_template(path: Path, tok_cfg: dict) -> str:
             value = _read_json(cfg).get("chat_template")
             if isinstance(value, str):
                 return value
-    raise ConvertError(f"{path}: no chat template (chat_template.jinja or tokenizer_config.json)")
+    return None
 
 
 def _image_norm(path: Path) -> tuple[list[float], list[float]]:
@@ -157,14 +160,8 @@ def load_hf_llava(hf_dir: str | Path) -> HFLlava:
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", "linear"):
         raise ConvertError(f"{hf_dir}: rope type {rope_type!r} unsupported (default or linear only)")
-    if not (path / "tokenizer.json").is_file():
-        raise ConvertError(f"{hf_dir}: no tokenizer.json (a fast byte-level BPE tokenizer is required)")
-    tokenizer = _read_json(path / "tokenizer.json")
-    model = tokenizer.get("model") or {}
-    pre = tokenizer.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(pre):
-        raise ConvertError(f"{hf_dir}: tokenizer is not byte-level BPE (llama.cpp 'gpt2' model)")
-    tok_cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    tokenizer = tokenizer_kind(path)
+    tok_cfg = tokenizer.config
     template = _chat_template(path, tok_cfg)
     mean, std = _image_norm(path)
     tensors = _load_tensors(path)
@@ -177,10 +174,3 @@ def load_hf_llava(hf_dir: str | Path) -> HFLlava:
     return HFLlava(path, config, vision, text, tensors, tokenizer, template, mean, std,
                    extra={"tokenizer_config": tok_cfg, "rope": rope if isinstance(rope, dict) else {}})
 
-
-def _is_byte_level(pre: dict) -> bool:
-    if pre.get("type") == "ByteLevel":
-        return True
-    if pre.get("type") == "Sequence":
-        return any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", []))
-    return False

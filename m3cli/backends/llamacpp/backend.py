@@ -4,6 +4,11 @@ The projected 24x24 grid is read back from mtmd, pooled with ``scales.pool_np`` 
 language model as embeddings in a ``llama_batch`` between the prompt's text tokens; decoding is
 greedy with per-token log-probabilities, like the torch backend.
 
+The prompt and the preprocessing are the model family's (``family``): the recipe from the GGUF's metadata
+or ``--chat-template``, tokenised through the family layer with llama.cpp's vocabulary (``tokenizer``), so
+the ids equal the torch backend's; the image padded or cropped to the tower's size exactly as the torch
+backend does, so mtmd only normalises it.
+
 With the row order of the stock build (see ``probe``) our mmproj returns HF's patches 1..N-1 and
 then CLS: the rows are shifted back and patch 0 comes either from a second pass (companion
 ``*.rot180.gguf``: image and kernel rotated 180 degrees) or from a fill with its neighbours; see
@@ -12,7 +17,7 @@ then CLS: the rows are shifted back and patch 0 comes either from a second pass 
 
 from __future__ import annotations
 
-import functools
+import logging
 import os
 import tempfile
 import time
@@ -22,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError
+from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
 from m3cli.backends.llamacpp import native
-from m3cli.backends.llamacpp.files import check_gguf_file, find_mmproj, gguf_architecture
+from m3cli.backends.llamacpp.family import gguf_family, tower_array
+from m3cli.backends.llamacpp.files import check_gguf_file, find_mmproj, gguf_metadata
 from m3cli.backends.llamacpp.probe import SIG_BUGGY, probe_llamacpp
-from m3cli.backends.prompt import ChatPrompt, jinja_renderer
-from m3cli.build import IMAGE_TOKEN
+from m3cli.backends.llamacpp.tokenizer import LlamaCppAdapter
+from m3cli.backends.prompt import FamilyPrompt
 from m3cli.gguf.cache import cached_fixed_mmproj
+from m3cli.gguf.keys import IMAGE_TOKEN_ID_KEY
 from m3cli.gguf.layout import LAYOUT_CLS_LAST, LAYOUT_NATURAL, VARIANT_MAIN, VARIANT_ROT180, rot180_path
 from m3cli.gguf.mmproj import MmprojError, rewrite_mmproj, validate_mmproj
 from m3cli.scales import nested_scales, pool_np
@@ -38,6 +45,8 @@ PATCH0_MODES = ("auto", "exact", "fill")
 # with torch drops from ~98-100% to 57-93% at 576/144/36 and does not move at 9 and 1); "auto"
 # runs the exact second pass lazily, only when a request at one of these scales arrives.
 AUTO_EXACT_MIN_SCALE = 36
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,13 +58,18 @@ class LlamaEncoded(Encoded):
 
 
 class LlamaCppBackend:
-    """GGUF LLaVA through llama-cpp-python's low-level API (llama + mtmd)."""
+    """GGUF LLaVA through llama-cpp-python's low-level API (llama + mtmd).
+
+    ``chat_template`` is ``--chat-template FILE|NAME`` (a jinja / ``chat_template.json`` file or a recipe
+    name such as ``vicuna_v1``); without it the GGUF's own recipe or template is used, and a GGUF without
+    either gets LLaVA-1.5's ``vicuna_v1`` with a one-line notice (:attr:`notice`, logged as a warning).
+    """
 
     name = "llamacpp"
 
     def __init__(self, model: str, mmproj: str | None = None, n_gpu_layers: int | None = None,
                  mmproj_offload: bool = True, threads: int | None = None, ctx: int = 2048,
-                 verbose: bool = False, patch0: str = "auto"):
+                 verbose: bool = False, patch0: str = "auto", chat_template: str | None = None):
         if patch0 not in PATCH0_MODES:
             raise ModelLoadError(f"unknown patch0 mode {patch0!r} (one of {', '.join(PATCH0_MODES)})")
         self._closed = False
@@ -70,10 +84,15 @@ class LlamaCppBackend:
         self.patch0 = patch0
         self.threads = int(threads or os.cpu_count() or 1)
         lm_path = check_gguf_file(model, "model file")
-        arch = gguf_architecture(lm_path)
-        if arch == "clip":
+        lm_meta = gguf_metadata(lm_path)
+        if lm_meta.get("general.architecture") == "clip":
             raise ModelLoadError(f"{model} is an mmproj, not a language model (pass it as --mmproj)")
         mm_path = check_gguf_file(mmproj, "mmproj file") if mmproj else find_mmproj(lm_path)
+        # the family (recipe, preprocessing) before any weights load: anything m3 cannot run is refused here
+        self.family, self.notice = gguf_family(lm_path, lm_meta, gguf_metadata(mm_path), chat_template=chat_template)
+        self.spec = self.family.spec
+        self.recipe = self.family.recipe
+        self._lm_meta = lm_meta
 
         # language model
         mparams = llama_cpp.llama_model_default_params()
@@ -125,9 +144,13 @@ class LlamaCppBackend:
             raise ModelLoadError(f"llama.cpp could not load mmproj {mm_path} (incompatible with {lm_path.name})")
         if self.row_fix and self.patch0 == "exact":
             self._ensure_rot()
+        if self.image_size != self.spec.image.size:
+            raise ModelLoadError(f"{mm_path}: image size {self.image_size} differs from {self.spec.image.size}")
         self._create_context(lm_path, n_ctx)
-        self._setup_prompt(lm_path)
+        self._setup_prompt()
         self._kv_prefix: list[int] = []    # text tokens currently at the start of seq 0
+        if self.notice:
+            log.warning("%s", self.notice)
 
     def _checked_mmproj(self, mm_path: Path):
         """(path to load, its MmprojInfo): the user's mmproj, or for a legacy one its corrected cached copy."""
@@ -163,31 +186,15 @@ class LlamaCppBackend:
         self._tok_batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._emb_batch = L.llama_batch_init(self.info.n_patches, self.n_embd, 1)
 
-    def _setup_prompt(self, lm_path: Path) -> None:
-        """The chat template, image token and BOS/EOS text from the GGUF, and the prompt builder."""
-        L = self._llama
-        self.chat_template = self._meta("tokenizer.chat_template")
-        if not self.chat_template:
-            raise ModelLoadError(f"{lm_path.name} has no tokenizer.chat_template")
-        image_id = self._meta("m3cli.image_token_id")
-        self.image_token_id = int(image_id) if image_id else self._token_id(IMAGE_TOKEN)
-        if self.image_token_id is None:
-            raise ModelLoadError(f"{lm_path.name}: no <image> token in the vocabulary")
-        self.bos_text = native.token_piece(L, self.vocab, L.llama_vocab_bos(self.vocab), special=True)
-        self.eos_text = native.token_piece(L, self.vocab, L.llama_vocab_eos(self.vocab), special=True)
-        # the callbacks hold the library and vocabulary, not self: no cycle keeps a dropped backend alive
-        tokenize = functools.partial(native.tokenize, L, self.vocab, add_special=True, parse_special=True)
-        render = jinja_renderer(self.chat_template, self.bos_text, self.eos_text)
-        self.prompt = ChatPrompt(render, tokenize, self.image_token_id, self.model_id)
+    def _setup_prompt(self) -> None:
+        """The llama.cpp tokenizer adapter and the family's prompt builder over it."""
+        image_id = self._lm_meta.get(IMAGE_TOKEN_ID_KEY)
+        self.tokenizer = LlamaCppAdapter(self._llama, self.vocab, self._lm_meta, image_token=self.spec.image_token,
+                                         image_token_id=int(image_id) if image_id is not None else None)
+        self.image_token_id = self.tokenizer.image_token_id
+        self.prompt = FamilyPrompt(self.family, self.tokenizer, self.model_id)
 
     # -- small helpers -----------------------------------------------------------------------
-    def _meta(self, key: str) -> str | None:
-        return native.meta_str(self._llama, self.model_ptr, key)
-
-    def _token_id(self, text: str) -> int | None:
-        ids = self.tokenize(text, add_special=False, parse_special=True)
-        return ids[0] if len(ids) == 1 else None
-
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         """Token ids of ``text`` in this model's vocabulary."""
         return native.tokenize(self._llama, self.vocab, text, add_special, parse_special)
@@ -225,22 +232,9 @@ class LlamaCppBackend:
 
     # -- encoding --------------------------------------------------------------------------
     def preprocess(self, image) -> np.ndarray:
-        """Resize the shortest edge to the model's image size (bicubic) and centre-crop, like CLIP's processor."""
-        from PIL import Image
-
-        img = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
-        size = self.image_size
-        w, h = img.size
-        if (w, h) != (size, size):
-            if w <= h:
-                nw, nh = size, max(size, int(round(h * size / w)))
-            else:
-                nw, nh = max(size, int(round(w * size / h))), size
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8)
+        """The ``size`` x ``size`` x 3 uint8 image handed to mtmd: the family's tower image (pad or crop), the
+        same pixels the torch backend normalises; mtmd copies a bitmap of its own size unchanged."""
+        return tower_array(self.family, image)
 
     def _raw(self, mctx, rgb: np.ndarray) -> np.ndarray:
         try:
@@ -298,8 +292,9 @@ class LlamaCppBackend:
     def _answer_one(self, req: AnswerRequest) -> Generation:
         L = self._llama
         pooled = pool_np(self._grid_for(req.encoded, req.scale), req.scale)
+        visual = np.ascontiguousarray(self.family.visual_tokens([pooled]), dtype=np.float32)
         pre, post = self.prompt.parts(req.question)
-        total = len(pre) + req.scale + len(post) + req.max_new_tokens
+        total = len(pre) + len(visual) + len(post) + req.max_new_tokens
         if total > self.n_ctx:
             raise ValueError(f"prompt + answer needs {total} positions, context is {self.n_ctx} (raise ctx)")
         start = time.perf_counter()
@@ -310,8 +305,8 @@ class LlamaCppBackend:
             self._kv_prefix = []
             self._decode_tokens(pre, 0, want_logits=False)
             self._kv_prefix = list(pre)
-        native.decode_embd(L, self.lctx, self._emb_batch, pooled, len(pre))
-        pos = len(pre) + req.scale
+        native.decode_embd(L, self.lctx, self._emb_batch, visual, len(pre))
+        pos = len(pre) + len(visual)
         self._decode_tokens(post, pos, want_logits=True)
         pos += len(post)
         prefill_ms = (time.perf_counter() - start) * 1000
@@ -319,6 +314,7 @@ class LlamaCppBackend:
         start = time.perf_counter()
         tokens: list[int] = []
         logprobs: list[float] = []
+        stopped = False
         for _ in range(req.max_new_tokens):
             lp = native.last_logprobs(L, self.lctx, self.n_vocab)
             tok = int(lp.argmax())
@@ -326,13 +322,14 @@ class LlamaCppBackend:
                 break
             tokens.append(tok)
             logprobs.append(float(lp[tok]))
-            if len(tokens) >= req.max_new_tokens:
+            stopped = stops_early(req, logprobs)
+            if stopped or len(tokens) >= req.max_new_tokens:
                 break
             self._decode_tokens([tok], pos, want_logits=True)
             pos += 1
         decode_ms = (time.perf_counter() - start) * 1000
         return Generation(text=self.detokenize(tokens).strip(), token_ids=tokens, logprobs=logprobs,
-                          prefill_ms=prefill_ms, decode_ms=decode_ms)
+                          prefill_ms=prefill_ms, decode_ms=decode_ms, stopped_early=stopped)
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
         """One request at a time (KV of the shared text prefix is kept between requests)."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from m3cli.backends.base import ModelLoadError
+from m3cli.errors import describe
 from m3cli.gguf.layout import ROT_SUFFIX
-from m3cli.gguf.reader import field_value, has_gguf_magic, open_reader
+from m3cli.gguf.reader import has_gguf_magic, read_metadata
 
 
 def check_gguf_file(path: str, what: str) -> Path:
@@ -25,12 +27,12 @@ def check_gguf_file(path: str, what: str) -> Path:
     return p
 
 
-def gguf_architecture(path: Path) -> str | None:
-    """The file's ``general.architecture`` (``llama``, ``clip``...)."""
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The file's header key/values (scalars, strings, short arrays; no tensors, no vocabulary)."""
     try:
-        return field_value(open_reader(path), "general.architecture")
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise ModelLoadError(f"{path}: unreadable GGUF ({type(exc).__name__})") from exc
+        return read_metadata(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable GGUF ({describe(exc)})") from exc
 
 
 def find_mmproj(model: str | Path) -> Path:

@@ -1,0 +1,65 @@
+"""A GGUF pair's model family: its recipe and preprocessing, from the files' metadata, through the family layer.
+
+* :func:`gguf_family`: the :class:`~m3cli.families.Family` of a (language model, mmproj) pair and the one-line
+  notice when its prompt recipe fell back (no chat template). Order of the recipe: ``--chat-template FILE|NAME``,
+  the ``m3cli.prompt_recipe`` key ``m3 convert`` writes, the GGUF's ``tokenizer.chat_template`` (llava-hf's
+  ``{% generation %}`` tags render as their body), then the family's ``vicuna_v1``. Preprocessing: the
+  ``m3cli.image_aspect_ratio`` key, else ``pad`` (what llama.cpp does to LLaVA-1.5 images, and the recipe the
+  original checkpoints were trained with). Anything that is not LLaVA-1.5 is refused in one line.
+* :func:`tower_array`: the exact ``size`` x ``size`` uint8 image the tower sees (the family's ``tower_image``),
+  which mtmd then only normalises: its fixed-size preprocessor copies a bitmap of the model's size as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3cli.families import Family, PromptRecipe, family_for, gguf_family_spec, recipe_named
+from m3cli.gguf.keys import PREFIX_AFTER_SPECIAL_KEY
+
+FALLBACK_RECIPE = "vicuna_v1"   # LLaVA-1.5's (conv_vicuna_v1), what liuhaotian-style GGUFs without a template need
+
+
+def gguf_family(lm_path: str | Path, lm_meta: Mapping[str, Any], mm_meta: Mapping[str, Any], *,
+                chat_template: str | None = None) -> tuple[Family, str | None]:
+    """(family, notice) of a GGUF pair from its metadata; ``chat_template`` is ``--chat-template FILE|NAME``."""
+    spec, recipe, notice = gguf_family_spec(lm_path, lm_meta, mm_meta, override=chat_template,
+                                            fallback_recipe=FALLBACK_RECIPE)
+    if prefix_after_special(lm_meta):
+        recipe = _with_prefix_after_special(recipe)
+    return family_for(spec, recipe), notice
+
+
+def prefix_after_special(lm_meta: Mapping[str, Any]) -> bool:
+    """Whether text after a special token gets SentencePiece's ``▁`` (as transformers tokenises for this model).
+
+    ``m3 convert`` records it; a GGUF from elsewhere with a SentencePiece (``llama``) vocabulary gets it: that
+    is how the llava-hf tokenizers (their ``tokenizer.json`` normaliser prefixes every piece), the original
+    per-piece tokenisation and llama.cpp itself treat such text.
+    """
+    recorded = lm_meta.get(PREFIX_AFTER_SPECIAL_KEY)
+    if recorded is not None:
+        return bool(recorded)
+    return lm_meta.get("tokenizer.ggml.model") == "llama"
+
+
+def _with_prefix_after_special(recipe: PromptRecipe) -> PromptRecipe:
+    template = getattr(recipe, "template", None)
+    return recipe_named(recipe.name, template=template, prefix_after_special=True)
+
+
+def tower_array(family: Family, image: Any) -> np.ndarray:
+    """The ``size`` x ``size`` x 3 uint8 array of the one crop a LLaVA-1.5 image becomes (pad or crop)."""
+    img = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+    crops = family.crops(img)
+    if len(crops) != 1:
+        raise ValueError(f"the llama.cpp backend takes one crop per image, the family made {len(crops)}")
+    size = family.spec.image.size
+    arr = np.asarray(crops[0], dtype=np.uint8)
+    if arr.shape != (size, size, 3):
+        raise ValueError(f"tower image has shape {arr.shape}, expected ({size}, {size}, 3)")
+    return np.ascontiguousarray(arr)
