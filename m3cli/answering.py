@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from m3cli.backends.base import AnswerRequest, Backend, Encoded
 from m3cli.build import IMAGE_TOKEN
-from m3cli.confidence import DEFAULT_MEASURE, confidence
+from m3cli.confidence import DEFAULT_MEASURE, MONOTONE_MEASURES, confidence
 from m3cli.errors import ItemError, M3Error, describe
 from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed, Policy, Rung, make_ladder
 from m3cli.scales import budget_to_scale
@@ -193,7 +193,20 @@ def _next_scale(policy: Policy, tried: Sequence[Rung]) -> int | None:
     return nxt
 
 
-def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, errors: dict[int, str]) -> list[Result]:
+def stop_below(policy: Policy, scale: int, measure: str) -> float | None:
+    """The exact early exit for one rung: the threshold below which its decode may stop, or None.
+
+    Only an escalating policy on a rung that is not its last, under a measure that can only fall as tokens
+    are added: once the running confidence is below the threshold the rung escalates whatever comes next,
+    so the final answer, its confidence and the rungs tried are those of the full decode.
+    """
+    if isinstance(policy, Escalate) and measure in MONOTONE_MEASURES and scale < policy.ladder[-1]:
+        return policy.threshold
+    return None
+
+
+def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, errors: dict[int, str],
+                  early_exit: bool = True) -> list[Result]:
     """Every query's policy to the end (queries whose index is in ``errors`` are not run)."""
     rungs: list[list[Rung]] = [[] for _ in queries]
     timings = [{"encode_ms": q.encoded.encode_ms, "prefill_ms": 0.0, "decode_ms": 0.0} for q in queries]
@@ -201,7 +214,8 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, erro
     while next_scale:
         order = sorted(next_scale)
         requests = [
-            AnswerRequest(queries[i].encoded, next_scale[i], queries[i].question, queries[i].max_new_tokens)
+            AnswerRequest(queries[i].encoded, next_scale[i], queries[i].question, queries[i].max_new_tokens,
+                          stop_below(queries[i].policy, next_scale[i], measure) if early_exit else None, measure)
             for i in order
         ]
         outcomes = each_alone(backend.answer, requests, "answering a batch")
@@ -212,7 +226,7 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, erro
                 continue
             text = gen.text.strip()
             conf = confidence(gen.logprobs, measure) if text else 0.0  # an empty answer is no answer
-            rungs[i].append(Rung(next_scale[i], text, conf))
+            rungs[i].append(Rung(next_scale[i], text, conf, gen.stopped_early))
             timings[i]["prefill_ms"] += gen.prefill_ms
             timings[i]["decode_ms"] += gen.decode_ms
             nxt = _next_scale(queries[i].policy, rungs[i])
@@ -235,10 +249,12 @@ def answer_queries(
     queries: Sequence[Query],
     measure: str = DEFAULT_MEASURE,
     max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+    early_exit: bool = True,
 ) -> list[Result]:
     """Run every query's policy to the end, batching all queries that sit on a rung together.
 
-    Escalation only re-runs the LM on the same encoded grid, pooled to the next scale. Never raises for one
+    Escalation only re-runs the LM on the same encoded grid, pooled to the next scale; a rung that can no
+    longer stop the climb stops decoding (``early_exit``, see :func:`stop_below`). Never raises for one
     item's problem: a refused question or a model failure is that query's ``Result.error``.
     """
     errors: dict[int, str] = {}
@@ -246,7 +262,7 @@ def answer_queries(
         problem = check_question(backend, q.question, q.policy, q.max_new_tokens, max_question_chars)
         if problem is not None:
             errors[i] = problem
-    return _run_policies(backend, queries, measure, errors)
+    return _run_policies(backend, queries, measure, errors, early_exit)
 
 
 def answer_images(

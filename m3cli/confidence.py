@@ -37,6 +37,9 @@ MEASURES: dict[str, Callable[[Sequence[float]], float]] = {
     "mean": mean_token_prob,
 }
 DEFAULT_MEASURE = "sequence"
+# Measures whose value for a prefix of an answer bounds the full answer's from above (a product of
+# probabilities <= 1, a minimum, the first token's): the exact early exit may stop decoding on them.
+MONOTONE_MEASURES = frozenset({"sequence", "min", "first"})
 
 
 def confidence(logprobs: Sequence[float], measure: str = DEFAULT_MEASURE) -> float:

@@ -24,9 +24,13 @@ class Rung:
     scale: int
     answer: str
     confidence: float
+    stopped_early: bool = False  # decoding stopped once the rung could only escalate (partial answer)
 
     def to_dict(self) -> dict:
-        return {"tokens": self.scale, "answer": self.answer, "confidence": round(self.confidence, 6)}
+        out = {"tokens": self.scale, "answer": self.answer, "confidence": round(self.confidence, 6)}
+        if self.stopped_early:
+            out["stopped_early"] = True
+        return out
 
 
 @runtime_checkable

@@ -30,6 +30,10 @@ class AnswerRequest:
     scale: int
     question: str
     max_new_tokens: int = 16
+    # exact early exit: stop decoding once the running confidence (``stop_measure``, one that can only fall
+    # as tokens are added) is below ``stop_below``; None decodes to EOS or max_new_tokens as always
+    stop_below: float | None = None
+    stop_measure: str = "sequence"
 
 
 @dataclass
@@ -41,6 +45,20 @@ class Generation:
     logprobs: list[float]
     prefill_ms: float
     decode_ms: float
+    stopped_early: bool = False  # the running confidence fell below the request's stop_below
+
+
+def stops_early(request: AnswerRequest, logprobs: list[float]) -> bool:
+    """Whether the answer so far already decides its rung: its running confidence is below ``stop_below``.
+
+    Only for measures whose value can only fall as tokens are added (``confidence.MONOTONE_MEASURES``): the
+    full answer's confidence is then lower still, so the rung escalates either way.
+    """
+    if request.stop_below is None or not logprobs:
+        return False
+    from m3cli.confidence import confidence
+
+    return confidence(logprobs, request.stop_measure) < request.stop_below
 
 
 @runtime_checkable

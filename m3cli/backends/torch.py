@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError
+from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
 from m3cli.backends.prompt import FamilyPrompt
 from m3cli.dtypes import DTYPES, torch_dtype
 from m3cli.errors import M3Error, describe
@@ -110,6 +110,9 @@ class TorchBackend:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        # the keys/values of the prompt's text before the image (the same for every item and rung): made once
+        self.prefix_cache = True
+        self._prefix_kv: tuple[tuple[int, ...], list] | None = None
 
     # -- prompts -------------------------------------------------------------------------
     def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
@@ -177,6 +180,11 @@ class TorchBackend:
             return []
         pooled = [pool(r.encoded.grid, r.scale) for r in requests]
         prompts = [self.prompt_ids(r.question, r.scale) for r in requests]
+        before = self.prompt.parts(requests[0].question)[0]
+        shared = self.prefix_cache and bool(before) and all(
+            self.prompt.parts(r.question)[0] == before for r in requests)
+        offset = len(before) if shared else 0
+        prompts = [ids[offset:] for ids in prompts]  # with a shared prefix only the rest is prefilled
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -184,22 +192,30 @@ class TorchBackend:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
         max_new = max(r.max_new_tokens for r in requests)
 
         tokens: list[list[int]] = [[] for _ in requests]
         logprobs: list[list[float]] = [[] for _ in requests]
         done = [False] * len(requests)
+        stopped = [False] * len(requests)
         with torch.inference_mode():
             start = time.perf_counter()
-            cache = DynamicCache(config=self.model.config.text_config)
+            if shared:
+                cache = self._cache_after(tuple(before), len(prompts))
+                mask = torch.cat([mask.new_ones((mask.shape[0], offset)), mask], dim=1)  # rows see the prefix
+            else:
+                cache = DynamicCache(config=self.model.config.text_config)
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                # an index, not the int 1: the int slices a (B, 1, H) view whose batch stride is the prompt's,
+                # which sends CPU bf16 F.linear down matmul's expand-and-copy path (the LM head copied once
+                # per row: seconds per item); an index gathers a packed copy and the head runs as one GEMM
+                logits_to_keep=torch.tensor([width - 1], device=self.device),
                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pooled)},
             )
             _sync(self.device)
@@ -218,6 +234,8 @@ class TorchBackend:
                         continue
                     tokens[row].append(tok)
                     logprobs[row].append(lp)
+                    if stops_early(requests[row], logprobs[row]):
+                        done[row] = stopped[row] = True
                 if all(done) or step == max_new - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -239,9 +257,28 @@ class TorchBackend:
                 logprobs=lps,
                 prefill_ms=prefill_ms / n,
                 decode_ms=decode_ms / n,
+                stopped_early=early,
             )
-            for ids, lps in zip(tokens, logprobs, strict=True)
+            for ids, lps, early in zip(tokens, logprobs, stopped, strict=True)
         ]
+
+    def _cache_after(self, prefix: tuple[int, ...], batch: int):
+        """A cache holding ``prefix``'s keys and values for ``batch`` rows; the prefix runs once per model load
+        (again only if the family's text before the image changes)."""
+        import torch
+        from transformers import DynamicCache
+
+        if self._prefix_kv is None or self._prefix_kv[0] != prefix:
+            cache = DynamicCache(config=self.model.config.text_config)
+            ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                self.model.model.language_model(input_ids=ids, position_ids=torch.arange(len(prefix),
+                                                device=self.device)[None], cache=cache, use_cache=True)
+            self._prefix_kv = (prefix, [(layer.keys, layer.values) for layer in cache.layers])
+        out = DynamicCache(config=self.model.config.text_config)
+        for i, (k, v) in enumerate(self._prefix_kv[1]):
+            out.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+        return out
 
     def close(self) -> None:
         self.model = None
