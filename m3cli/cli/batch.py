@@ -25,7 +25,19 @@ Examples:
   m3 batch clip.mp4 --fps 1 -q "how many shapes are there?" --auto-scale
   find . -name '*.png' | m3 batch - -q "is there a red shape?" --format csv
   jq -c '{image: .path, question: .q}' todo.jsonl | m3 batch - -o out.jsonl --resume
+  m3 batch ./photos -q "what is the main object?" -q "is it indoors?" -o answers.jsonl
+  m3 batch clip.mp4 --video-mode collage -q "what happens in this video?"
 """
+
+
+def _layout(ctx, param, value):
+    """``COLSxROWS`` -> (cols, rows)."""
+    if value is None:
+        return None
+    cols, sep, rows = value.lower().partition("x")
+    if not (sep and cols.isdigit() and rows.isdigit() and int(cols) >= 1 and int(rows) >= 1):
+        raise click.BadParameter(f"expected COLSxROWS with whole numbers >= 1, e.g. 2x3; got {value!r}")
+    return int(cols), int(rows)
 
 
 def _run_options(fn):
@@ -48,11 +60,27 @@ def _run_options(fn):
         click.option("--every", type=click.IntRange(1), default=None, help="Video: every Nth frame."),
         click.option("--max-frames", type=click.IntRange(1), default=None,
                      help="Video: at most K frames (alone: K frames spread evenly; default 8)."),
+        click.option("--video-mode", type=click.Choice(["frames", "collage"]), default="frames", show_default=True,
+                     help="Video: frames: one row per sampled frame (--fps/--every/--max-frames, which a collage "
+                          "refuses); collage: one row "
+                          "per video, --collage-frames frames tiled into one image and the question prefixed with "
+                          "the paper's \"The provided image arranges keyframes from a video in a grid view\" "
+                          "(rows record your question, frame null, and the frame numbers in 'frames'). Images are "
+                          "answered as images in both modes."),
+        click.option("--collage-frames", type=click.IntRange(1, 64), default=6, show_default=True, metavar="K",
+                     help="--video-mode collage: frames sampled uniformly (IG-VLM's: 0, s, 2s, ... with s = n//K)."),
+        click.option("--collage-layout", default=None, metavar="COLSxROWS", callback=_layout,
+                     help="--video-mode collage: the grid, filled row by row (default: round(sqrt(K)) columns, as "
+                          "IG-VLM and the M3 paper: 2x3 for 6 frames)."),
+        click.option("--encode-cache", type=click.IntRange(0, 100_000), default=16, show_default=True, metavar="N",
+                     help="Encodings kept for questions about an image answered in an earlier batch (several -q, "
+                          "stdin rows sharing an image); 0: shared within a batch only."),
         click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bar on stderr (default: when stderr is a TTY)."),
         click.option("--shard", type=SHARD, default=None,
-                     help="Answer only shard K of N (stable hash of the item id); needs -o FILE. Merge with m3 merge."),
+                     help="Answer only shard K of N (stable hash of the item id: its frames and questions stay in "
+                          "one shard); needs -o FILE. Merge with m3 merge."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -76,21 +104,25 @@ def _engine_options(fn):
 
 @command(epilog=BATCH_EXAMPLE)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-q", "--question", default=DEFAULT_QUESTION, show_default=True,
-              help="The question for every item (stdin JSONL rows may set their own).")
+@click.option("-q", "--question", "questions", multiple=True, metavar="TEXT",
+              help=f"The question for every item (default: {DEFAULT_QUESTION!r}; stdin JSONL rows may set their own). "
+                   "Repeat for several questions: one row per item and question, ids ID#q1, ID#q2, ... in -q order, "
+                   "each image decoded and encoded once for all of them.")
 @policy_options
 @question_limit_option
 @model_options
 @_run_options
 @_engine_options
-def batch(inputs, question, tokens, auto_scale, threshold, ladder, max_question_chars, output, fmt, resume,
-          retry_errors, force, batch_size, fps, every, max_frames, max_new_tokens, progress, shard, engine,
-          ray_address, actors, gpus_per_actor, **model_kw):
-    """Answer a question about every image, video frame or stdin row; one output row per item.
+def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_question_chars, output, fmt, resume,
+          retry_errors, force, batch_size, fps, every, max_frames, video_mode, collage_frames, collage_layout,
+          encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, **model_kw):
+    """Answer a question about every image, video frame or stdin row; one output row per item and question.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
     rows with image/question/tokens/id). Without -q every item is asked "What is this?" (recorded in each
-    row). Exit code 0: all items answered; 1: some rows have an error, or the output stopped taking rows;
+    row). With several -q every item without its own question is asked each, one row per question (id
+    ID#q<k>, k in -q order); --resume and --shard work per row, and a shard keeps all questions of an
+    image. Exit code 0: all items answered; 1: some rows have an error, or the output stopped taking rows;
     2: bad usage, model or output, before any work.
     """
     from m3cli.engines.job import BatchJob, run_job
@@ -98,12 +130,15 @@ def batch(inputs, question, tokens, auto_scale, threshold, ladder, max_question_
     from m3cli.policy import DEFAULT_THRESHOLD
 
     check_policy_flags(auto_scale, threshold, ladder)
-    check_run_question(question, max_question_chars)
+    for question in questions:
+        check_run_question(question, max_question_chars)
     opts = BatchOptions(
-        question=question, tokens=tokens, auto_scale=auto_scale,
+        question=questions[0] if questions else DEFAULT_QUESTION, questions=tuple(questions) if len(questions) > 1
+        else (), tokens=tokens, auto_scale=auto_scale,
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=ladder,
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
-        max_question_chars=max_question_chars,
+        max_question_chars=max_question_chars, video_mode=video_mode, collage_frames=collage_frames,
+        collage_layout=collage_layout, encode_cache=encode_cache,
     )
     result = run_job(BatchJob(
         list(inputs), opts, model=model_kw, output=output, fmt=fmt, resume=resume, retry_errors=retry_errors,

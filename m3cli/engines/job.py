@@ -51,8 +51,11 @@ class BatchJob:
         opts = self.options
         if opts.question is not None and not opts.question.strip():
             raise UsageError("-q/--question is empty (leave it out to ask the default question)")
+        if any(not q.strip() for q in opts.questions):
+            raise UsageError("a -q/--question is empty (leave it out to ask the default question)")
         if opts.fps is not None and opts.every is not None:
             raise UsageError("--fps and --every cannot be combined")
+        _check_video_mode(opts)
         to_jsonl_file = not is_stdout(self.output) and self.fmt == "jsonl"
         if self.resume and not to_jsonl_file:
             raise UsageError("--resume needs -o FILE in jsonl format")
@@ -66,6 +69,27 @@ class BatchJob:
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine != "ray" and (self.ray_address is not None or self.actors != 1 or self.gpus_per_actor):
             raise UsageError("--ray-address, --actors and --gpus-per-actor go with --engine ray")
+
+
+def _check_video_mode(opts: BatchOptions) -> None:
+    from m3cli.engines.units import VIDEO_MODES
+
+    if opts.video_mode not in VIDEO_MODES:
+        raise UsageError(f"--video-mode must be one of {', '.join(VIDEO_MODES)}, got {opts.video_mode!r}")
+    if opts.video_mode != "collage":
+        return
+    picked = [flag for flag, value in (("--fps", opts.fps), ("--every", opts.every),
+                                       ("--max-frames", opts.max_frames)) if value is not None]
+    if picked:
+        raise UsageError(f"{', '.join(picked)} pick frames for --video-mode frames; a collage takes "
+                         "--collage-frames K frames spread uniformly")
+    if opts.collage_frames < 1:
+        raise UsageError(f"--collage-frames must be >= 1, got {opts.collage_frames}")
+    if opts.collage_layout is not None:
+        cols, rows = opts.collage_layout
+        if cols < 1 or rows < 1 or cols * rows < opts.collage_frames:
+            raise UsageError(f"--collage-layout {cols}x{rows} has {cols * rows} cells for --collage-frames "
+                             f"{opts.collage_frames}")
 
 
 @dataclass
@@ -95,19 +119,26 @@ class JobResult:
 
 def run_record(job: BatchJob) -> dict[str, Any]:
     """What the run's rows are made with, written in each row as ``run`` and compared by ``--resume``: the
-    model (resolved: a path made absolute), the question of items without their own, the budget and the
-    answer length. Device, dtype, batch size and frame sampling are left out: they may change between a
-    run and its resumption without changing what is asked."""
+    model (resolved: a path made absolute), the question of items without their own (the list, when there
+    are several), the budget, the answer length, and a collage's frame count and layout. Device, dtype,
+    batch size and frame sampling are left out: they may change between a run and its resumption without
+    changing what is asked."""
     from m3cli.registry import resolve_model
 
     opts = job.options
     model = resolve_model(job.model.get("model"))  # RegistryError (exit 2) now rather than after the lock
     if os.path.exists(model):
         model = os.path.realpath(model)
-    record: dict[str, Any] = {"model": model, "question": opts.run_question, "tokens": opts.tokens}
+    questions = opts.run_questions
+    question: str | list[str] = questions if len(questions) > 1 else opts.run_question
+    record: dict[str, Any] = {"model": model, "question": question, "tokens": opts.tokens}
     if opts.auto_scale:
         record.update(auto_scale=True, threshold=opts.threshold, ladder=opts.ladder)
     record["max_new_tokens"] = opts.max_new_tokens
+    if opts.video_mode == "collage":  # a video's row is another picture: a frames run's rows are not its rows
+        layout = opts.collage_layout
+        record.update(video_mode="collage", collage_frames=opts.collage_frames,
+                      collage_layout=f"{layout[0]}x{layout[1]}" if layout else None)
     return record
 
 
@@ -134,12 +165,13 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
         target.close(abandon=True)
         raise
     try:
-        return _run_started(job, backend, opts, sink, iter_inputs(list(job.inputs)))
+        return _run_started(job, backend, opts, sink, iter_inputs(list(job.inputs)), notes)
     finally:
         target.close()
 
 
-def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, items: Iterable) -> JobResult:
+def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, items: Iterable,
+                 notes: Callable[[str], None] | None = None) -> JobResult:
     selector = None
     if job.shard is not None:
         items, sink, selector = _select_shard(job, items, sink)
@@ -148,7 +180,7 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
     bar = _progress_bar(job.progress)
     on_row = (lambda row: bar.update(1)) if bar is not None else None
     try:
-        _run_engine(job, backend, items, opts, writer, result.summary, on_row)
+        _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes)
     except (EngineRunError, OutputWriteError) as exc:  # rows written so far are kept
         result.incomplete = str(exc)
     except KeyboardInterrupt:
@@ -194,8 +226,28 @@ def _select_shard(job: BatchJob, items: Iterable, sink: RowSink):
     from m3cli.engines.shard import IndexingSink, ShardSelector, write_sidecar
 
     k, n = job.shard
+    # the hash is the top-level item's: every question of an image (every frame of a video) is in one shard
     selector = ShardSelector(items, k, n, on_end=lambda total: write_sidecar(job.output, k, n, total, False))
-    return selector, IndexingSink(sink, selector), selector
+    rows = _QuestionRows(selector) if len(job.options.run_questions) > 1 else selector
+    return selector, IndexingSink(sink, rows), selector
+
+
+class _QuestionRows:
+    """``index_of`` for a several-question run: a row ``ID#q<k>`` belongs to the input of the row ``ID``."""
+
+    def __init__(self, selector) -> None:
+        self.selector = selector
+
+    def index_of(self, row: dict[str, Any]) -> int:
+        from m3cli.media.inputs import split_question_id
+
+        try:
+            return self.selector.index_of(row)
+        except KeyError:
+            base, number = split_question_id(str(row.get("id")))
+            if number is None:
+                raise
+            return self.selector.index_of({**row, "id": base})
 
 
 def _progress_bar(progress: bool | None):
@@ -208,12 +260,12 @@ def _progress_bar(progress: bool | None):
 
 
 def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: OrderedWriter, summary: Summary,
-                on_row: Callable[[dict], None] | None) -> None:
+                on_row: Callable[[dict], None] | None, notes: Callable[[str], None] | None = None) -> None:
     if job.engine == "ray":
         from m3cli.engines.ray import run_ray
 
         run_ray(job.model, items, opts, writer, summary, job.ray_address, job.actors, job.gpus_per_actor,
-                on_row=on_row)
+                on_row=on_row, notes=notes)
     else:
         from m3cli.engines.local import run_batch
 

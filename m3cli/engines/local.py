@@ -1,7 +1,8 @@
 """``m3 batch``'s single-process engine: stream items, decode ahead, answer in batches, write rows in order.
 
 Nothing here knows click. Images are decoded by a prefetch thread into a bounded queue, so
-memory stays flat however many items stream through; every row is written and flushed as
+memory stays flat however many items stream through; a picture asked several questions is decoded once
+and encoded once (a bounded encode cache spans batches); every row is written and flushed as
 soon as it and all rows before it are done; a bad input becomes an error row, never a stop.
 """
 
@@ -12,7 +13,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from m3cli.backends.base import Backend
-from m3cli.engines.units import BatchOptions, Unit, answer_units, decode_input
+from m3cli.encode_cache import EncodeCache
+from m3cli.engines.units import BatchOptions, RecentKeys, Unit, answer_units, decode_input, done_for, unit_questions
 from m3cli.media import BadInput, Item
 from m3cli.output import OrderedWriter, Summary
 
@@ -20,12 +22,19 @@ __all__ = ["BatchOptions", "Prefetcher", "iter_units", "run_batch"]
 
 
 def iter_units(inputs: Iterable[Item | BadInput], opts: BatchOptions) -> Iterator[Unit]:
-    """Number the work in input order, decoding images and expanding videos into frames."""
+    """Number the work in input order: each picture decoded once (images, a video's frames or its collage),
+    then one unit per question about it. An image decoded shortly before (stdin rows sharing it) is not
+    decoded again: its encoding is expected in the cache."""
     seq = 0
+    sampling = opts.sampling
+    recent = RecentKeys(opts.encode_cache)
     for item in inputs:
-        for unit_item, image, error, skip in decode_input(item, opts.done_ids, opts.fps, opts.every, opts.max_frames):
-            yield Unit(seq, unit_item, image, error, skip)
-            seq += 1
+        for dec in decode_input(item, done_for(item, opts), sampling, recent):
+            for row_id, question in unit_questions(dec.item, opts):
+                skip = dec.skip or row_id in opts.done_ids
+                yield Unit(seq, dec.item, None if skip else dec.image, dec.error, skip, id=row_id,
+                           question=question, key=dec.key, load=dec.load, frames=dec.frames)
+                seq += 1
 
 
 class Prefetcher:
@@ -88,22 +97,23 @@ def run_batch(
     Rows already written when interrupted stay written and flushed; nothing computed is lost.
     """
     prefetch = Prefetcher(iter_units(inputs, opts), opts.prefetch or 2 * opts.batch_size)
+    cache = EncodeCache(opts.encode_cache)
     pending: list[Unit] = []
     try:
         for unit in prefetch:
             if unit.skip:
                 writer.skip(unit.seq)
-                summary.skip(failed=unit.item.id in opts.failed_ids)
+                summary.skip(failed=unit.row_id in opts.failed_ids)
                 continue
             if unit.error is not None:  # no need to wait for a batch to report it
-                _emit_all(writer, summary, on_row, answer_units(backend, [unit], opts))
+                _emit_all(writer, summary, on_row, answer_units(backend, [unit], opts, cache))
                 continue
             pending.append(unit)
             if len(pending) >= opts.batch_size:
-                _emit_all(writer, summary, on_row, answer_units(backend, pending, opts))
+                _emit_all(writer, summary, on_row, answer_units(backend, pending, opts, cache))
                 pending = []
         if pending:
-            _emit_all(writer, summary, on_row, answer_units(backend, pending, opts))
+            _emit_all(writer, summary, on_row, answer_units(backend, pending, opts, cache))
     finally:
         prefetch.close()
 

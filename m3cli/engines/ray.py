@@ -13,9 +13,11 @@ modules (``import ray`` is the absolute, top-level package: this file's name doe
 optional ``ray`` extra (``pip install 'm3cli[ray]'``).
 
 Row numbering: input ``i`` yields rows ``(i, 0), (i, 1), ...`` (a video yields one per sampled frame, then
-possibly an error row for the video). Because the pipeline preserves order, the driver walks the inputs
-in order and turns those pairs into the writer's consecutive sequence numbers; inputs already done in a
-resumed run (images, bad inputs) are skipped on the driver and never shipped to the cluster.
+possibly an error row for the video; with several questions, one per question of each picture, numbered
+``j * questions + q`` by the actor that answers them all from one encode). Because the pipeline preserves
+order, the driver walks the inputs in order and turns those pairs into the writer's consecutive sequence
+numbers; inputs already done in a resumed run (images, bad inputs) are skipped on the driver and never
+shipped to the cluster.
 
 Fault tolerance: answering actors are restarted when their process dies (``max_restarts=-1``) and the
 batch they were running is retried on the replacement (``max_task_retries``); decode tasks are retried
@@ -32,7 +34,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from m3cli import logs
@@ -47,9 +49,10 @@ from m3cli.engines.ray_cluster import (
     quiet_ray_logs,
     ray_error_line,
 )
-from m3cli.engines.ray_workers import Answerer, decode_task, encode_item, setup_message
-from m3cli.engines.units import BatchOptions
+from m3cli.engines.ray_workers import Answerer, decode_task, dumps_meta, encode_item, setup_message
+from m3cli.engines.units import BatchOptions, budget_note, question_count
 from m3cli.media import BadInput, Item
+from m3cli.media.inputs import question_ids, split_question_id
 from m3cli.output import OrderedWriter, Summary
 
 log = logging.getLogger(__name__)
@@ -70,26 +73,35 @@ class _Input:
     index: int
     id: str
     descriptor: str | None  # JSON for the decode task; None when the driver skips it (done in a resumed run)
+    skip_ids: list[str] = field(default_factory=list)  # the rows a skipped input stands for (one per question)
+
+
+def _done_by_input(done_ids: set[str]) -> dict[str, list[str]]:
+    """Done row ids under every top-level id they may belong to: the id itself, without its question number
+    (``ID#q2``), and without its frame number (``ID#3``, ``ID#3#q2``). The decode task checks exact ids."""
+    by_input: dict[str, list[str]] = {}
+    for ident in done_ids:
+        base, _ = split_question_id(ident)
+        head, sep, tail = base.rpartition("#")
+        for owner in {ident, base, head if sep and head and tail.isdigit() else base}:
+            by_input.setdefault(owner, []).append(ident)
+    return by_input
 
 
 def _plan(inputs: Iterable[Item | BadInput], opts: BatchOptions) -> list[_Input]:
-    """Number the inputs; mark the ones a resumed run skips outright (as the local engine does: not videos)."""
-    done_frames: dict[str, list[str]] = {}
-    for ident in opts.done_ids:
-        head, sep, tail = ident.rpartition("#")
-        if sep and tail.isdigit():
-            done_frames.setdefault(head, []).append(ident)
+    """Number the inputs; mark the ones a resumed run skips outright (every row done; as the local engine
+    does, never a video, whose frames are only known once it is decoded)."""
+    by_input = _done_by_input(opts.done_ids)
+    n_questions = len(opts.run_questions)
     plan = []
     for index, item in enumerate(inputs):
         video = isinstance(item, Item) and item.kind == "video"
-        if not video and item.id in opts.done_ids:
-            plan.append(_Input(index, item.id, None))
+        row_ids = question_ids(item.id, question_count(item, n_questions))
+        if not video and all(r in opts.done_ids for r in row_ids):
+            plan.append(_Input(index, item.id, None, row_ids))
             continue
-        desc: dict[str, Any] = {"item": encode_item(item)}
-        if video:
-            desc["done_frames"] = sorted(done_frames.get(item.id, ()))
-            desc["done"] = item.id in opts.done_ids  # the video's own (error) row
-        plan.append(_Input(index, item.id, json.dumps(desc, ensure_ascii=False)))
+        desc: dict[str, Any] = {"item": encode_item(item), "done": sorted(set(by_input.get(item.id, ())))}
+        plan.append(_Input(index, item.id, dumps_meta(desc)))
     return plan
 
 
@@ -103,8 +115,12 @@ def run_ray(
     actors: int = 1,
     gpus_per_actor: float = 0.0,
     on_row: Callable[[dict], None] | None = None,
+    notes: Callable[[str], None] | None = None,
 ) -> None:
     """Answer every input on a Ray cluster and write its row in input order; see the module docstring.
+
+    ``notes`` receives one-line remarks (a ``--tokens`` budget rounded to a scale: told once, when the first
+    actor's answers say what grid the model has).
 
     Raises :class:`EngineError` before any work (Ray missing, cluster unreachable, model unusable),
     :class:`EngineRunError` when the pipeline fails part-way (rows written so far stay), and
@@ -125,7 +141,7 @@ def run_ray(
             # Ray's C++ core writes warnings straight to fd 2 (e.g. about actor restarts); -v shows them
             with filter_native_stderr(enabled=logs.verbosity() < 1):
                 _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, actor_cpus, threads,
-                       on_row)
+                       on_row, notes)
         finally:
             if owned:
                 ray.shutdown()
@@ -144,7 +160,8 @@ def _guard_stdout():
         yield
 
 
-def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, actor_cpus, threads, on_row):
+def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, actor_cpus, threads, on_row,
+           notes=None):
     from ray.data import DataContext
 
     seq = 0
@@ -182,7 +199,7 @@ def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, a
         blocks = max(1, min(len(work), math.ceil(len(work) / opts.batch_size), 10_000))
         ds = ray.data.from_items(work, override_num_blocks=blocks)
         # Decode tasks keep Ray's default retries (a task whose worker dies is run again).
-        ds = ds.flat_map(decode_task, fn_kwargs={"fps": opts.fps, "every": opts.every, "max_frames": opts.max_frames},
+        ds = ds.flat_map(decode_task, fn_kwargs={"sampling": opts.sampling, "n_questions": len(opts.run_questions)},
                          num_cpus=DECODE_CPUS)
         cluster_opts = replace(opts, done_ids=set(), failed_ids=set())  # the cluster never needs them
         ds = _answer_stage(ds, dict(
@@ -194,7 +211,7 @@ def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, a
             num_cpus=actor_cpus,
         ))
         records = iter(ds.iter_rows())
-        merger.run(records)
+        merger.run(_noting(records, opts.tokens, notes))
     except _PipelineFailed as failed:
         raise _run_error(failed.__cause__ or failed, plan, merger.position, writer.written) from None
     finally:  # KeyboardInterrupt passes through here: rows received so far are written and flushed
@@ -206,6 +223,18 @@ def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, a
                 log.debug("closing the Ray iterator failed", exc_info=True)
         (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
          ctx.wait_for_min_actors_s) = saved
+
+
+def _noting(records: Iterator[dict], tokens: int | None, notes: Callable[[str], None] | None) -> Iterator[dict]:
+    """``records``, telling ``notes`` once about a rounded ``--tokens`` budget (the actors know the grid)."""
+    told = notes is None or tokens is None
+    for record in records:
+        if not told and record.get("grid") is not None:
+            told = True
+            note = budget_note(tokens, int(record["grid"]))
+            if note is not None:
+                notes(note)
+        yield record
 
 
 class _PipelineFailed(Exception):
@@ -230,7 +259,8 @@ class _Merger:
         while self.position < len(self.plan):
             current = self.plan[self.position]
             if current.descriptor is None:
-                self.skip(current.id)
+                for ident in current.skip_ids or [current.id]:
+                    self.skip(ident)
             else:
                 last_j = -1
                 while pending is not None and int(pending["i"]) == current.index:

@@ -12,10 +12,21 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from m3cli.engines.units import BatchOptions, Unit, answer_units, decode_input
+from m3cli.encode_cache import EncodeCache
+from m3cli.engines.units import (
+    AllDone,
+    BatchOptions,
+    Sampling,
+    Unit,
+    answer_units,
+    decode_input,
+    question_count,
+    unit_questions,
+)
 from m3cli.errors import one_line
 from m3cli.fileio import json_default
 from m3cli.media import BadInput, Item
+from m3cli.media.inputs import question_ids
 
 SETUP_MARK = "m3-ray-setup:"
 
@@ -37,21 +48,34 @@ def decode_item(data: dict[str, Any]) -> Item | BadInput:
     return BadInput(**fields) if data["bad"] else Item(**fields)
 
 
-def decode_task(row: dict[str, Any], fps: float | None, every: int | None, max_frames: int | None) -> list[dict]:
-    """Decode task: one input -> its units as records ``{i, j, meta, image}`` (image: uint8 HxWx3)."""
+def dumps_meta(data: Any) -> str:
+    """JSON for a record's metadata. ASCII-only: a file name that is not valid UTF-8 holds lone surrogates,
+    which Arrow cannot store as text; escaped, they cross and come back as they were."""
+    return json.dumps(data, ensure_ascii=True)
+
+
+def decode_task(row: dict[str, Any], sampling: Sampling, n_questions: int = 1) -> list[dict]:
+    """Decode task: one input -> its pictures as records ``{i, j, meta, image}`` (image: uint8 HxWx3).
+
+    ``meta`` says which of the picture's rows (one per question, ``n_questions`` for an item without its
+    own) a resumed run has done; the actor answers the others.
+    """
     import numpy as np
 
     index = int(row["i"])
     desc = json.loads(row["d"])
     item = decode_item(desc["item"])
-    # the driver ships no input a resumed run has done, except a video: its done frames and its own row
-    done = set(desc.get("done_frames", ())) | ({item.id} if desc.get("done") else set())
+    # the driver ships the done rows of this input (none when it skipped it outright)
+    done = set(desc.get("done", ()))
+    n = question_count(item, n_questions)
     empty = np.zeros((0, 0, 3), dtype=np.uint8)
     out: list[dict] = []
-    for unit_item, image, error, skip in decode_input(item, done, fps, every, max_frames):
-        meta = {"item": encode_item(unit_item), "error": error, "skip": skip}
-        pixels = empty if image is None else np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-        out.append({"i": index, "j": len(out), "meta": json.dumps(meta, ensure_ascii=False), "image": pixels})
+    for dec in decode_input(item, done if n == 1 else AllDone(done, n), sampling):
+        meta = {"item": encode_item(dec.item), "error": dec.error, "skip": dec.skip,
+                "done": [r for r in question_ids(dec.item.id, n) if r in done],
+                "key": None if dec.key is None else list(dec.key), "frames": dec.frames}
+        pixels = empty if dec.image is None else np.ascontiguousarray(np.asarray(dec.image, dtype=np.uint8))
+        out.append({"i": index, "j": len(out), "meta": dumps_meta(meta), "image": pixels})
     return out
 
 
@@ -74,37 +98,49 @@ class Answerer:
         except Exception as exc:  # noqa: BLE001 - reported on the driver as one line
             raise SetupFailed(f"{SETUP_MARK}{one_line(exc) or type(exc).__name__}") from None
         self.opts = opts
+        self.cache = EncodeCache(opts.encode_cache)  # this actor's: questions in a later batch reuse it
         self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One record per picture in, one row per (picture, question) out: ``j`` becomes
+        ``j * questions + q``, so a picture's rows stay in order among its input's."""
         import numpy as np
         from PIL import Image
 
-        n = len(batch["i"])
+        width = len(self.opts.run_questions)
+        out_i: list[int] = []
+        out_j: list[int] = []
         ids: list[str] = []
         skips: list[bool] = []
-        rows: list[str] = [""] * n
         units: list[Unit] = []
-        for k in range(n):
+        for k in range(len(batch["i"])):
             meta = json.loads(batch["meta"][k])
             item = decode_item(meta["item"])
-            ids.append(item.id)
-            skips.append(bool(meta["skip"]))
-            if meta["skip"]:
-                continue
+            done = set(meta.get("done") or ())
             image = None
-            if meta["error"] is None:
+            if meta["error"] is None and not meta["skip"]:
                 image = Image.fromarray(np.asarray(batch["image"][k], dtype=np.uint8), "RGB")
-            units.append(Unit(k, item, image=image, error=meta["error"]))
-        for k, row in answer_units(self.backend, units, self.opts):
-            rows[k] = json.dumps(row, ensure_ascii=False, default=json_default)
+            key = tuple(meta["key"]) if meta.get("key") is not None else None
+            for q, (row_id, question) in enumerate(unit_questions(item, self.opts)):
+                skip = bool(meta["skip"]) or row_id in done
+                out_i.append(int(batch["i"][k]))
+                out_j.append(int(batch["j"][k]) * width + q)
+                ids.append(row_id)
+                skips.append(skip)
+                if not skip:
+                    units.append(Unit(len(ids) - 1, item, image=image, error=meta["error"], id=row_id,
+                                      question=question, key=key, frames=meta.get("frames")))
+        rows: list[str] = [""] * len(ids)
+        for seq, row in answer_units(self.backend, units, self.opts, self.cache):
+            rows[seq] = json.dumps(row, ensure_ascii=False, default=json_default)
         return {
-            "i": np.asarray(batch["i"]),
-            "j": np.asarray(batch["j"]),
+            "i": np.asarray(out_i, dtype=np.int64),
+            "j": np.asarray(out_j, dtype=np.int64),
             "id": np.array(ids, dtype=object),
             "skip": np.array(skips, dtype=bool),
             "row": np.array(rows, dtype=object),
-            "pid": np.full(n, self.pid, dtype=np.int64),
+            "pid": np.full(len(ids), self.pid, dtype=np.int64),
+            "grid": np.full(len(ids), self.backend.grid_side, dtype=np.int64),
         }
 
 

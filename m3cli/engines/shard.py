@@ -49,6 +49,7 @@ __all__ = [
 
 INDEX_KEY = "input_index"
 SIDECAR_SUFFIX = ".shard.json"
+_QUESTION_SUFFIX = re.compile(r"#q([1-9][0-9]*)$")
 _SHARD_RE = re.compile(r"([0-9]+)/([0-9]+)")
 _SHOW = 5  # ids / entries named in a summary line before "…"
 
@@ -373,11 +374,13 @@ def merge_outputs(paths: Sequence[str], out_path: str | None) -> MergeReport:
 
     with_frames = {r[INDEX_KEY] for r in rows.values() if r.get("frame") is not None}
 
-    def key(r: dict[str, Any]) -> tuple[int, float, str]:
+    def key(r: dict[str, Any]) -> tuple[int, float, int, str]:
         frame = r.get("frame")
         if not isinstance(frame, (int, float)) or isinstance(frame, bool):
             frame = float("inf") if r[INDEX_KEY] in with_frames else -1
-        return r[INDEX_KEY], frame, str(r["id"])
+        # several -q: ids end in #q1, #q2, ...; compare the number, or #q10 would sort before #q2
+        asked = _QUESTION_SUFFIX.search(str(r["id"]))
+        return r[INDEX_KEY], frame, int(asked[1]) if asked else 0, str(r["id"])
 
     ordered = sorted(rows.values(), key=key)
 

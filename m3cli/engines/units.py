@@ -3,33 +3,62 @@ per-batch step that answers loaded units and turns them into rows.
 
 The local engine calls these in this process, the Ray engine in its decode tasks and answering actors, so
 both write the same rows for the same inputs.
+
+One decoded picture (an image, a sampled frame, a video's collage) becomes one unit per question asked
+about it (:func:`unit_questions`); the units of one picture share its pixels and its identity ``key``, and
+:func:`answer_units` encodes each key once per batch, or not at all when an :class:`EncodeCache` still
+holds its encoding from an earlier batch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Container, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Container, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
-from m3cli.answering import DEFAULT_MAX_QUESTION_CHARS, answer_images, make_policy
-from m3cli.backends.base import Backend
+from m3cli.answering import (
+    DEFAULT_MAX_QUESTION_CHARS,
+    Query,
+    Result,
+    answer_queries,
+    check_question,
+    each_alone,
+    make_policy,
+)
+from m3cli.backends.base import Backend, Encoded
+from m3cli.collage import DEFAULT_FRAMES, collage_question
 from m3cli.confidence import DEFAULT_MEASURE
+from m3cli.encode_cache import EncodeCache
+from m3cli.engines.decode import VIDEO_MODES, AllDone, Decoded, RecentKeys, Sampling, decode_input
 from m3cli.engines.defaults import DEFAULT_QUESTION
 from m3cli.errors import M3Error
-from m3cli.media import BadInput, Item, MediaError, expand_video, load_image
+from m3cli.media import BadInput, Item, MediaError
+from m3cli.media.inputs import question_ids
 from m3cli.output import make_row
 from m3cli.policy import DEFAULT_THRESHOLD, Policy
 from m3cli.scales import budget_to_scale
 
 log = logging.getLogger(__name__)
 
+__all__ = ["VIDEO_MODES", "AllDone", "BatchOptions", "Decoded", "RecentKeys", "Sampling", "Unit", "answer_units",
+           "budget_note", "decode_input", "done_for", "question_count", "unit_questions"]
+
+# Encodings kept for questions about an image answered in an earlier batch. Smaller than m3 eval's: a batch
+# run's repeats are mostly one image's questions, adjacent, and each entry holds a grid on the model's device.
+DEFAULT_BATCH_CACHE = 16
+
 
 @dataclass
 class BatchOptions:
     """How every item is answered unless its own row (stdin JSONL) says otherwise.
 
-    ``question`` None means :data:`DEFAULT_QUESTION`. ``run`` is the record of what the run's rows are made
-    with (written in every row; ``--resume`` compares it), None for none.
+    ``question`` None means :data:`DEFAULT_QUESTION`; ``questions`` (several ``-q``) asks each item without
+    a question of its own every one of them, one row each (ids ``ID#q1``, ``ID#q2``, ...). ``run`` is the
+    record of what the run's rows are made with (written in every row; ``--resume`` compares it), None for
+    none. ``video_mode`` ``"collage"`` answers a video once, about ``collage_frames`` frames tiled
+    ``collage_layout`` (columns, rows; None: IG-VLM's).
     """
 
     question: str | None = DEFAULT_QUESTION
@@ -48,55 +77,73 @@ class BatchOptions:
     done_ids: set[str] = field(default_factory=set)
     failed_ids: set[str] = field(default_factory=set)  # done ids whose earlier row is an error
     run: dict | None = None
+    questions: tuple[str, ...] = ()
+    video_mode: str = "frames"
+    collage_frames: int = DEFAULT_FRAMES
+    collage_layout: tuple[int, int] | None = None
+    encode_cache: int = DEFAULT_BATCH_CACHE
 
     @property
     def run_question(self) -> str:
-        """The question of every item that brings none of its own."""
-        return self.question or DEFAULT_QUESTION
+        """The question of every item that brings none of its own (the first, when there are several)."""
+        return self.questions[0] if self.questions else (self.question or DEFAULT_QUESTION)
+
+    @property
+    def run_questions(self) -> list[str]:
+        """Every question asked of an item that brings none of its own, in order."""
+        return list(self.questions) if self.questions else [self.run_question]
+
+    @property
+    def sampling(self) -> Sampling:
+        """How videos are turned into pictures."""
+        return Sampling(self.fps, self.every, self.max_frames, self.video_mode, self.collage_frames,
+                        self.collage_layout)
 
 
 @dataclass
 class Unit:
-    """One unit of work in input order: a loaded image, or an error to report."""
+    """One unit of work in input order: one question about a loaded picture, or an error to report.
+
+    ``id`` and ``question`` are the row's (None: the item's own id, and its question or the run's). Units
+    with equal ``key`` show the same pixels and share one encode; ``load`` decodes the picture when
+    ``image`` was not kept because its encoding is expected in the cache. ``frames``: the video frames a
+    collage tiles (its question is then asked with :data:`~m3cli.collage.COLLAGE_PREFIX`).
+    """
 
     seq: int
     item: Item | BadInput
     image: object | None = None
     error: str | None = None
     skip: bool = False
+    id: str | None = None
+    question: str | None = None
+    key: Hashable | None = None
+    load: Callable[[], Any] | None = None
+    frames: list[int] | None = None
+
+    @property
+    def row_id(self) -> str:
+        return self.id if self.id is not None else self.item.id
 
 
-Decoded = tuple[Item | BadInput, object | None, str | None, bool]  # (item, image, error, skip)
+def question_count(item: Item | BadInput, n_questions: int) -> int:
+    """How many rows an item makes: one when it brings its own question, else one per run question."""
+    return 1 if getattr(item, "question", None) else n_questions
 
 
-def decode_input(
-    item: Item | BadInput,
-    done: Container[str],
-    fps: float | None = None,
-    every: int | None = None,
-    max_frames: int | None = None,
-) -> Iterator[Decoded]:
-    """One input as its units of work, in order: an image, a video's sampled frames, or an error.
+def unit_questions(item: Item | BadInput, opts: BatchOptions) -> list[tuple[str, str]]:
+    """``(row id, question)`` for every question asked about one picture of an input, in order."""
+    own = getattr(item, "question", None)
+    if own:
+        return [(item.id, own)]
+    questions = opts.run_questions
+    return list(zip(question_ids(item.id, len(questions)), questions, strict=True))
 
-    Ids in ``done`` (a resumed run) are skipped without decoding. A video that fails part-way keeps the
-    frames already yielded and ends with an error unit for the video itself.
-    """
-    if isinstance(item, BadInput):
-        yield item, None, item.error, item.id in done
-    elif item.kind == "video":
-        try:
-            for frame_item, frame in expand_video(item, fps, every, max_frames):
-                skip = frame_item.id in done
-                yield frame_item, None if skip else frame.image, None, skip
-        except (MediaError, ValueError) as exc:
-            yield item, None, str(exc), item.id in done
-    elif item.id in done:
-        yield item, None, None, True
-    else:
-        try:
-            yield item, load_image(item.source), None, False
-        except MediaError as exc:
-            yield item, None, str(exc), False
+
+def done_for(item: Item | BadInput, opts: BatchOptions) -> Container[str]:
+    """What :func:`decode_input` needs to skip the pictures of ``item`` whose every row is done."""
+    n = question_count(item, len(opts.run_questions))
+    return opts.done_ids if n == 1 else AllDone(opts.done_ids, n)
 
 
 def budget_note(tokens: int | None, grid: int) -> str | None:
@@ -120,42 +167,126 @@ def policy_for(item: Item, opts: BatchOptions, grid: int) -> Policy:
     return make_policy(grid, tokens, opts.auto_scale, opts.threshold, opts.ladder)
 
 
-def answer_units(backend: Backend, units: list[Unit], opts: BatchOptions) -> list[tuple[int, dict]]:
-    """The per-batch step every engine shares: encode the loaded units once, run each item's policy,
-    and return ``(seq, row)`` in input order; per-item problems become error rows, never exceptions."""
+def _failed(error: str) -> Result:
+    return Result("", 0.0, None, [], {}, error=error)
+
+
+def answer_units(backend: Backend, units: list[Unit], opts: BatchOptions,
+                 cache: EncodeCache | None = None) -> list[tuple[int, dict]]:
+    """The per-batch step every engine shares: encode each picture of the batch once (none whose encoding
+    ``cache`` holds), run each unit's policy, and return ``(seq, row)`` in input order; per-item problems
+    become error rows, never exceptions.
+
+    A refused question costs no encode. When several units share a picture its encode time is split among
+    them; a unit answered from the cache reports ``encode_ms`` 0.
+    """
     rows: dict[int, dict] = {}
     ready: list[tuple[Unit, str, Policy]] = []
     for unit in units:
-        question = question_for(unit.item, opts)
+        question = unit.question or question_for(unit.item, opts)
         if unit.error is not None:
-            rows[unit.seq] = _row(unit, backend, opts, error=unit.error)
+            rows[unit.seq] = _row(unit, backend, opts, question, error=unit.error)
+            continue
+        try:
+            policy = policy_for(unit.item, opts, backend.grid_side)
+        except (M3Error, ValueError) as exc:  # a bad per-item budget or ladder: that item's error row
+            rows[unit.seq] = _row(unit, backend, opts, question, error=str(exc))
+            continue
+        problem = check_question(backend, _asked(unit, question), policy, opts.max_new_tokens,
+                                 opts.max_question_chars)
+        if problem is not None:
+            rows[unit.seq] = _row(unit, backend, opts, question, result=_failed(problem))
         else:
-            try:
-                ready.append((unit, question, policy_for(unit.item, opts, backend.grid_side)))
-            except (M3Error, ValueError) as exc:  # a bad per-item budget or ladder: that item's error row
-                rows[unit.seq] = _row(unit, backend, opts, error=str(exc))
+            ready.append((unit, question, policy))
     if ready:
-        # never raises for one item: a refused question or a failed encode/answer is that item's error row
-        results = answer_images(backend, [u.image for u, _, _ in ready], [q for _, q, _ in ready],
-                                [p for _, _, p in ready], opts.max_new_tokens, opts.measure, opts.max_question_chars)
-        for (unit, question, _), result in zip(ready, results, strict=True):
-            rows[unit.seq] = _row(unit, backend, opts, question=question, result=result)
+        encodings, shares = _encode_units(backend, [u for u, _, _ in ready], cache)
+        live = [(u, q, p) for u, q, p in ready if isinstance(encodings[u.seq], Encoded)]
+        for unit, question, _ in ready:
+            if not isinstance(encodings[unit.seq], Encoded):
+                rows[unit.seq] = _row(unit, backend, opts, question, result=_failed(encodings[unit.seq]))
+        queries = [Query(encodings[u.seq], _asked(u, q), p, opts.max_new_tokens) for u, q, p in live]
+        # never raises for one item: a failed answer is that item's error result
+        results = answer_queries(backend, queries, opts.measure, opts.max_question_chars)
+        for (unit, question, _), result in zip(live, results, strict=True):
+            _charge(result, shares[unit.seq])
+            rows[unit.seq] = _row(unit, backend, opts, question, result=result)
     return sorted(rows.items())
 
 
-def _row(unit: Unit, backend: Backend, opts: BatchOptions, question=None, result=None, error=None) -> dict:
+def _asked(unit: Unit, question: str) -> str:
+    """What the model is asked: the question, prefixed as the paper does for a video collage."""
+    return collage_question(question) if unit.frames is not None else question
+
+
+def _encode_units(backend: Backend, units: list[Unit], cache: EncodeCache | None
+                  ) -> tuple[dict[int, Encoded | str], dict[int, float | None]]:
+    """Each unit's encoding (or error message) by seq, each picture encoded once, and each unit's share of
+    its encode time (None: the whole of it, as when nothing is shared)."""
+    groups: OrderedDict[Hashable, list[Unit]] = OrderedDict()
+    for unit in units:
+        # a picture without a file identity is still shared by the units that hold its very pixels
+        local = ("image", id(unit.image)) if unit.image is not None else ("unit", unit.seq)
+        groups.setdefault(unit.key if unit.key is not None else local, []).append(unit)
+    encodings: dict[int, Encoded | str] = {}
+    shares: dict[int, float | None] = {}
+    todo: list[tuple[Hashable, list[Unit], Any]] = []
+    for key, members in groups.items():
+        hit = cache.get(key) if cache is not None and members[0].key is not None else None
+        if hit is not None:
+            for unit in members:
+                encodings[unit.seq], shares[unit.seq] = hit, 0.0
+            continue
+        image = next((u.image for u in members if u.image is not None), None)
+        if image is None:
+            loader = next((u.load for u in members if u.load is not None), None)
+            try:
+                image = loader() if loader is not None else None
+            except MediaError as exc:
+                for unit in members:
+                    encodings[unit.seq] = str(exc)
+                continue
+        if image is None:  # a unit built without pixels: a caller's bug, still only that item's error
+            for unit in members:
+                encodings[unit.seq] = "internal error: no image to encode"
+            continue
+        todo.append((key, members, image))
+    outcomes = each_alone(backend.encode, [image for _, _, image in todo], "encoding a batch")
+    for (key, members, _), enc in zip(todo, outcomes, strict=True):
+        if isinstance(enc, Encoded):
+            if cache is not None:
+                cache.encodes += 1
+                if members[0].key is not None:
+                    cache.put(key, enc)
+        share = None if len(members) == 1 or not isinstance(enc, Encoded) else enc.encode_ms / len(members)
+        for unit in members:
+            encodings[unit.seq], shares[unit.seq] = enc, share
+    return encodings, shares
+
+
+def _charge(result: Result, share: float | None) -> None:
+    """Make a result's timings count its share of a shared encode (``share`` None: left as it is)."""
+    if share is None or result.error is not None or "encode_ms" not in result.timings:
+        return
+    timings = result.timings
+    timings["total_ms"] = timings.get("total_ms", 0.0) - timings["encode_ms"] + share
+    timings["encode_ms"] = share
+
+
+def _row(unit: Unit, backend: Backend, opts: BatchOptions, question: str, result=None, error=None) -> dict:
     item = unit.item
     fields = {
-        "id": item.id,
+        "id": unit.row_id,
         "source": item.source,
         "frame": getattr(item, "frame", None),
         "time_s": getattr(item, "time_s", None),
-        "question": question or question_for(item, opts),
+        "question": question,
         "model": backend.model_id,
         "backend": backend.name,
         "error": error,
         "run": opts.run,
     }
+    if unit.frames is not None:
+        fields["frames"] = list(unit.frames)
     if result is not None:
         fields.update(result.to_dict())
         fields["note"] = result.note

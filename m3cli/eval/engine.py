@@ -11,15 +11,15 @@ result an error and never stops the run: a failing batch call is retried item by
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from m3cli.backends.base import AnswerRequest, Backend, Encoded, Generation
+from m3cli.encode_cache import DEFAULT_CACHE, EncodeCache
 from m3cli.errors import M3Error, describe
 
-DEFAULT_CACHE = 64  # encodings kept across batches (LLaVA-7B fp16: ~4.7 MB each)
+__all__ = ["DEFAULT_CACHE", "EncodeCache", "EvalItem", "ItemResult", "answer_items"]
 
 
 @dataclass
@@ -46,34 +46,6 @@ class ItemResult:
     encode_ms: float = 0.0  # this item's share of its image's encode (0 when the encoding was cached)
     reused: bool = False  # the encoding came from an earlier batch
     error: str | None = None
-
-
-class EncodeCache:
-    """The ``capacity`` most recently used encodings by image key (0: nothing is kept across batches)."""
-
-    def __init__(self, capacity: int = DEFAULT_CACHE) -> None:
-        self.capacity = max(0, capacity)
-        self._items: OrderedDict[Hashable, Encoded] = OrderedDict()
-        self.hits = 0
-        self.encodes = 0  # images encoded by the backend
-
-    def get(self, key: Hashable | None) -> Encoded | None:
-        if key is None or key not in self._items:
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return self._items[key]
-
-    def put(self, key: Hashable | None, encoded: Encoded) -> None:
-        if key is None or not self.capacity:
-            return
-        self._items[key] = encoded
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def _message(exc: BaseException) -> str:

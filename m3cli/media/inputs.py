@@ -7,6 +7,11 @@ File names are carried as Python does for the OS: a byte that is not valid UTF-8
 (``surrogateescape``), so ``source`` opens the very file whatever its name. Ids are what rows show and
 ``--resume`` / ``--shard`` match, so they are valid Unicode: such bytes are written ``\\xNN``
 (:func:`m3cli.fileio.escape_surrogates`). Stdin is read as bytes for the same reason.
+
+A run that asks several questions (``m3 batch -q A -q B``) writes one row per (item, question): the row of
+question ``k`` (1-based, in the order given) has the id ``<item id>#q<k>`` (:func:`question_ids`); a video
+frame's is ``<video id>#<frame>#q<k>``. An item that brings its own question (a stdin JSONL row) is asked
+only that one and keeps its id, as does every item of a run with a single question.
 """
 
 from __future__ import annotations
@@ -48,6 +53,24 @@ class BadInput:
     id: str
     source: str
     error: str
+
+
+QUESTION_MARK = "#q"  # between an item's id and its question number in a several-question run
+
+
+def question_ids(item_id: str, n: int) -> list[str]:
+    """The row ids of an item asked ``n`` questions: ``[item_id]`` for one, ``item_id#q1 .. #qn`` for more."""
+    if n <= 1:
+        return [item_id]
+    return [f"{item_id}{QUESTION_MARK}{k}" for k in range(1, n + 1)]
+
+
+def split_question_id(row_id: str) -> tuple[str, int | None]:
+    """``("a.png", 2)`` for ``"a.png#q2"``; ``(row_id, None)`` for an id without a question number."""
+    head, sep, tail = row_id.rpartition(QUESTION_MARK)
+    if sep and head and tail.isdigit() and not tail.startswith("0"):
+        return head, int(tail)
+    return row_id, None
 
 
 def _walk(root: str, visited: set[tuple[int, int]], skipped: set[str]) -> Iterator[tuple[str, str] | BadInput]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -143,7 +143,40 @@ def sample_frames(
     return _sample(name, fps, every, max_frames)
 
 
-def _sample(name: str, fps: float | None, every: int | None, max_frames: int | None) -> Iterator[Frame]:
+def frames_at(path: str | os.PathLike[str], pick: Callable[[int], Sequence[int]]) -> list[Frame]:
+    """The frames numbered ``pick(n)`` (``n``: the video's frame count), in that order, in one forward decode pass.
+
+    Numbers may repeat (the same :class:`Frame` is returned for each). A number past the real end of a video
+    whose header over-counts gets the last frame there is, so the list always has ``len(pick(n))`` frames;
+    each Frame's ``index`` says which frame it really is. A video whose length cannot be told, or that has no
+    frame, is a MediaError, as is damage before the last picked frame.
+    """
+    name = os.fspath(path)
+    picked: list[int] = []
+
+    def targets(n: int) -> list[int]:
+        if n < 1:
+            raise MediaError(f"{name}: cannot tell how many frames the video has")
+        picked.extend(int(i) for i in pick(n))
+        if not picked or min(picked) < 0:
+            raise ValueError(f"frame numbers must be >= 0, got {picked}")
+        return sorted(set(picked))
+
+    decoded = list(_sample(name, None, None, None, targets))
+    if not decoded:
+        raise MediaError(f"{name}: corrupt or truncated video (no frame could be decoded)")
+    out = []
+    for want in picked:
+        # the frame itself, else the last one before it (the video ended early)
+        before = [f for f in decoded if f.index <= want]
+        out.append(before[-1] if before else decoded[0])
+    return out
+
+
+def _sample(name: str, fps: float | None, every: int | None, max_frames: int | None,
+            pick: Callable[[int], list[int]] | None = None) -> Iterator[Frame]:
+    """The sampling loop; ``pick(n)`` (sorted, unique frame numbers for a video of ``n`` frames) replaces the
+    even spread of ``max_frames`` when given."""
     import av.error
 
     spread = fps is None and every is None
@@ -159,12 +192,16 @@ def _sample(name: str, fps: float | None, every: int | None, max_frames: int | N
 
         targets: list[int] = []
         if spread:
-            assert cap is not None
             # stream.frames is exact for mp4/mov; other containers need a (cheap) demux-only count.
             n_total = stream.frames or _count_packets(name) or (info.n_frames_estimate or 0)
-            targets = _even_indices(n_total, cap)
-            if not targets:
-                targets = list(range(cap))  # unknown length: fall back to the first frames
+            if pick is not None:
+                targets = pick(n_total)
+                cap = len(targets)
+            else:
+                assert cap is not None
+                targets = _even_indices(n_total, cap)
+                if not targets:
+                    targets = list(range(cap))  # unknown length: fall back to the first frames
         target_pos = 0
         next_time = 0.0
 
