@@ -20,7 +20,7 @@ from m3cli.build import IMAGE_TOKEN
 from m3cli.confidence import DEFAULT_MEASURE, MONOTONE_MEASURES, confidence
 from m3cli.errors import ItemError, M3Error, describe
 from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed, Policy, Rung, make_ladder
-from m3cli.scales import budget_to_scale
+from m3cli.scales import budget_to_scale, parse_budget
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,12 @@ class Result:
 
     answer: str
     confidence: float
-    tokens: int | None
+    tokens: int | None                # the final rung's per-crop scale (the paper's --tokens)
     scales_tried: list[Rung]
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    visual_tokens: int | None = None  # what the LM received at that scale (LLaVA-NeXT: all crops and newlines)
+    crops: int | None = None          # crops the vision tower encoded (1 for LLaVA-1.5)
 
     @property
     def empty(self) -> bool:
@@ -67,11 +69,15 @@ class Result:
                 "scales_tried": [r.to_dict() for r in self.scales_tried] or None,
                 "timings": None,
                 "error": self.error,
+                "visual_tokens": None,
+                "crops": None,
             }
         return {
             "answer": self.answer,
             "confidence": round(self.confidence, 6),
             "tokens": self.tokens,
+            "visual_tokens": self.visual_tokens if self.visual_tokens is not None else self.tokens,
+            "crops": self.crops if self.crops is not None else 1,
             "scales_tried": [r.to_dict() for r in self.scales_tried],
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -87,27 +93,91 @@ class Query:
     max_new_tokens: int = 16
 
 
+@dataclass(frozen=True)
+class VisualCap:
+    """``inner`` with its scales also capped, per image, by the TOTAL visual tokens the LM may receive.
+
+    ``--max-visual-tokens N``: the largest per-crop scale whose total for this image fits ``N`` (LLaVA-NeXT: base
+    crop, unpadded tiles and newlines; LLaVA-1.5: the scale itself). The total depends on the image's size, so
+    :func:`fit_policy` resolves it once the image is encoded; until then it is ``inner``.
+    """
+
+    inner: Policy
+    max_visual_tokens: int
+
+    def first(self) -> int:
+        return self.inner.first()
+
+    def next(self, tried: Sequence[Rung]) -> int | None:
+        return self.inner.next(tried)
+
+
 def make_policy(
     grid: int,
     tokens: int | None = None,
     auto_scale: bool = False,
     threshold: float | None = None,
     ladder: Sequence[int] | None = None,
+    max_visual_tokens: int | None = None,
 ) -> Policy:
     """The scale policy for a question: a fixed scale (the budget rounded down, or the full grid), or with
-    ``auto_scale`` escalation over ``ladder`` (default: every scale) capped at the budget."""
+    ``auto_scale`` escalation over ``ladder`` (default: every scale) capped at the budget.
+
+    ``max_visual_tokens`` caps the total visual tokens per image as well (:class:`VisualCap`): with ``tokens``
+    the smaller of the two scales wins; with ``auto_scale`` the ladder is cut per image.
+    """
     if auto_scale:
-        return Escalate(make_ladder(grid, ladder, tokens), DEFAULT_THRESHOLD if threshold is None else threshold)
-    return Fixed(budget_to_scale(tokens, grid).scale if tokens is not None else grid * grid)
+        policy: Policy = Escalate(make_ladder(grid, ladder, tokens),
+                                  DEFAULT_THRESHOLD if threshold is None else threshold)
+    else:
+        policy = Fixed(budget_to_scale(tokens, grid).scale if tokens is not None else grid * grid)
+    if max_visual_tokens is not None:
+        return VisualCap(policy, parse_budget(max_visual_tokens))
+    return policy
+
+
+def scale_cap(backend: Backend, encoded: Encoded, max_visual_tokens: int) -> int:
+    """The largest per-crop scale whose total visual tokens for this encoded image fit ``max_visual_tokens``.
+
+    The backend's ``scale_within`` when it has one (it knows the family's count), else the scale itself is the
+    count (one crop, no newlines). Raises :class:`~m3cli.scales.BudgetError` when no scale fits.
+    """
+    fit = getattr(backend, "scale_within", None)
+    if callable(fit):
+        return int(fit(max_visual_tokens, encoded))
+    return budget_to_scale(max_visual_tokens, backend.grid_side).scale
+
+
+def fit_policy(policy: Policy, backend: Backend, encoded: Encoded) -> Policy:
+    """``policy`` for this encoded image: a :class:`VisualCap` resolved to a plain policy, others as they are."""
+    if not isinstance(policy, VisualCap):
+        return policy
+    top = scale_cap(backend, encoded, policy.max_visual_tokens)
+    inner = policy.inner
+    if isinstance(inner, Fixed):
+        return Fixed(min(inner.scale, top))
+    if isinstance(inner, Escalate):
+        rungs = tuple(r for r in inner.ladder if r <= top) or (top,)  # as make_ladder caps a budget
+        return Escalate(rungs, inner.threshold)
+    raise ValueError(f"--max-visual-tokens cannot cap a {type(inner).__name__} policy")
 
 
 def largest_scale(policy: Policy) -> int:
-    """The most visual tokens ``policy`` may ever use (its fixed scale, or the top of its ladder)."""
+    """The largest per-crop scale ``policy`` may ever use (its fixed scale, or the top of its ladder)."""
+    if isinstance(policy, VisualCap):
+        return largest_scale(policy.inner)
     if isinstance(policy, Fixed):
         return policy.scale
     if isinstance(policy, Escalate):
         return policy.ladder[-1]
     return policy.first()
+
+
+def visual_count(backend: Backend, scale: int, image_hw: tuple[int, int] | None = None) -> int:
+    """Visual tokens the LM receives at per-crop ``scale`` (the backend's ``visual_token_count`` when it has one;
+    without ``image_hw`` its largest count over every image size); else ``scale``."""
+    count = getattr(backend, "visual_token_count", None)
+    return int(count(scale, image_hw)) if callable(count) else int(scale)
 
 
 def context_length(backend: Backend) -> int | None:
@@ -152,12 +222,15 @@ def check_question(
         return None
     scale = largest_scale(policy)
     try:
-        n_prompt = len(prompt_ids(question, scale))
+        # before the image is seen: the most visual tokens any image can take at that scale
+        n_visual = visual_count(backend, scale)
+        n_prompt = len(prompt_ids(question, n_visual))
     except MODEL_ERRORS as exc:
         return f"question cannot be turned into a prompt: {describe(exc)}"
     limit = context_length(backend)
     if limit is not None and n_prompt + max_new_tokens > limit:
-        return (f"question too long for the model: the prompt at {scale} visual tokens needs {n_prompt} positions "
+        at = f"{scale} visual tokens" if n_visual == scale else f"{scale} tokens per crop (up to {n_visual} in all)"
+        return (f"question too long for the model: the prompt at {at} needs {n_prompt} positions "
                 f"+ {max_new_tokens} new tokens, its context is {limit}")
     return None
 
@@ -210,12 +283,21 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, erro
     """Every query's policy to the end (queries whose index is in ``errors`` are not run)."""
     rungs: list[list[Rung]] = [[] for _ in queries]
     timings = [{"encode_ms": q.encoded.encode_ms, "prefill_ms": 0.0, "decode_ms": 0.0} for q in queries]
-    next_scale = {i: q.policy.first() for i, q in enumerate(queries) if i not in errors}
+    policies: dict[int, Policy] = {}
+    for i, q in enumerate(queries):
+        if i in errors:
+            continue
+        try:  # a total cap is resolved now that the image's size is known; no scale fitting it: this item's error
+            policies[i] = fit_policy(q.policy, backend, q.encoded)
+        except (M3Error, ValueError) as exc:
+            errors[i] = str(exc)
+    visual: dict[int, int] = {}
+    next_scale = {i: p.first() for i, p in policies.items()}
     while next_scale:
         order = sorted(next_scale)
         requests = [
             AnswerRequest(queries[i].encoded, next_scale[i], queries[i].question, queries[i].max_new_tokens,
-                          stop_below(queries[i].policy, next_scale[i], measure) if early_exit else None, measure)
+                          stop_below(policies[i], next_scale[i], measure) if early_exit else None, measure)
             for i in order
         ]
         outcomes = each_alone(backend.answer, requests, "answering a batch")
@@ -227,9 +309,10 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, erro
             text = gen.text.strip()
             conf = confidence(gen.logprobs, measure) if text else 0.0  # an empty answer is no answer
             rungs[i].append(Rung(next_scale[i], text, conf, gen.stopped_early))
+            visual[i] = gen.visual_tokens if gen.visual_tokens is not None else next_scale[i]
             timings[i]["prefill_ms"] += gen.prefill_ms
             timings[i]["decode_ms"] += gen.decode_ms
-            nxt = _next_scale(queries[i].policy, rungs[i])
+            nxt = _next_scale(policies[i], rungs[i])
             if nxt is not None:
                 following[i] = nxt
         next_scale = following
@@ -240,7 +323,8 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, erro
             results.append(Result("", 0.0, None, tried, t, error=errors[i]))
         else:
             final = tried[-1]
-            results.append(Result(final.answer, final.confidence, final.scale, tried, t))
+            results.append(Result(final.answer, final.confidence, final.scale, tried, t,
+                                  visual_tokens=visual[i], crops=queries[i].encoded.crops))
     return results
 
 

@@ -245,20 +245,11 @@ def test_tokenizer_model_without_sentencepiece_is_one_clear_line(models, monkeyp
 
 
 def _refused_dirs(root: Path, models) -> dict[str, tuple[Path, str]]:
-    nxt = root / "llava-next-hf"
-    shutil.copytree(models["spm-v5"], nxt)
-    cfg = json.loads((nxt / "config.json").read_text())
-    pinpoints = [[96, 48], [48, 96], [96, 96]]
-    cfg.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
-               image_grid_pinpoints=pinpoints)
-    (nxt / "config.json").write_text(json.dumps(cfg))
-    proc = json.loads((nxt / "preprocessor_config.json").read_text())
-    proc.update(image_processor_type="LlavaNextImageProcessor", image_grid_pinpoints=pinpoints)
-    (nxt / "preprocessor_config.json").write_text(json.dumps(proc))
+    # LLaVA-NeXT is supported since issue 17; a NeXT directory without image_newline: tests/test_next_cli.py
     bare = root / "llava-hf-no-template"
     shutil.copytree(models["spm-v5"], bare)
     (bare / "chat_template.jinja").unlink()
-    out = {"next": (nxt, "not supported yet"), "no-template": (bare, "no chat template")}
+    out = {"no-template": (bare, "no chat template")}
     for name, cfg, what in (
         ("qwen2-vl", {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
                       "vision_config": {"depth": 2}}, "Qwen2-VL"),

@@ -15,11 +15,18 @@ class ModelLoadError(ModelError):
 
 @dataclass
 class Encoded:
-    """One image's projected visual-token grid (G*G rows, LM width), backend-owned storage."""
+    """One image's projected visual-token grid (G*G rows, LM width), backend-owned storage.
+
+    LLaVA-NeXT: ``grid`` holds every crop's grid (the torch backend's ``CropGrids``), ``crops`` how many the tower
+    encoded (tiles + base) and ``image_hw`` the original image's (height, width), on which the number of visual
+    tokens at a scale depends. LLaVA-1.5: one crop, and ``image_hw`` is not needed.
+    """
 
     grid: Any
     side: int
     encode_ms: float
+    image_hw: tuple[int, int] | None = None
+    crops: int = 1
 
 
 @dataclass
@@ -46,6 +53,9 @@ class Generation:
     prefill_ms: float
     decode_ms: float
     stopped_early: bool = False  # the running confidence fell below the request's stop_below
+    # the visual embeddings the language model received (LLaVA-NeXT: every crop's pooled tokens, the tile grid
+    # unpadded, one newline per row); None: the request's scale (one crop, no newlines)
+    visual_tokens: int | None = None
 
 
 def stops_early(request: AnswerRequest, logprobs: list[float]) -> bool:
@@ -67,8 +77,8 @@ class Backend(Protocol):
 
     name: str
     model_id: str
-    grid_side: int
-    scales: list[int]
+    grid_side: int        # per crop
+    scales: list[int]     # per-crop scales (the paper's --tokens)
 
     def encode(self, images: Sequence[Any]) -> list[Encoded]:
         """Run vision tower + projector once per image (PIL RGB images)."""

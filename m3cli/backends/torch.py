@@ -1,16 +1,22 @@
-"""PyTorch / transformers backend: a Hugging Face LLaVA with M3 pooling after the projector.
+"""PyTorch / transformers backend: a Hugging Face LLaVA or LLaVA-NeXT with M3 pooling after the projector.
 
 The model's family (:mod:`m3cli.families`) is detected from its files before any weights load
 (:func:`m3cli.backends.locate.locate_model`, which also finds hub ids and converts original-layout
 checkpoints once into the cache); the family then gives the backend its pixels (``pad`` for original
-LLaVA-1.5 checkpoints and their conversions, ``crop`` for llava-hf's CLIP processor) and its prompt ids
-(the family's recipe through :class:`~m3cli.families.HFTokenizerAdapter`). transformers supplies the
-modelling code and the tokenizer only.
+LLaVA-1.5 checkpoints and their conversions, ``crop`` for llava-hf's CLIP processor, ``anyres`` crops for
+LLaVA-NeXT) and its prompt ids (the family's recipe through :class:`~m3cli.families.HFTokenizerAdapter`).
+transformers supplies the modelling code and the tokenizer only.
+
+LLaVA-NeXT (:mod:`m3cli.backends.next_features`): every crop goes through the tower + projector once at encode;
+each request pools every crop to its per-crop scale and the family packs them (base crop, unpadded tile grid,
+one ``image_newline`` per row), so the prompt holds ``len(visual)`` placeholders, not the scale. The prefill,
+the shared-prefix KV cache and the early exit are the same for both families.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +25,7 @@ from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadErr
 from m3cli.backends.prompt import FamilyPrompt
 from m3cli.dtypes import DTYPES, torch_dtype
 from m3cli.errors import M3Error, describe
-from m3cli.scales import nested_scales, pool
+from m3cli.scales import budget_to_scale, nested_scales, pool
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,8 @@ def pick_dtype(device: str, requested: str = "auto"):
 
 
 class TorchBackend:
-    """Transformers ``LlavaForConditionalGeneration`` with pooled features and greedy decoding."""
+    """Transformers ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` with pooled
+    features and greedy decoding."""
 
     name = "torch"
 
@@ -77,8 +84,10 @@ class TorchBackend:
         self.model_dir = located.path
         self.family = located.family
         self.spec = located.family.spec
-        if self.spec.family != "llava15":
-            raise ModelLoadError(f"{model}: the torch backend runs LLaVA-1.5 models only, not {self.spec.name}")
+        if self.spec.family not in ("llava15", "llavanext"):
+            raise ModelLoadError(f"{model}: the torch backend runs LLaVA-1.5 and LLaVA-NeXT models, not "
+                                 f"{self.spec.name}")
+        self.next = self.spec.family == "llavanext"
         self.processor = _load_processor(self.model_id, located.path)
         self.tokenizer = self.processor.tokenizer
         # the prompt is checked against the tokenizer before the weights load
@@ -90,7 +99,7 @@ class TorchBackend:
             import torch
 
             torch.set_num_threads(threads)
-        self.model = _load_weights(self.model_id, located.path, self.device, self.dtype)
+        self.model = _load_weights(self.model_id, located.path, self.device, self.dtype, next_=self.next)
         cfg = self.model.config
         if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
             raise ModelLoadError(f"{model}: only LLaVA models that drop CLS ('default' strategy) are supported")
@@ -98,7 +107,7 @@ class TorchBackend:
         if vision.image_size != self.spec.image.size:
             raise ModelLoadError(f"{model}: the vision tower takes {vision.image_size}px images but the image "
                                  f"processor makes {self.spec.image.size}px ones")
-        self.grid_side = vision.image_size // vision.patch_size
+        self.grid_side = vision.image_size // vision.patch_size  # per crop
         self.scales = nested_scales(self.grid_side)
         self.feature_layer = _drop_unused_tower_layers(self.model)
         self.image_token_id = cfg.image_token_id
@@ -118,6 +127,29 @@ class TorchBackend:
     def prompt_ids(self, question: str, n_image_tokens: int) -> list[int]:
         """Token ids of the family's prompt with exactly ``n_image_tokens`` image placeholders."""
         return self.prompt.ids(question, n_image_tokens)
+
+    # -- visual token counts -------------------------------------------------------------
+    def visual_token_count(self, scale: int, image_hw: tuple[int, int] | None = None) -> int:
+        """Visual embeddings the LM receives at per-crop ``scale`` for an ``(h, w)`` image.
+
+        LLaVA-1.5: ``scale``. LLaVA-NeXT: base crop + unpadded tiles + newlines; without ``image_hw`` the most
+        any image can take (the pinpoint whose tile grid, kept whole, is the largest).
+        """
+        if not self.next:
+            return int(scale)
+        if image_hw is not None:
+            return self.family.n_visual_tokens(scale, image_hw=image_hw)
+        side = math.isqrt(int(scale))
+        tile = self.family.tile
+        return max(int(scale) + (h // tile) * (w // tile) * int(scale) + (h // tile) * side
+                   for h, w in self.family.pinpoints)
+
+    def scale_within(self, max_visual_tokens: int, encoded: Encoded) -> int:
+        """The largest per-crop scale whose total visual tokens for this encoded image fit ``max_visual_tokens``
+        (``--max-visual-tokens``); raises :class:`~m3cli.scales.BudgetError` when none does."""
+        if not self.next:
+            return budget_to_scale(max_visual_tokens, self.grid_side).scale
+        return self.family.scale_within(max_visual_tokens, encoded.image_hw, self.scales)
 
     # -- encoding ------------------------------------------------------------------------
     def pixel_values(self, images: Sequence):
@@ -141,11 +173,18 @@ class TorchBackend:
         return torch.from_numpy(np.stack(arrays)).to(self.device, self.dtype)
 
     def encode(self, images: Sequence) -> list[Encoded]:
-        """Vision tower + projector once per image: one (G*G, D) grid each."""
+        """Vision tower + projector once per image: one (G*G, D) grid each (LLaVA-NeXT: once per crop, every
+        crop of every image in one tower pass, kept as :class:`~m3cli.backends.next_features.CropGrids`)."""
         import torch
 
         if not images:
             return []
+        if self.next:
+            from m3cli.backends.next_features import encode_images
+
+            grids = encode_images(self.model, self.family, images)
+            return [Encoded(grid=g, side=g.side, encode_ms=g.encode_ms, image_hw=g.image_hw, crops=g.crops)
+                    for g in grids]
         start = time.perf_counter()
         with torch.inference_mode():
             features = self.model.model.get_image_features(
@@ -178,8 +217,8 @@ class TorchBackend:
 
         if not requests:
             return []
-        pooled = [pool(r.encoded.grid, r.scale) for r in requests]
-        prompts = [self.prompt_ids(r.question, r.scale) for r in requests]
+        pooled = [self._visual(r) for r in requests]
+        prompts = [self.prompt_ids(r.question, int(v.shape[0])) for r, v in zip(requests, pooled, strict=True)]
         before = self.prompt.parts(requests[0].question)[0]
         shared = self.prefix_cache and bool(before) and all(
             self.prompt.parts(r.question)[0] == before for r in requests)
@@ -258,9 +297,22 @@ class TorchBackend:
                 prefill_ms=prefill_ms / n,
                 decode_ms=decode_ms / n,
                 stopped_early=early,
+                visual_tokens=int(v.shape[0]),
             )
-            for ids, lps, early in zip(tokens, logprobs, stopped, strict=True)
+            for ids, lps, early, v in zip(tokens, logprobs, stopped, pooled, strict=True)
         ]
+
+    def _visual(self, request: AnswerRequest):
+        """The request's visual embeddings ``(n, D)``: the grid pooled to its scale (LLaVA-NeXT: every crop pooled,
+        then packed by the family, ``image_newline`` included)."""
+        if not self.next:
+            return pool(request.encoded.grid, request.scale)
+        from m3cli.backends.next_features import CropGrids, visual_sequence
+
+        grids = request.encoded.grid
+        if not isinstance(grids, CropGrids):
+            raise ValueError("a LLaVA-NeXT request needs an image encoded by this backend (its crops' grids)")
+        return visual_sequence(self.model, self.family, grids, request.scale)
 
     def _cache_after(self, prefix: tuple[int, ...], batch: int):
         """A cache holding ``prefix``'s keys and values for ``batch`` rows; the prefix runs once per model load
@@ -331,13 +383,15 @@ def _load_processor(model_id: str, path: Path):
     return processor
 
 
-def _load_weights(model_id: str, path: Path, device: str, dtype):
+def _load_weights(model_id: str, path: Path, device: str, dtype, *, next_: bool = False):
     """The model from the local directory ``path``, every failure one line.
 
     The weight files are checked first (an empty or truncated safetensors file is named, not a traceback);
-    a ``pytorch_model.bin`` that ``torch.load(weights_only=True)`` refuses is one line too.
+    a ``pytorch_model.bin`` that ``torch.load(weights_only=True)`` refuses is one line too. ``next_`` loads a
+    ``LlavaNextForConditionalGeneration``, refused when its weights lack the learned ``image_newline``
+    (transformers would fill it with random numbers).
     """
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     from m3cli.weights import check_weight_files
 
@@ -345,10 +399,14 @@ def _load_weights(model_id: str, path: Path, device: str, dtype):
         check_weight_files(path)
     except M3Error as exc:
         raise ModelLoadError(str(exc)) from None
+    cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
     try:
-        net = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+        net, info = cls.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - corrupt or incompatible weights: one line, never a traceback
         raise ModelLoadError(_weights_error(model_id, path, exc)) from None
+    if next_ and any(str(k).split(".")[-1] == "image_newline" for k in info.get("missing_keys") or ()):
+        raise ModelLoadError(f"{model_id}: a LLaVA-NeXT directory whose weights lack image_newline (the learned "
+                             "row separator); not a complete LlavaNextForConditionalGeneration checkpoint")
     net.to(device)
     net.eval()
     return net

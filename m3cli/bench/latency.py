@@ -70,7 +70,9 @@ def latency_by_scale(
             pre_ms.append(gens[0].prefill_ms)
             dec_ms.append(gens[0].decode_ms)
             n_new.append(statistics.mean(generated_tokens(g, max_new_tokens) for g in gens))
-        prompt = len(prompt_ids(question, scale)) if callable(prompt_ids) else None
+        # LLaVA-NeXT: the LM receives every crop pooled plus newlines, not ``scale`` visual tokens
+        visual = gens[0].visual_tokens if gens[0].visual_tokens is not None else scale
+        prompt = len(prompt_ids(question, visual)) if callable(prompt_ids) else None
         rows.append(LatencyRow(scale, statistics.median(enc_ms), statistics.median(pre_ms),
                                statistics.median(dec_ms), statistics.mean(n_new), prompt))
     return rows

@@ -10,6 +10,7 @@ from m3cli.cli.app import command
 from m3cli.cli.options import (
     check_policy_flags,
     check_run_question,
+    max_visual_tokens_option,
     model_options,
     policy_options,
     question_limit_option,
@@ -22,6 +23,7 @@ Examples:
   m3 ask models/examples/scene-0.png "what colour is the background?" --tokens 1
   m3 ask models/examples/scene-0.png --tokens 9
   m3 ask photo.jpg "What is this?" --tokens 9 --json
+  m3 ask wide.jpg "What is this?" --model llava-next-vicuna-7b-m3 --max-visual-tokens 200
   m3 ask photo.jpg "How many people?" --auto-scale --threshold 0.9
 """
 
@@ -36,12 +38,13 @@ QUESTION defaults to "{DEFAULT_QUESTION}".
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("question", required=False, default=None)
 @policy_options
+@max_visual_tokens_option
 @question_limit_option
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the answer text.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
-def ask(image, question, tokens, auto_scale, threshold, ladder, max_question_chars, as_json, max_new_tokens,
-        **model_kw):
+def ask(image, question, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, as_json,
+        max_new_tokens, **model_kw):
     """``m3 ask``; its help text is ASK_HELP (it names the default question)."""
     from m3cli.answering import ask_images, make_policy
     from m3cli.backends import open_backend
@@ -58,7 +61,7 @@ def ask(image, question, tokens, auto_scale, threshold, ladder, max_question_cha
     check_run_question(question, max_question_chars)
     picture = load_image(image)
     backend = open_backend(**model_kw)
-    policy = make_policy(backend.grid_side, tokens, auto_scale, threshold, ladder)
+    policy = make_policy(backend.grid_side, tokens, auto_scale, threshold, ladder, max_visual_tokens)
     note = budget_note(tokens, backend.grid_side)
     if note is not None:
         click.echo(f"m3: note: {note}", err=True)
@@ -66,7 +69,8 @@ def ask(image, question, tokens, auto_scale, threshold, ladder, max_question_cha
                         max_question_chars=max_question_chars)[0]
     if as_json:
         row = {"image": image, "question": question, **round_confidences(result.to_dict()), "note": result.note,
-               "requested_tokens": tokens, "model": backend.model_id, "backend": backend.name}
+               "requested_tokens": tokens, "max_visual_tokens": max_visual_tokens, "model": backend.model_id,
+               "backend": backend.name}
         click.echo(json.dumps(text_safe(row), ensure_ascii=False))
     else:
         click.echo(result.answer)

@@ -11,6 +11,7 @@ from m3cli.cli.options import (
     SHARD,
     check_policy_flags,
     check_run_question,
+    max_visual_tokens_option,
     model_options,
     policy_options,
     question_limit_option,
@@ -109,11 +110,13 @@ def _engine_options(fn):
                    "Repeat for several questions: one row per item and question, ids ID#q1, ID#q2, ... in -q order, "
                    "each image decoded and encoded once for all of them.")
 @policy_options
+@max_visual_tokens_option
 @question_limit_option
 @model_options
 @_run_options
 @_engine_options
-def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_question_chars, output, fmt, resume,
+def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, output,
+          fmt, resume,
           retry_errors, force, batch_size, fps, every, max_frames, video_mode, collage_frames, collage_layout,
           encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item and question.
@@ -138,7 +141,7 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_question
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=ladder,
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
         max_question_chars=max_question_chars, video_mode=video_mode, collage_frames=collage_frames,
-        collage_layout=collage_layout, encode_cache=encode_cache,
+        collage_layout=collage_layout, encode_cache=encode_cache, max_visual_tokens=max_visual_tokens,
     )
     result = run_job(BatchJob(
         list(inputs), opts, model=model_kw, output=output, fmt=fmt, resume=resume, retry_errors=retry_errors,

@@ -158,8 +158,17 @@ def policy_options(fn):
     fn = click.option("--auto-scale", is_flag=True,
                       help="Start at the smallest scale; escalate while confidence < threshold.")(fn)
     fn = click.option("-t", "--tokens", type=TOKENS, default=None,
-                      help="Visual-token budget; rounded down to a nested scale (576/144/36/9/1).")(fn)
+                      help="Visual-token budget per crop; rounded down to a nested scale (576/144/36/9/1). "
+                           "LLaVA-NeXT pools every crop to it (see --max-visual-tokens for a total).")(fn)
     return fn
+
+
+def max_visual_tokens_option(fn):
+    """--max-visual-tokens: a cap on the TOTAL visual tokens of each image (``make_policy``'s max_visual_tokens)."""
+    return click.option("--max-visual-tokens", type=TOKENS, default=None, metavar="N",
+                        help="Cap on all the visual tokens the LM receives per image: the largest scale whose total "
+                             "for THIS image fits N (LLaVA-NeXT: base crop + tiles + newlines; LLaVA-1.5: the "
+                             "scale). With --tokens the smaller wins; with --auto-scale it caps the ladder.")(fn)
 
 
 def check_policy_flags(auto_scale: bool, threshold: float | None, ladder: list[int] | None) -> None:

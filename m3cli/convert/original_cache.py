@@ -23,7 +23,8 @@ from m3cli.families.spec import FamilySpec
 log = logging.getLogger(__name__)
 
 # Bump when convert_original_to_hf's output changes, so stale conversions are never reused.
-CONVERT_VERSION = 1
+# 2: LLaVA-NeXT checkpoints convert to LlavaNextForConditionalGeneration (anyres and the newline kept).
+CONVERT_VERSION = 2
 _HASHED_BY_CONTENT = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                       "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                       "preprocessor_config.json")

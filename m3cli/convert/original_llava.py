@@ -5,7 +5,9 @@ haotian-liu/LLaVA saves them: ``model_type`` ``llava_llama`` (or ``llava`` with 
 projector as ``model.mm_projector.{0,2}``, the Llama weights at ``model.*`` and the CLIP tower either
 inside the checkpoint (``model.vision_tower.vision_tower.vision_model.*``) or only named by
 ``mm_vision_tower``. This module rewrites such a directory as a stock ``LlavaForConditionalGeneration``
-+ ``LlavaProcessor`` directory that keeps the original recipe (``pad`` preprocessing through
++ ``LlavaProcessor`` directory (a LLaVA-NeXT one, ``image_aspect_ratio: anyres`` with ``spatial_unpad``, as
+``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor`` keeping ``model.image_newline`` and the pinpoints)
+that keeps the original recipe (``pad`` preprocessing through
 ``LlavaImageProcessor(do_pad=True)``, the ``vicuna_v1`` chat template, an ``m3cli`` block in config.json;
 see :mod:`m3cli.families.converted`), so ``TorchBackend`` and plain transformers both answer as the
 original does. :mod:`m3cli.convert.original_cache` runs it once into the cache on first load.
@@ -125,14 +127,18 @@ def convert_original_to_hf(
     if strategy is None:
         raise ConvertError(f"{src}: unsupported mm_vision_select_feature {select!r} (patch or cls_patch)")
     grid = vision_config.image_size // vision_config.patch_size
+    next_ = spec.family == "llavanext"
+    if next_ and "model.image_newline" not in names:
+        raise ConvertError(f"{src}: a LLaVA-NeXT checkpoint (anyres, spatial_unpad) without model.image_newline")
     config = _llava_config(cfg, vision_config, tokenizer, vocab, tie, strategy,
-                           grid * grid + (strategy == "full"), target_dtype)
+                           grid * grid + (strategy == "full"), target_dtype,
+                           pinpoints=spec.grid_pinpoints if next_ else None)
     setattr(config, M3CLI_KEY, m3cli_block(spec, source or str(src)))
 
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration)(config)
     _fill_weights(model, src, weights, tower_files, tie, vocab, new_rows, target_dtype)
 
     model.generation_config = GenerationConfig(
@@ -163,10 +169,10 @@ def _source_spec(src: Path, tower_dir: Path | None):
         raise ConvertError(str(exc)) from None
     if spec.layout != "original":
         raise ConvertError(f"{src}: not an original-layout LLaVA checkpoint ({spec.name})")
-    if spec.family != "llava15":
+    if spec.family not in ("llava15", "llavanext"):
         aspect = spec.source.image_aspect_ratio if spec.source else "?"
-        raise ConvertError(f"{src}: {spec.name} (image_aspect_ratio {aspect}) is not supported by the converter "
-                           "yet; LLaVA-1.5 checkpoints are")
+        raise ConvertError(f"{src}: {spec.name} (image_aspect_ratio {aspect}) is not supported by the converter; "
+                           "LLaVA-1.5 and LLaVA-NeXT checkpoints are")
     return spec
 
 
@@ -288,8 +294,9 @@ def _read_source_config(src: Path) -> dict:
     return cfg
 
 
-def _llava_config(cfg, vision_config, tokenizer, vocab, tie, strategy, seq_len, dtype):
-    from transformers import LlamaConfig, LlavaConfig
+def _llava_config(cfg, vision_config, tokenizer, vocab, tie, strategy, seq_len, dtype, pinpoints=None):
+    """``LlavaConfig``, or with ``pinpoints`` (``(h, w)`` pairs) a ``LlavaNextConfig`` keeping them in order."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaNextConfig
 
     text_kwargs = {k: cfg[k] for k in _TEXT_FIELDS if cfg.get(k) is not None}
     text = LlamaConfig(
@@ -299,7 +306,13 @@ def _llava_config(cfg, vision_config, tokenizer, vocab, tie, strategy, seq_len, 
         tie_word_embeddings=tie,
     )
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = LlavaConfig(
+    extra = {}
+    if pinpoints is not None:
+        # transformers reads [height, width]; detection already swapped the original [width, height] pairs,
+        # keeping their order (which breaks select_best_resolution's ties as the original code does)
+        extra["image_grid_pinpoints"] = [list(p) for p in pinpoints]
+    config = (LlavaNextConfig if pinpoints is not None else LlavaConfig)(
+        **extra,
         vision_config=vision_config,
         text_config=text,
         image_token_id=image_token_id,
@@ -325,20 +338,28 @@ def _readme(src, cfg, spec, tower_in_ckpt, tower_dir, added, src_rows, vocab, vc
     tower = "from the checkpoint" if tower_in_ckpt else f"from {tower_dir}"
     added_text = ", ".join(f"{t} (id {i})" for t, i in added.items()) or "none"
     aspect = cfg.get("image_aspect_ratio", "square")
+    target = "LlavaNextForConditionalGeneration" if spec.preprocess == "anyres" else "LlavaForConditionalGeneration"
+    if spec.preprocess == "anyres":
+        how = (" — anyres: the best of the pinpoints for the image, tiles of the tower's size plus the whole image "
+               "(`LlavaNextImageProcessor`, pinpoints stored as [height, width], each original [width, height] pair "
+               "swapped, order kept), `model.image_newline` kept; the `m3cli` block records the original code's "
+               "`int()` unpadding (`anyres_flavour: original`).")
+    elif spec.preprocess == "pad":
+        how = (" — each image is padded to a square with the processor's mean colour, centred, before CLIP "
+               "preprocessing (`LlavaImageProcessor` with `do_pad: true`, the original `expand2square`).")
+    else:
+        how = " — CLIP's resize and centre crop."
     lines = [
         "# Converted LLaVA checkpoint",
         "",
         f"Converted by m3 from `{src}` (original LLaVA layout, "
-        f"`{(cfg.get('architectures') or ['LlavaLlamaForCausalLM'])[0]}`) to `LlavaForConditionalGeneration`. "
+        f"`{(cfg.get('architectures') or ['LlavaLlamaForCausalLM'])[0]}`) to `{target}`. "
         "It keeps the original recipe, also for plain transformers users (`AutoProcessor` + the chat template):",
         "",
         f"- Vision tower `{cfg.get('mm_vision_tower')}` ({tower}): {vc.image_size}px, patch {vc.patch_size}, "
         f"feature layer {cfg.get('mm_vision_select_layer')}, strategy `{strategy}`.",
         f"- Tokens added: {added_text}; embeddings resized {src_rows} -> {vocab} rows (new rows = mean of the old).",
-        f"- image_aspect_ratio: {aspect}"
-        + (" — each image is padded to a square with the processor's mean colour, centred, before CLIP "
-           "preprocessing (`LlavaImageProcessor` with `do_pad: true`, the original `expand2square`)."
-           if spec.preprocess == "pad" else " — CLIP's resize and centre crop."),
+        f"- image_aspect_ratio: {aspect}{how}",
         f"- Prompt: `{spec.prompt_recipe}`"
         + (" (the system line, then `USER: <image>\\n{question} ASSISTANT:`), as the LLaVA-1.5 and M3 evaluations "
            "use it; the chat template writes `<image> \\n` so that transformers' tokenisation gives the original "

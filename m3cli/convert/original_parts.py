@@ -193,11 +193,10 @@ def is_sentencepiece(tokenizer) -> bool:
 
 
 def llava_processor(tokenizer, vision_config, strategy: str, spec, chat_template: str | None):
-    """A stock ``LlavaProcessor`` that keeps the original recipe: ``LlavaImageProcessor`` (``do_pad`` for
-    ``image_aspect_ratio: pad``) with the tower's settings as detection read them, and ``chat_template``."""
-    from transformers import LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
+    """A stock processor that keeps the original recipe: ``LlavaProcessor`` with ``LlavaImageProcessor``
+    (``do_pad`` for ``image_aspect_ratio: pad``), or for anyres ``LlavaNextProcessor`` with
+    ``LlavaNextImageProcessor`` and the pinpoints, the tower's settings as detection read them, and
+    ``chat_template``."""
     from m3cli.families.converted import image_processor_config
 
     side = vision_config.image_size
@@ -205,8 +204,18 @@ def llava_processor(tokenizer, vision_config, strategy: str, spec, chat_template
         raise ConvertError(f"the image processor makes {spec.image.size}x{spec.image.size} images but the tower "
                            f"expects {side}x{side}")
     settings = {k: v for k, v in image_processor_config(spec).items() if k != "image_processor_type"}
-    return LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(**settings),
+    if spec.preprocess == "anyres":
+        from transformers import LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        processor_cls, image_processor = LlavaNextProcessor, LlavaNextImageProcessorPil(**settings)
+    else:
+        from transformers import LlavaProcessor
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+        processor_cls, image_processor = LlavaProcessor, LlavaImageProcessorPil(**settings)
+    return processor_cls(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=strategy,

@@ -43,6 +43,9 @@ class KeyMapper:
         self.proj_prefix = prefix_of("linear_1.weight", "multi_modal_projector")
         self.tower_prefix = prefix_of("embeddings.patch_embedding.weight")
         self.lm_head = prefix_of("lm_head.weight") + "lm_head.weight"
+        # LLaVA-NeXT's learned newline (absent from a LLaVA-1.5 target, where the source's is dropped)
+        newline = [k for k in expected if k.split(".")[-1] == "image_newline"]
+        self.newline = newline[0] if len(newline) == 1 else None
 
     def checkpoint_key(self, key: str) -> str | None:
         if key.startswith(SRC_PROJECTOR):
@@ -54,6 +57,8 @@ class KeyMapper:
             return self.tower_key(key[len(SRC_TOWER):])
         if key == "lm_head.weight":
             return self.lm_head
+        if key == "model.image_newline":
+            return self.newline
         if key.startswith("model."):
             return self._known(self.lm_prefix + key[len("model."):])
         return None

@@ -135,6 +135,8 @@ def run_record(job: BatchJob) -> dict[str, Any]:
     if opts.auto_scale:
         record.update(auto_scale=True, threshold=opts.threshold, ladder=opts.ladder)
     record["max_new_tokens"] = opts.max_new_tokens
+    if opts.max_visual_tokens is not None:  # absent otherwise, so earlier runs' records still match
+        record["max_visual_tokens"] = opts.max_visual_tokens
     if opts.video_mode == "collage":  # a video's row is another picture: a frames run's rows are not its rows
         layout = opts.collage_layout
         record.update(video_mode="collage", collage_frames=opts.collage_frames,

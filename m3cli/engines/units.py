@@ -82,6 +82,7 @@ class BatchOptions:
     collage_frames: int = DEFAULT_FRAMES
     collage_layout: tuple[int, int] | None = None
     encode_cache: int = DEFAULT_BATCH_CACHE
+    max_visual_tokens: int | None = None  # --max-visual-tokens: a cap on each image's total (answering.VisualCap)
 
     @property
     def run_question(self) -> str:
@@ -164,7 +165,7 @@ def question_for(item: Item | BadInput, opts: BatchOptions) -> str:
 def policy_for(item: Item, opts: BatchOptions, grid: int) -> Policy:
     """The item's scale policy: its own budget (JSONL ``tokens``) or the run's, fixed or escalating."""
     tokens = item.tokens if item.tokens is not None else opts.tokens
-    return make_policy(grid, tokens, opts.auto_scale, opts.threshold, opts.ladder)
+    return make_policy(grid, tokens, opts.auto_scale, opts.threshold, opts.ladder, opts.max_visual_tokens)
 
 
 def _failed(error: str) -> Result:

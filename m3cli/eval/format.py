@@ -24,6 +24,9 @@ def format_report(report: EvalReport, escalations: Sequence[dict] = (), header: 
     for fam in report.families:
         lines.append(f"| {fam} | " + " | ".join(_pct(report.accuracy(s, fam)) for s in report.scales) + " |")
     lines.append("| **overall** | " + " | ".join(f"**{_pct(report.accuracy(s))}**" for s in report.scales) + " |")
+    if report.multi_crop:  # LLaVA-NeXT: the columns are tokens per crop; say what the LM received in all
+        lines.append("| visual tokens (all crops) | " + " | ".join(f"{report.visual_tokens(s):.0f}"
+                                                               for s in report.scales) + " |")
     o = report.oracle()
     lines += ["", f"oracle: accuracy {_pct(o['accuracy'])}%, mean tokens {o['mean_tokens']:.2f} "
               f"({o['mean_tokens_when_right']:.2f} over the questions some scale answers right)"]

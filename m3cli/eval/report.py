@@ -5,8 +5,10 @@ computed from the recorded per-scale answers. Because decoding is greedy and eac
 grid, an escalation policy's outcome equals a replay of those answers; its time is the encode plus the
 rungs it would have tried.
 
-A record's per-scale ``scores`` are the metric's values in [0, 1] (VQA accuracy can be fractional);
-records without them are the synthetic scenes' one-word answers, right when the first word matches.
+A record's per-scale ``scores`` are the metric's values in [0, 1] (VQA accuracy can be fractional; the
+scenes' ``describe`` family scores the fraction of objects a description names); records without them are
+the synthetic scenes' one-word answers, right when the first word matches. Accuracy is the mean score; a
+record is *correct* when its score reaches its ``pass_mark`` (1 unless its family sets a lower bar).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Record:
     encode_ms: float  # this question's share of its image's encode
     scores: dict[int, float] | None = None  # None: first word == truth
     id: str = ""
+    pass_mark: float = 1.0  # the score that counts as correct (describe: m3cli.data.describe.PASS_MARK)
+    visual: dict[int, int] | None = None  # visual tokens the LM received per scale (LLaVA-NeXT); None: the scale
 
     def score(self, scale: int) -> float:
         """The answer's score at ``scale``, in [0, 1]."""
@@ -47,8 +51,8 @@ class Record:
         return float(normalise(self.answers[scale]) == self.truth)
 
     def correct(self, scale: int) -> bool:
-        """Full credit at ``scale``."""
-        return self.score(scale) >= 1.0
+        """The score at ``scale`` reaches the record's pass mark (full credit unless its family says less)."""
+        return self.score(scale) >= self.pass_mark
 
 
 def soft_calibration_error(confidences: Sequence[float], scores: Sequence[float], bins: int = 10) -> float:
@@ -87,6 +91,21 @@ class EvalReport:
         """Mean score at ``scale`` (over one family's records if given)."""
         rows = [r for r in self.records if family is None or r.family == family]
         return sum(r.score(scale) for r in rows) / len(rows) if rows else float("nan")
+
+    def passed(self, scale: int, family: str | None = None) -> float:
+        """Share of records (of one family if given) that are correct at ``scale``."""
+        rows = [r for r in self.records if family is None or r.family == family]
+        return sum(r.correct(scale) for r in rows) / len(rows) if rows else float("nan")
+
+    def visual_tokens(self, scale: int) -> float:
+        """Mean visual tokens the LM received at per-crop ``scale`` (LLaVA-NeXT: all crops and newlines)."""
+        counts = [(r.visual or {}).get(scale, scale) for r in self.records]
+        return sum(counts) / len(counts) if counts else float("nan")
+
+    @property
+    def multi_crop(self) -> bool:
+        """Whether any record's LM received more visual tokens than its per-crop scale (LLaVA-NeXT)."""
+        return any(r.visual and any(v != s for s, v in r.visual.items()) for r in self.records)
 
     def oracle_pick(self, record: Record) -> int | None:
         """The fewest tokens reaching the record's best score; None when no scale scores above 0."""
@@ -151,6 +170,11 @@ class EvalReport:
             "by_family": {f: {str(s): self.accuracy(s, f) for s in self.scales} for f in self.families},
             "oracle": self.oracle(),
         }
+        barred = [f for f in self.families if any(r.family == f and r.pass_mark < 1.0 for r in self.records)]
+        if barred:  # families whose mean score is not their share of correct answers
+            out["passed"] = {f: {str(s): self.passed(s, f) for s in self.scales} for f in barred}
+        if self.multi_crop:  # LLaVA-NeXT: the total the LM received at each per-crop scale
+            out["visual_tokens"] = {str(s): self.visual_tokens(s) for s in self.scales}
         if self.data is not None:
             out["data"] = self.data
         return out

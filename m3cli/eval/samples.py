@@ -9,7 +9,8 @@ one uninterrupted run would. Row fields:
 - ``metric`` (exact / vqa / choice / contains);
 - ``scales``: one entry per scale, ascending: ``tokens``, ``answer``, ``confidence`` (the run's measure),
   ``score`` (the metric's value in [0, 1]), ``correct`` (``score == 1``), ``logprobs`` (per generated
-  token, so every confidence measure can be recomputed), ``prefill_ms``, ``decode_ms``;
+  token, so every confidence measure can be recomputed), ``prefill_ms``, ``decode_ms``, and for LLaVA-NeXT
+  ``visual_tokens`` (what the LM received at that per-crop scale, all crops and newlines);
 - ``oracle_tokens``: the fewest tokens reaching the row's best score (None when every scale scores 0);
 - ``encode_ms`` (this row's share of its image's encode; 0 when the encoding was reused), ``encode_reused``;
 - ``error``: None, or one line saying why the row was not evaluated (then ``scales`` is empty).
@@ -48,6 +49,8 @@ def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str) -> d
         per_scale.append({"tokens": tokens, "answer": gen.text, "confidence": MEASURES[measure](gen.logprobs),
                           "score": value, "correct": value >= 1.0, "logprobs": list(gen.logprobs),
                           "prefill_ms": round(gen.prefill_ms, 3), "decode_ms": round(gen.decode_ms, 3)})
+        if gen.visual_tokens not in (None, tokens):  # LLaVA-NeXT only: a LLaVA-1.5 sample line is unchanged
+            per_scale[-1]["visual_tokens"] = gen.visual_tokens
     best = max(s["score"] for s in per_scale)
     oracle = min(s["tokens"] for s in per_scale if s["score"] == best) if best > 0 else None
     return _row_fields(row, res.item.prompt, metric) | {
@@ -77,7 +80,7 @@ def record(sample: dict[str, Any], scales: Sequence[int]) -> Record:
         answers={t: by[t]["answer"] for t in scales}, logprobs={t: list(by[t]["logprobs"]) for t in scales},
         ms={t: float(by[t]["prefill_ms"]) + float(by[t]["decode_ms"]) for t in scales},
         encode_ms=float(sample.get("encode_ms") or 0.0), scores={t: float(by[t]["score"]) for t in scales},
-        id=str(sample["id"]),
+        id=str(sample["id"]), visual={t: int(by[t].get("visual_tokens") or t) for t in scales},
     )
 
 

@@ -2,8 +2,12 @@
 
 The built-in evaluation answers ``n`` family-balanced questions of a split; each scene is rendered and
 encoded once for all its questions (the same engine as ``--data``). An answer is right when its first
-word equals the one-word gold (:func:`~m3cli.eval.report.normalise`). ``export_scenes`` writes the same
-questions as a data file (PNG images + JSONL), so ``m3 eval --data`` can be tried on a fresh clone.
+word equals the one-word gold (:func:`~m3cli.eval.report.normalise`). The open ``describe`` family (asked
+when named in ``families``) is scored by :mod:`m3cli.data.describe` (the share of objects and colours the
+description names; correct from ``PASS_MARK``) and always gets room for the longest description. By
+default the one-word families are asked, so the default questions are those of every earlier table.
+``export_scenes`` writes the same questions as a data file (PNG images + JSONL), so ``m3 eval --data`` can
+be tried on a fresh clone.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from m3cli.backends.base import Backend
+from m3cli.data import describe as describe_family
 from m3cli.data import scenes
-from m3cli.errors import M3Error, OutputError, describe
-from m3cli.eval.engine import EncodeCache, EvalItem, answer_items
+from m3cli.errors import M3Error, OutputError, UsageError, describe
+from m3cli.eval.engine import DEFAULT_CACHE, EncodeCache, EvalItem, ItemResult, answer_items
 from m3cli.eval.report import EvalReport, Record
 from m3cli.fileio import atomic_write_text
 
@@ -31,6 +36,38 @@ def _items(split: str, n: int, families: Sequence[str] | None) -> list[EvalItem]
     return out
 
 
+def _answer_all(backend: Backend, items: list[EvalItem], scales: Sequence[int], batch_size: int,
+                max_new_tokens: int, describe_tokens: int) -> Iterator[list[ItemResult]]:
+    """Answer ``items`` a batch at a time; ``describe`` questions get ``describe_tokens`` to answer in.
+
+    One cache serves both lengths, so a scene asked both kinds of question in a batch is encoded once.
+    """
+    cache = EncodeCache(max(DEFAULT_CACHE, batch_size))
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        results: dict[int, ItemResult] = {}
+        for tokens, keep in ((max_new_tokens, False), (describe_tokens, True)):
+            part = [i for i, item in enumerate(chunk) if (item.payload.family == scenes.DESCRIBE) == keep]
+            if part:
+                batch = next(answer_items(backend, [chunk[i] for i in part], scales, len(part), tokens, cache))
+                results.update(zip(part, batch, strict=True))
+        yield [results[i] for i in range(len(chunk))]
+
+
+def _record(res: ItemResult, scales: Sequence[int]) -> Record:
+    qa, gens = res.item.payload, res.generations
+    answers = {s: gens[s].text for s in scales}
+    extra = {}
+    if qa.family == scenes.DESCRIBE:
+        extra = {"scores": {s: describe_family.score(answers[s], qa.answer) for s in scales},
+                 "pass_mark": describe_family.PASS_MARK}
+    return Record(family=qa.family, question=qa.question, truth=qa.answer, answers=answers,
+                  logprobs={s: gens[s].logprobs for s in scales},
+                  ms={s: gens[s].prefill_ms + gens[s].decode_ms for s in scales},
+                  encode_ms=res.encode_ms, id=res.item.id,
+                  visual={s: gens[s].visual_tokens or s for s in scales}, **extra)
+
+
 def evaluate(
     backend: Backend,
     split: str = "test",
@@ -40,29 +77,27 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 4,
     progress: Progress | None = None,
+    describe_tokens: int = scenes.DESCRIPTION_MAX_WORDS,
 ) -> EvalReport:
-    """Answer ``n`` family-balanced questions of ``split`` at every scale, encoding each scene once."""
+    """Answer ``n`` family-balanced questions of ``split`` at every scale, encoding each scene once.
+
+    ``families`` defaults to the one-word ones; ``describe`` answers get at least ``describe_tokens``.
+    """
     scales = sorted(scales or backend.scales)
     items = _items(split, n, families)
     start = time.perf_counter()
     records: list[Record] = []
     if progress:
         progress(0, len(items))
-    for batch in answer_items(backend, items, scales, batch_size, max_new_tokens, EncodeCache()):
+    for batch in _answer_all(backend, items, scales, batch_size, max_new_tokens,
+                             max(max_new_tokens, describe_tokens)):
         for res in batch:
             if res.error is not None:  # the scenes are ours: a failure here is the model's or the backend's
                 raise M3Error(f"question {res.item.id}: {res.error}")
-            qa, gens = res.item.payload, res.generations
-            records.append(Record(
-                family=qa.family, question=qa.question, truth=qa.answer,
-                answers={s: gens[s].text for s in scales},
-                logprobs={s: gens[s].logprobs for s in scales},
-                ms={s: gens[s].prefill_ms + gens[s].decode_ms for s in scales},
-                encode_ms=res.encode_ms, id=res.item.id,
-            ))
+            records.append(_record(res, scales))
         if progress:
             progress(len(records), len(items))
-    fams = [f for f in scenes.FAMILIES if any(r.family == f for r in records)]
+    fams = [f for f in scenes.EVAL_FAMILIES if any(r.family == f for r in records)]
     return EvalReport(split, scales, records, time.perf_counter() - start, fams)
 
 
@@ -71,8 +106,12 @@ def export_scenes(out_dir: str | os.PathLike[str], split: str = "test", n: int =
     """Write the questions ``evaluate(split, n, families)`` asks as ``<out_dir>/<split>.jsonl`` (``id``,
     ``image``, ``question``, ``answer``, ``family``) and their scenes as ``<out_dir>/images/*.png``.
 
-    Returns (the JSONL path, rows, images). Existing files of the same names are replaced.
+    Returns (the JSONL path, rows, images). Existing files of the same names are replaced. The ``describe``
+    family is refused: its answers need their own scoring, which ``--data`` rows cannot name.
     """
+    if families and scenes.DESCRIBE in families:
+        raise UsageError("--export-data writes the one-word families; describe answers have their own scoring "
+                         "(m3 eval --family describe)")
     out_dir = os.fspath(out_dir)
     try:
         return _export(out_dir, split, n, families)

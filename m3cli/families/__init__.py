@@ -6,8 +6,8 @@ backends ask it, so the torch and llama.cpp paths cannot drift apart.
 
 * :func:`detect_family` (``detect.py``): a model directory's :class:`FamilySpec` from its JSON files only,
   before any weights load; everything else is refused in one line (:class:`UnsupportedModelError`).
-* :func:`family_for` / :func:`open_family`: the family object for a spec (today LLaVA-1.5; a LLaVA-NeXT
-  spec is detected but refused until its family module lands, see :data:`FAMILIES`).
+* :func:`family_for` / :func:`open_family`: the family object for a spec (LLaVA-1.5, LLaVA-NeXT; see
+  :data:`FAMILIES`).
 * ``preprocess.py``: the exact square bitmap the tower sees (:func:`tower_image`) and its normalisation
   (:func:`pixel_array`).
 * ``prompts.py``: the recipes (``vicuna_v1``, ``mistral_instruct``, ``chatml_direct``, ``hf_template``), the
@@ -51,9 +51,12 @@ from m3cli.families.spec import (
 from m3cli.families.tokenizing import PieceEncoder, TokenizerAdapter
 
 # family name -> "module:Class". A new family registers here (and extends spec.SUPPORTED).
-FAMILIES: dict[str, str] = {"llava15": "m3cli.families.llava15:Llava15Family"}
+FAMILIES: dict[str, str] = {
+    "llava15": "m3cli.families.llava15:Llava15Family",
+    "llavanext": "m3cli.families.llavanext:LlavaNextFamily",
+}
 
-_NOT_YET = {"llavanext": "LLaVA-NeXT (anyres)"}
+_NOT_YET: dict[str, str] = {}  # families detected (to be refused by name) before their module lands
 
 
 def family_for(spec: FamilySpec, recipe: PromptRecipe | None = None) -> Family:

@@ -23,7 +23,7 @@ from m3cli.families.tokenizing import TokenizerAdapter
 
 
 class Family(Protocol):
-    """One model family (LLaVA-1.5, later LLaVA-NeXT)."""
+    """One model family (LLaVA-1.5, LLaVA-NeXT)."""
 
     spec: FamilySpec
     recipe: PromptRecipe

@@ -9,6 +9,9 @@
        "m3cli": {"format": 1, "family": "llava15", "source_layout": "original", "source": "<name or path>",
                  "image_aspect_ratio": "pad", "prompt_recipe": "vicuna_v1"}
 
+   A LLaVA-NeXT conversion says ``"family": "llavanext"``, ``"image_aspect_ratio": "anyres"`` and
+   ``"anyres_flavour": "original"``: the original code's ``int()`` unpadding, which detection keeps.
+
    Detection reads it first: ``image_aspect_ratio`` "pad" gives the ``pad`` preprocessing, ``prompt_recipe``
    the recipe (with its original per-piece tokenisation), whatever the other files say.
 2. ``processor_config.json``'s nested ``image_processor`` (or ``preprocessor_config.json``) is a
@@ -76,8 +79,12 @@ def m3cli_block(spec: FamilySpec, source: str) -> dict[str, Any]:
     """The ``config.json`` block that a converted directory of the original ``spec`` carries."""
     if spec.layout != "original":
         raise ModelError(f"{spec.model_dir.name}: only original-layout checkpoints are converted with a recipe")
-    return {"format": FORMAT, "family": spec.family, "source_layout": "original", "source": source,
-            "image_aspect_ratio": spec.preprocess, "prompt_recipe": spec.prompt_recipe}
+    block = {"format": FORMAT, "family": spec.family, "source_layout": "original", "source": source,
+             "image_aspect_ratio": spec.preprocess, "prompt_recipe": spec.prompt_recipe}
+    if spec.preprocess == "anyres":
+        # the original code unpads with int(), transformers with round(): detection keeps the original's
+        block["anyres_flavour"] = spec.anyres_flavour or "original"
+    return block
 
 
 def read_m3cli_block(cfg: dict) -> dict[str, Any] | None:
@@ -93,12 +100,33 @@ def read_m3cli_block(cfg: dict) -> dict[str, Any] | None:
     aspect = block.get("image_aspect_ratio")
     if aspect is not None and aspect not in ("pad", "crop", "anyres"):
         raise ModelError(f"config.json: {M3CLI_KEY}.image_aspect_ratio {aspect!r} is not pad, crop or anyres")
+    flavour = block.get("anyres_flavour")
+    if flavour is not None and flavour not in ("hf", "original"):
+        raise ModelError(f"config.json: {M3CLI_KEY}.anyres_flavour {flavour!r} is not hf or original")
     return block
 
 
 def image_processor_config(spec: FamilySpec) -> dict[str, Any]:
-    """The image processor settings a converted LLaVA-1.5 directory stores (transformers' LlavaImageProcessor)."""
+    """The image processor settings a converted directory stores: transformers' ``LlavaImageProcessor`` for
+    LLaVA-1.5, ``LlavaNextImageProcessor`` with the pinpoints as ``[height, width]`` for LLaVA-NeXT."""
     img = spec.image
+    if spec.preprocess == "anyres":
+        return {
+            "image_processor_type": "LlavaNextImageProcessor",
+            "image_grid_pinpoints": [list(p) for p in spec.grid_pinpoints],  # detection made them (h, w)
+            "do_pad": True,
+            "do_resize": True,
+            "size": {"shortest_edge": img.size},
+            "resample": img.resample,
+            "do_center_crop": True,
+            "crop_size": {"height": img.size, "width": img.size},
+            "do_rescale": img.do_rescale,
+            "rescale_factor": img.rescale_factor,
+            "do_normalize": img.do_normalize,
+            "image_mean": list(img.mean),
+            "image_std": list(img.std),
+            "do_convert_rgb": True,
+        }
     return {
         "image_processor_type": "LlavaImageProcessor",
         "do_pad": spec.preprocess == "pad",

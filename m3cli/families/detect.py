@@ -153,6 +153,7 @@ def _hf(root: Path, cfg: dict, arch: str, *, next_: bool, fallback_recipe: str |
         preprocess = "pad" if aspect == "pad" or padded else "crop"
 
     template = find_chat_template(root, proc_cfg)
+    notes: tuple[str, ...] = ()
     if block and block.get("prompt_recipe"):
         recipe = str(block["prompt_recipe"])
     elif template:
@@ -160,6 +161,13 @@ def _hf(root: Path, cfg: dict, arch: str, *, next_: bool, fallback_recipe: str |
         recipe = recipe_of_template(template) or "hf_template"
     elif fallback_recipe:
         recipe = fallback_recipe
+    elif next_:
+        # a NeXT directory without a template gets its language model's conversation (what the original
+        # evaluation scripts use for it); said in the spec's notes
+        from m3cli.families.llavanext import fallback_recipe as next_fallback
+
+        recipe = next_fallback(cfg)
+        notes = (f"no chat template: the {recipe} conversation of its language model",)
     else:
         raise TemplateError(f"{root.name}: no chat template ({TEMPLATE_SOURCES}) and no prompt recipe to fall "
                             "back on; add one or pass --chat-template")
@@ -183,9 +191,11 @@ def _hf(root: Path, cfg: dict, arch: str, *, next_: bool, fallback_recipe: str |
         prefix_after_special=_prefix_after_special(root, tok_cfg),
         converted=bool(block),
         grid_pinpoints=pinpoints,
-        anyres_flavour="hf" if next_ else None,
+        # a conversion of an original NeXT checkpoint keeps the original code's unpadding (its m3cli block says so)
+        anyres_flavour=str((block or {}).get("anyres_flavour") or "hf") if next_ else None,
         vision_feature_layer=tuple(layer) if isinstance(layer, list) else int(layer),
         vision_feature_select_strategy=str(cfg.get("vision_feature_select_strategy") or "default"),
+        notes=notes,
     )
 
 

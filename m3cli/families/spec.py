@@ -25,9 +25,11 @@ LLAVA15_ORIGINAL = "llava15-original"
 LLAVANEXT_HF = "llavanext-hf"
 LLAVANEXT_ORIGINAL = "llavanext-original"
 
-# What `m3` runs today; every refusal names it. A family module that lands (e.g. LLaVA-NeXT) extends it.
+# What `m3` runs today; every refusal names it. A family module that lands extends it.
 SUPPORTED = ("LLaVA-1.5: llava-hf LlavaForConditionalGeneration directories, original llava_llama checkpoints "
-             "(image_aspect_ratio pad) and their m3 conversions")
+             "(image_aspect_ratio pad) and their m3 conversions; LLaVA-NeXT (anyres): llava-hf "
+             "LlavaNextForConditionalGeneration directories, original checkpoints (image_aspect_ratio anyres, "
+             "spatial_unpad) and their m3 conversions")
 
 
 class UnsupportedModelError(ModelError):

@@ -98,6 +98,7 @@ _RUN_LABELS = {
     "threshold": "--threshold",
     "ladder": "--ladder",
     "max_new_tokens": "--max-new-tokens",
+    "max_visual_tokens": "--max-visual-tokens",
 }
 
 

@@ -28,7 +28,9 @@ ROW_KEYS: tuple[str, ...] = (
     "question",
     "answer",
     "confidence",
-    "tokens",
+    "tokens",  # the per-crop scale of the final rung (the paper's --tokens)
+    "visual_tokens",  # what the LM received at it (LLaVA-NeXT: every crop pooled, newlines included)
+    "crops",  # crops the vision tower encoded (1 for LLaVA-1.5; tiles + base for LLaVA-NeXT)
     "scales_tried",
     "model",
     "backend",
@@ -37,6 +39,7 @@ ROW_KEYS: tuple[str, ...] = (
     "note",  # a remark on an answer that looks like none (an empty generation), else None
     "run",  # what the row was made with (model, run question, budget): --resume checks it
     "source_b64",  # the exact bytes of a source that is not valid UTF-8 (base64), else None
+    "frames",  # a video collage's frame indices (m3 batch --video-mode collage), else None
 )
 
 _NESTED_KEYS = frozenset({"scales_tried", "timings", "run"})

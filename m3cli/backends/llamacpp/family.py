@@ -5,7 +5,8 @@
   the ``m3cli.prompt_recipe`` key ``m3 convert`` writes, the GGUF's ``tokenizer.chat_template`` (llava-hf's
   ``{% generation %}`` tags render as their body), then the family's ``vicuna_v1``. Preprocessing: the
   ``m3cli.image_aspect_ratio`` key, else ``pad`` (what llama.cpp does to LLaVA-1.5 images, and the recipe the
-  original checkpoints were trained with). Anything that is not LLaVA-1.5 is refused in one line.
+  original checkpoints were trained with). Anything that is not LLaVA-1.5 is refused in one line (LLaVA-1.6
+  pairs too: :data:`NEXT_GGUF_REFUSAL`).
 * :func:`tower_array`: the exact ``size`` x ``size`` uint8 image the tower sees (the family's ``tower_image``),
   which mtmd then only normalises: its fixed-size preprocessor copies a bitmap of the model's size as it is.
 """
@@ -18,10 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from m3cli.families import Family, PromptRecipe, family_for, gguf_family_spec, recipe_named
+from m3cli.families import Family, PromptRecipe, UnsupportedModelError, family_for, gguf_family_spec, recipe_named
 from m3cli.gguf.keys import PREFIX_AFTER_SPECIAL_KEY
 
 FALLBACK_RECIPE = "vicuna_v1"   # LLaVA-1.5's (conv_vicuna_v1), what liuhaotian-style GGUFs without a template need
+
+# Why a LLaVA-1.6 pair is refused (docs/gguf.md, "LLaVA-NeXT"): M3 pools every crop before the packing, and mtmd
+# packs a 1.6 image itself (its own crops, the tile grid, the newlines) into one embedding run.
+NEXT_GGUF_REFUSAL = ("{name}: LLaVA-NeXT (LLaVA-1.6, anyres) GGUF pairs are not supported by the llama.cpp backend "
+                     "yet: M3 pools every crop before packing, and mtmd packs the crops and newlines itself (see "
+                     "docs/gguf.md); run the Hugging Face or original checkpoint on the torch backend")
 
 
 def gguf_family(lm_path: str | Path, lm_meta: Mapping[str, Any], mm_meta: Mapping[str, Any], *,
@@ -29,6 +36,8 @@ def gguf_family(lm_path: str | Path, lm_meta: Mapping[str, Any], mm_meta: Mappin
     """(family, notice) of a GGUF pair from its metadata; ``chat_template`` is ``--chat-template FILE|NAME``."""
     spec, recipe, notice = gguf_family_spec(lm_path, lm_meta, mm_meta, override=chat_template,
                                             fallback_recipe=FALLBACK_RECIPE)
+    if spec.family == "llavanext":
+        raise UnsupportedModelError(NEXT_GGUF_REFUSAL.format(name=Path(lm_path).name))
     if prefix_after_special(lm_meta):
         recipe = _with_prefix_after_special(recipe)
     return family_for(spec, recipe), notice
