@@ -5,6 +5,10 @@ non-overlapping coloured shapes and, in about 40% of scenes, one capital letter.
 is regenerated from ``np.random.default_rng([SPLIT_SEEDS[split], index])``, so any sample can be rebuilt on
 its own and the test split is never seen during training.
 
+Besides the one-word families (``FAMILIES``) every scene has an open question, the ``describe`` family
+("what is this?", "describe the image.", ...), answered with :func:`description`. Its phrasing is drawn
+from the same generator after every other draw, so adding it left the other families' questions as they were.
+
 Pixel boxes are half-open: a shape occupies columns ``x0 .. x1 - 1`` and rows ``y0 .. y1 - 1``.
 """
 
@@ -62,6 +66,25 @@ TEMPLATES: dict[str, str] = {
     "letter": "what letter is written?",
 }
 SPLIT_SEEDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+
+# The open question: any of these phrasings (lower-case or capitalised) asks for the scene's description.
+DESCRIBE = "describe"
+DESCRIBE_QUESTIONS: tuple[str, ...] = (
+    "what is this?",
+    "what is in the picture?",
+    "describe the image.",
+    "what do you see?",
+    "what is in this image?",
+    "what is in the image?",
+    "describe this image.",
+    "describe the picture.",
+    "what can you see?",
+    "what does the image show?",
+    "describe the scene.",
+    "what is shown?",
+)
+EVAL_FAMILIES: tuple[str, ...] = (*FAMILIES, DESCRIBE)  # what the built-in evaluation can ask
+DESCRIPTION_MAX_WORDS = 2 + 2 * (MAX_SHAPES + 1)  # background, six shapes and a letter: one token each
 
 # Names of the values of each dense label map (value i means LABEL_NAMES[key][i]; 0 = nothing there).
 LABEL_NAMES: dict[str, tuple[str, ...]] = {
@@ -126,12 +149,14 @@ class QA:
 
 @dataclass(frozen=True)
 class Sample:
-    """Item ``index`` of a split: the scene and one question per applicable family."""
+    """Item ``index`` of a split: the scene, one question per applicable one-word family (``qas``) and its
+    open ``describe`` question."""
 
     split: str
     index: int
     scene: Scene
     qas: tuple[QA, ...]
+    describe: QA | None = None
 
 
 def split_words(text: str) -> list[str]:
@@ -386,6 +411,34 @@ def all_questions(scene: Scene) -> tuple[QA, ...]:
     return tuple(qas)
 
 
+def description(scene: Scene) -> str:
+    """The answer to an open question: 'gray background red circle blue square green letter'.
+
+    The background, then every shape's colour and kind in scene order, then the letter's colour. Each word
+    is one token of the shipped tokenizer and there are no separators, so the longest description (six
+    shapes and a letter) is ``DESCRIPTION_MAX_WORDS`` = 16 tokens: it always fits ``m3 ask``'s default
+    ``--max-new-tokens 16``.
+    Sizes, positions and the letter's identity are left out (see :func:`caption` for those).
+    """
+    words = [scene.background, "background"]
+    for s in scene.shapes:
+        words += [s.colour, s.kind]
+    if scene.glyph is not None:
+        words += [scene.glyph.colour, "letter"]
+    return " ".join(words)
+
+
+def describe_question(rng: np.random.Generator) -> str:
+    """One phrasing of the open question, capitalised half of the time (as people type it)."""
+    question = DESCRIBE_QUESTIONS[int(rng.integers(len(DESCRIBE_QUESTIONS)))]
+    return question[0].upper() + question[1:] if rng.random() < 0.5 else question
+
+
+def describe_qa(scene: Scene, rng: np.random.Generator) -> QA:
+    """The scene's ``describe`` question (a phrasing drawn from ``rng``) with its description."""
+    return QA(DESCRIBE, describe_question(rng), description(scene))
+
+
 def caption(scene: Scene) -> str:
     """Short description, e.g. 'gray background. large red circle top left. letter k in green.'"""
     parts = [f"{scene.background} background."]
@@ -421,6 +474,8 @@ def vocabulary() -> list[str]:
         for item in group:
             words.update(split_words(item))
     words.update(split_words("background letter in a an"))
+    for question in DESCRIBE_QUESTIONS:
+        words.update(split_words(question))
     return sorted(words)
 
 
@@ -435,21 +490,24 @@ def sample(split: str, index: int) -> Sample:
         raise ValueError(f"index must be non-negative, got {index}")
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])
     scene = make_scene(rng)
-    return Sample(split, index, scene, questions(scene, rng))
+    qas = questions(scene, rng)
+    return Sample(split, index, scene, qas, describe_qa(scene, rng))  # drawn last: qas are unaffected
 
 
 def iter_questions(
     split: str, n: int, families: Sequence[str] | None = None, max_lookahead: int = 1000
 ) -> Iterator[tuple[Sample, QA]]:
-    """First ``n`` (sample, qa) pairs of a split, round-robin over ``families`` (default: all).
+    """First ``n`` (sample, qa) pairs of a split, round-robin over ``families`` (default: the one-word
+    ``FAMILIES``; ``describe`` is asked when named).
 
-    Samples are read in index order; each turn takes the earliest unused question of the next family.
-    A family with no question in ``max_lookahead`` further samples is dropped from the rotation.
+    Samples are read in index order; each turn takes the earliest unused question of the next family, so a
+    family's questions do not depend on which other families are asked. A family with no question in
+    ``max_lookahead`` further samples is dropped from the rotation.
     """
     fams = list(FAMILIES if families is None else families)
-    unknown = [f for f in fams if f not in FAMILIES]
+    unknown = [f for f in fams if f not in EVAL_FAMILIES]
     if unknown or not fams:
-        raise ValueError(f"unknown or empty families {unknown or fams}; expected a subset of {FAMILIES}")
+        raise ValueError(f"unknown or empty families {unknown or fams}; expected a subset of {EVAL_FAMILIES}")
     fams = list(dict.fromkeys(fams))
     queues: dict[str, deque[tuple[Sample, QA]]] = {f: deque() for f in fams}
     next_index = 0
@@ -461,7 +519,7 @@ def iter_questions(
         while not queues[fam] and next_index - start < max_lookahead:
             item = sample(split, next_index)
             next_index += 1
-            for qa in item.qas:
+            for qa in (*item.qas, *((item.describe,) if item.describe else ())):
                 if qa.family in queues:
                     queues[qa.family].append((item, qa))
         if queues[fam]:

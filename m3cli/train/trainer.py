@@ -81,6 +81,36 @@ def _optimizer_step(opt, params, loss, lr: float) -> None:
     opt.step()
 
 
+def resolve_init(value: str | Path | None) -> Path | None:
+    """The model directory to start from: a directory, else a registry name (``m3-shapes``: the shipped one)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        return path
+    from m3cli.registry import load_registry
+
+    entry = load_registry().get(str(value))
+    if entry is not None and Path(entry.location).is_dir():
+        return Path(entry.location)
+    raise TrainError(f"--init {value}: not a model directory or a registered local model")
+
+
+def check_sizes(model_config, spec: ModelSpec, source: Path) -> None:
+    """Refuse a starting model whose sizes differ from the config's ``model`` section (one line)."""
+    vision, text = model_config.vision_config, model_config.text_config
+    pairs = {
+        "image_size": vision.image_size, "patch_size": vision.patch_size, "vision_hidden": vision.hidden_size,
+        "vision_layers": vision.num_hidden_layers, "vision_heads": vision.num_attention_heads,
+        "text_hidden": text.hidden_size, "text_layers": text.num_hidden_layers,
+        "text_heads": text.num_attention_heads, "text_kv_heads": text.num_key_value_heads,
+        "text_intermediate": text.intermediate_size,
+    }
+    wrong = [f"{k} {v} (config: {getattr(spec, k)})" for k, v in pairs.items() if v != getattr(spec, k)]
+    if wrong:
+        raise TrainError(f"--init {source}: its sizes differ from the config's model section: {', '.join(wrong)}")
+
+
 class Trainer:
     """Runs the configured stages, checkpointing so that ``--resume`` continues where it stopped."""
 
@@ -92,12 +122,14 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(int(config.threads))
         torch.manual_seed(config.seed)
+        init = resolve_init(init if init is not None else config.init)
         if init is not None:
             from transformers import AutoProcessor, LlavaForConditionalGeneration
 
             self.processor = AutoProcessor.from_pretrained(init)
             self.tokenizer = self.processor.tokenizer
             self.model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+            check_sizes(self.model.config, self.spec, init)
         else:
             words = scenes.vocabulary()
             captions = [scenes.caption(scenes.sample("train", i).scene) for i in range(200)]
@@ -306,6 +338,7 @@ class Trainer:
         self.features = torch.cat(chunks)
         self.pool_labels = {k: np.stack(v) for k, v in labels.items()}
         self.pool_qas = [scenes.all_questions(s.scene) for s in pool_samples]
+        self.pool_descriptions = [scenes.description(s.scene) for s in pool_samples]
         self.model.train()
         self.record(stage="features", images=n, seconds=round(time.perf_counter() - t0, 1))
 
@@ -333,14 +366,28 @@ class Trainer:
         return target
 
     # -- stages 1 and 2: the LM loss at one or many scales ----------------------------------
-    def lm_losses(self, idx: np.ndarray, scales: list[int]) -> dict[int, torch.Tensor]:
-        """Language-model loss on the answer tokens at every scale, for the pooled images ``idx``."""
+    def step_questions(self, idx: np.ndarray, rng: np.random.Generator, describe_rate: float) -> list[list]:
+        """Every packed question of each pooled image ``idx``: all its one-word questions and, with chance
+        ``describe_rate``, one open question in a phrasing drawn from ``rng`` (answered by its description)."""
+        out = []
+        for i in idx:
+            qas = list(self.pool_qas[i])
+            if describe_rate > 0 and rng.random() < describe_rate:
+                qas.append(scenes.QA(scenes.DESCRIBE, scenes.describe_question(rng), self.pool_descriptions[i]))
+            out.append(qas)
+        return out
+
+    def lm_losses(self, idx: np.ndarray, scales: list[int], qas: list[list] | None = None) -> dict[int, torch.Tensor]:
+        """Language-model loss on the answer tokens at every scale, for the pooled images ``idx``
+        (asked ``qas[k]`` about image ``idx[k]``; default: all its one-word questions)."""
         llava = self.model.model
         projected = llava.multi_modal_projector(self.features[torch.as_tensor(idx)])
         embed = llava.language_model.get_input_embeddings()
+        if qas is None:
+            qas = [self.pool_qas[i] for i in idx]
         segments = []
-        for i in idx:
-            segments.append([(self.question_ids(qa.question), self.answer_ids(qa.answer)) for qa in self.pool_qas[i]])
+        for image_qas in qas:
+            segments.append([(self.question_ids(qa.question), self.answer_ids(qa.answer)) for qa in image_qas])
         losses = {}
         for scale in scales:
             pooled = pool(projected, scale)
@@ -374,8 +421,10 @@ class Trainer:
         n_pool = self.features.shape[0]
         shown: dict[str, float] = {}
         for step in range(start, stage.steps):
-            idx = self._step_rng(name, step).choice(n_pool, size=stage.batch, replace=False)
-            losses = self.lm_losses(idx, stage.scales)
+            rng = self._step_rng(name, step)
+            idx = rng.choice(n_pool, size=stage.batch, replace=False)
+            # drawn after the images, so a stage without describe questions samples what it always did
+            losses = self.lm_losses(idx, stage.scales, self.step_questions(idx, rng, stage.describe_rate))
             loss = sum(losses.values()) / len(losses)
             shown = {str(s): v.item() for s, v in losses.items()}
             if stage.align_weight > 0:
