@@ -6,7 +6,6 @@ chat template, ...) tokenised through the backend's :class:`~m3cli.families.Toke
 (``HFTokenizerAdapter`` for transformers, the llama.cpp vocabulary's for GGUF). Every BOS, special-token
 and dummy-prefix rule lives in the family layer, so the two backends give equal ids for one model; this
 module only caches the ids around the image per question.
-
 """
 
 from __future__ import annotations

@@ -55,14 +55,15 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
 
 def preflight(model_kw: dict[str, Any], ray_address: str | None) -> None:
     """Cheap checks the CLI runs before it opens the output: Ray installed, the address answers, the model
-    name resolves. Raises :class:`EngineError` (one line); starts nothing."""
+    name resolves to a model the actors can run (family detection, no weights loaded). Raises
+    :class:`EngineError` (one line); starts nothing."""
     import_ray()
     if ray_address:
         check_reachable(ray_address)
-    from m3cli.registry import resolve_model
+    from m3cli.backends import check_model
 
     try:
-        resolve_model(model_kw.get("model"))
+        check_model(**model_kw)
     except ModelError as exc:
         raise EngineError(str(exc)) from None
 
