@@ -67,28 +67,26 @@ def _batched(items: Iterable[EvalItem], size: int) -> Iterator[list[EvalItem]]:
         yield chunk
 
 
-def _encode(backend: Backend, images: list[Any]) -> list[Encoded | str]:
-    """Encode ``images`` in one call; if it fails, one by one, a failing image giving its error message."""
-    if not images:
+def _each(call, items: list[Any]) -> list[Any]:
+    """``call(items)`` in one go; if it fails, one by one, a failing item giving its error message."""
+    if not items:
         return []
     try:
-        return list(backend.encode(images))
-    except Exception as exc:  # noqa: BLE001 - isolated per image below
-        if len(images) == 1:
+        return list(call(items))
+    except Exception as exc:  # noqa: BLE001 - isolated per item below
+        if len(items) == 1:
             return [_message(exc)]
-    return [_encode(backend, [img])[0] for img in images]
+    return [_each(call, [item])[0] for item in items]
+
+
+def _encode(backend: Backend, images: list[Any]) -> list[Encoded | str]:
+    """Encode ``images`` in one call, or one by one when that fails."""
+    return _each(backend.encode, images)
 
 
 def _answer(backend: Backend, requests: list[AnswerRequest]) -> list[Generation | str]:
-    """Answer ``requests`` in one call; if it fails, one by one (a failing one gives its error message)."""
-    if not requests:
-        return []
-    try:
-        return list(backend.answer(requests))
-    except Exception as exc:  # noqa: BLE001 - isolated per request below
-        if len(requests) == 1:
-            return [_message(exc)]
-    return [_answer(backend, [r])[0] for r in requests]
+    """Answer ``requests`` in one call, or one by one when that fails."""
+    return _each(backend.answer, requests)
 
 
 def _encode_chunk(backend: Backend, chunk: Sequence[EvalItem], results: list[ItemResult],

@@ -110,28 +110,12 @@ def image_processor_config(spec: FamilySpec) -> dict[str, Any]:
     """The image processor settings a converted directory stores: transformers' ``LlavaImageProcessor`` for
     LLaVA-1.5, ``LlavaNextImageProcessor`` with the pinpoints as ``[height, width]`` for LLaVA-NeXT."""
     img = spec.image
-    if spec.preprocess == "anyres":
-        return {
-            "image_processor_type": "LlavaNextImageProcessor",
-            "image_grid_pinpoints": [list(p) for p in spec.grid_pinpoints],  # detection made them (h, w)
-            "do_pad": True,
-            "do_resize": True,
-            "size": {"shortest_edge": img.size},
-            "resample": img.resample,
-            "do_center_crop": True,
-            "crop_size": {"height": img.size, "width": img.size},
-            "do_rescale": img.do_rescale,
-            "rescale_factor": img.rescale_factor,
-            "do_normalize": img.do_normalize,
-            "image_mean": list(img.mean),
-            "image_std": list(img.std),
-            "do_convert_rgb": True,
-        }
-    return {
-        "image_processor_type": "LlavaImageProcessor",
-        "do_pad": spec.preprocess == "pad",
+    anyres = spec.preprocess == "anyres"
+    config: dict[str, Any] = {
+        "image_processor_type": "LlavaNextImageProcessor" if anyres else "LlavaImageProcessor",
+        "do_pad": anyres or spec.preprocess == "pad",
         "do_resize": True,
-        "size": {"shortest_edge": img.shortest_edge or img.size},
+        "size": {"shortest_edge": img.size if anyres else (img.shortest_edge or img.size)},
         "resample": img.resample,
         "do_center_crop": True,
         "crop_size": {"height": img.size, "width": img.size},
@@ -142,3 +126,6 @@ def image_processor_config(spec: FamilySpec) -> dict[str, Any]:
         "image_std": list(img.std),
         "do_convert_rgb": True,
     }
+    if anyres:
+        config["image_grid_pinpoints"] = [list(p) for p in spec.grid_pinpoints]  # detection made them (h, w)
+    return config
