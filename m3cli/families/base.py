@@ -70,3 +70,13 @@ class FamilyBase:
     def prompt_ids(self, question: str, n_visual: int, tok: TokenizerAdapter) -> list[int]:
         """The whole prompt with ``n_visual`` image placeholders."""
         return self.prompt_parts(question, tok).ids(n_visual)
+
+
+def flat_grid(grid: Any) -> Any:
+    """A pooled crop as ``(s, D)`` row-major: a ``(side, side, D)`` grid is flattened, ``(s, D)`` kept."""
+    if grid.ndim == 3:
+        rows, cols, dim = grid.shape
+        return grid.reshape(rows * cols, dim)
+    if grid.ndim != 2:
+        raise ValueError(f"a pooled crop is (s, D) or (side, side, D), got shape {tuple(grid.shape)}")
+    return grid

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from m3cli.families.base import FamilyBase
+from m3cli.families.base import FamilyBase, flat_grid
 from m3cli.families.preprocess import tower_image
 
 
@@ -30,13 +30,7 @@ class Llava15Family(FamilyBase):
         """The single crop's pooled grid as ``(s, D)`` row-major (a ``(side, side, D)`` grid is flattened)."""
         if len(pooled_crops) != 1:
             raise ValueError(f"LLaVA-1.5 takes one crop per image, got {len(pooled_crops)}")
-        grid = pooled_crops[0]
-        if grid.ndim == 3:
-            side_h, side_w, dim = grid.shape
-            return grid.reshape(side_h * side_w, dim)
-        if grid.ndim != 2:
-            raise ValueError(f"a pooled grid is (s, D) or (side, side, D), got shape {tuple(grid.shape)}")
-        return grid
+        return flat_grid(pooled_crops[0])
 
     def n_visual_tokens(self, scale: int, *, image_hw: tuple[int, int] | None = None) -> int:
         """``scale``: one token per pooled cell, no newlines."""

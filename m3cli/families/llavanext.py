@@ -22,7 +22,7 @@ from PIL import Image
 
 from m3cli.errors import ModelError
 from m3cli.families import anyres
-from m3cli.families.base import FamilyBase
+from m3cli.families.base import FamilyBase, flat_grid
 from m3cli.families.prompts import PromptRecipe
 from m3cli.families.spec import FamilySpec
 from m3cli.scales import grid_side, nested_scales
@@ -89,7 +89,7 @@ class LlavaNextFamily(FamilyBase):
         if len(pooled_crops) != lay.crops:
             raise ValueError(f"a {lay.tiles_high}x{lay.tiles_wide} layout has {lay.crops} crops, "
                              f"got {len(pooled_crops)}")
-        flat = [_flat(c) for c in pooled_crops]
+        flat = [flat_grid(c) for c in pooled_crops]
         sizes = {tuple(c.shape) for c in flat}
         if len(sizes) != 1:
             raise ValueError(f"every crop must be pooled to the same scale, got shapes {sorted(sizes)}")
@@ -133,11 +133,3 @@ def fallback_recipe(config: Mapping[str, Any]) -> str:
         return "chatml_direct"
     return "vicuna_v1"
 
-
-def _flat(grid: Any) -> Any:
-    if grid.ndim == 3:
-        rows, cols, dim = grid.shape
-        return grid.reshape(rows * cols, dim)
-    if grid.ndim != 2:
-        raise ValueError(f"a pooled crop is (s, D) or (side, side, D), got shape {tuple(grid.shape)}")
-    return grid
