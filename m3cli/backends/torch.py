@@ -16,16 +16,16 @@ the shared-prefix KV cache and the early exit are the same for both families.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from m3cli.backends import visual_counts
 from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
 from m3cli.backends.prompt import FamilyPrompt
 from m3cli.dtypes import DTYPES, torch_dtype
 from m3cli.errors import M3Error, describe
-from m3cli.scales import budget_to_scale, nested_scales, pool
+from m3cli.scales import nested_scales, pool
 
 log = logging.getLogger(__name__)
 
@@ -130,26 +130,15 @@ class TorchBackend:
 
     # -- visual token counts -------------------------------------------------------------
     def visual_token_count(self, scale: int, image_hw: tuple[int, int] | None = None) -> int:
-        """Visual embeddings the LM receives at per-crop ``scale`` for an ``(h, w)`` image.
-
-        LLaVA-1.5: ``scale``. LLaVA-NeXT: base crop + unpadded tiles + newlines; without ``image_hw`` the most
-        any image can take (the pinpoint whose tile grid, kept whole, is the largest).
-        """
-        if not self.next:
-            return int(scale)
-        if image_hw is not None:
-            return self.family.n_visual_tokens(scale, image_hw=image_hw)
-        side = math.isqrt(int(scale))
-        tile = self.family.tile
-        return max(int(scale) + (h // tile) * (w // tile) * int(scale) + (h // tile) * side
-                   for h, w in self.family.pinpoints)
+        """Visual embeddings the LM receives at per-crop ``scale`` for an ``(h, w)`` image
+        (:func:`m3cli.backends.visual_counts.visual_token_count`)."""
+        return visual_counts.visual_token_count(self.family, scale, image_hw)
 
     def scale_within(self, max_visual_tokens: int, encoded: Encoded) -> int:
         """The largest per-crop scale whose total visual tokens for this encoded image fit ``max_visual_tokens``
         (``--max-visual-tokens``); raises :class:`~m3cli.scales.BudgetError` when none does."""
-        if not self.next:
-            return budget_to_scale(max_visual_tokens, self.grid_side).scale
-        return self.family.scale_within(max_visual_tokens, encoded.image_hw, self.scales)
+        return visual_counts.scale_within(self.family, max_visual_tokens, encoded.image_hw, self.scales,
+                                          self.grid_side)
 
     # -- encoding ------------------------------------------------------------------------
     def pixel_values(self, images: Sequence):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -102,6 +103,13 @@ class LlavaNextFamily(FamilyBase):
         if image_hw is None:
             raise ValueError("LLaVA-NeXT's token count depends on the image size (image_hw)")
         return anyres.visual_token_count(image_hw, self.pinpoints, self.tile, int(scale), True, flavour=self.flavour)
+
+    def max_visual_tokens(self, scale: int) -> int:
+        """The most visual tokens any image can take at per-crop ``scale``: base crop, the largest pinpoint's tile
+        grid kept whole (no unpadding) and its newlines; what a context must hold for every image."""
+        side = math.isqrt(int(scale))
+        return max(int(scale) + (h // self.tile) * (w // self.tile) * int(scale) + (h // self.tile) * side
+                   for h, w in self.pinpoints)
 
     def tokens_per_scale(self, image_hw: tuple[int, int], scales: Sequence[int] | None = None) -> dict[int, int]:
         """``{per-crop scale: total visual tokens}`` for one image (what ``--max-visual-tokens`` chooses from)."""
