@@ -52,3 +52,15 @@ def scene_png(tmp_path):
     path = tmp_path / "scene.png"
     img.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def llamacpp(tmp_path_factory):
+    """llama.cpp's converter scripts (from the llama-cpp-python sdist the README's test command fetches); the
+    real-layout GGUF tests fail, saying how to get them, when they are missing."""
+    import gguf_setup as gs
+
+    try:
+        return gs.require_llamacpp(tmp_path_factory.mktemp("llamacpp-src"))
+    except gs.LlamaCppSourcesMissing as exc:
+        pytest.fail(str(exc), pytrace=False)

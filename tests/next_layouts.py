@@ -166,7 +166,8 @@ def original_next_config(spec: rl.TinySpec, n_vocab: int, mm_vision_tower: str, 
 
 
 def build_original_next(out_dir: str | Path, spec: rl.TinySpec = TINY, seed: int = 0, *,
-                        pinpoints: list | None = None, dtype: str = "bfloat16") -> OriginalNext:
+                        pinpoints: list | None = None, dtype: str = "bfloat16",
+                        stray_buffers: bool = True) -> OriginalNext:
     """An original-layout LLaVA-NeXT checkpoint (``LlavaLlamaForCausalLM``, anyres) plus its CLIP tower dir.
 
     ``pinpoints`` are as the original config stores them, read by that code as [width, height] (default
@@ -174,7 +175,7 @@ def build_original_next(out_dir: str | Path, spec: rl.TinySpec = TINY, seed: int
     ``model.image_newline`` after the projector and the tower inside, tokenizer.model + tokenizer_config.json.
     """
     pins = [list(p) for p in (pinpoints or TINY_PINPOINTS)]
-    lay = rl.build_original_llava(out_dir, spec, seed, dtype=dtype)
+    lay = rl.build_original_llava(out_dir, spec, seed, dtype=dtype, stray_buffers=stray_buffers)
     _rewrite_with(lay.model_dir, {"model.image_newline": newline_vector(spec, seed)}, dtype,
                   after="model.mm_projector.2.weight")
     cfg = json.loads((lay.model_dir / "config.json").read_text(encoding="utf-8"))
@@ -234,3 +235,46 @@ def hf_twin_of_original(model_dir: str | Path, tower_dir: str | Path, *, pinpoin
     twin.generation_config.eos_token_id = int(cfg.get("eos_token_id", 2))
     twin.generation_config.pad_token_id = 0
     return twin.to(torch.float32)
+
+
+def build_llamacpp_next_pair(out_dir: str | Path, llamacpp: Path, original: OriginalNext,
+                             spec: rl.TinySpec = TINY) -> rl.GgufPair:
+    """The GGUF pair llama.cpp's own LLaVA-1.6 instructions make from an original-layout NeXT checkpoint.
+
+    ``docs/multimodal/llava.md``, "LLaVA 1.6 gguf conversion": ``llava_surgery_v2.py -C`` on a copy of the
+    checkpoint (``llava.clip``: the tuned tower from inside it; ``llava.projector``: the projector and
+    ``model.image_newline``), a tower directory with those weights whose config carries the 1.6 keys of
+    llama.cpp's ``config_vit.json`` (pinpoints as the checkpoint stores them, ``spatial_unpad``, ``anyres``),
+    ``convert_image_encoder_to_gguf.py`` (legacy mmproj: F16, L-1 blocks, the pinpoints flattened) and
+    ``examples/convert_legacy_llama.py --skip-unknown`` for the language model (F32). The tower directory is a
+    two-tower CLIP one (see :func:`real_layouts.llamacpp_convert_legacy_mmproj`: the vision-only path of the
+    script does not run under transformers 5), its ``vision_config`` holding what ``config_vit.json`` holds.
+    """
+    import shutil
+
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "llava-v1.6-tiny"
+    shutil.copytree(original.model_dir, model)
+    rl._run_tool([llamacpp / "tools" / "mtmd" / "legacy-models" / "llava_surgery_v2.py", "-C", "-m", model])
+    clip = torch.load(model / "llava.clip", weights_only=True)
+    tower = {"tower." + k.removeprefix("vision_model."): v for k, v in clip.items() if k.startswith("vision_model.")}
+    vit = rl.write_clip_tower(out / "vit", spec, tower, full_clip=True)
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    vit_cfg = json.loads((vit / "config.json").read_text(encoding="utf-8"))
+    vit_cfg["vision_config"].update({
+        "image_grid_pinpoints": cfg["image_grid_pinpoints"], "mm_patch_merge_type": cfg["mm_patch_merge_type"],
+        "image_aspect_ratio": cfg["image_aspect_ratio"], "image_crop_resolution": cfg["image_crop_resolution"],
+        "image_split_resolution": cfg["image_split_resolution"], "mm_projector_type": cfg["mm_projector_type"],
+    })
+    rl._write_json(vit / "config.json", vit_cfg)
+    mmproj = rl.llamacpp_convert_legacy_mmproj(llamacpp, vit, model / "llava.projector", out)
+    for name in ("llava.clip", "llava.projector"):
+        (model / name).unlink()
+    lm = out / "ggml-model-f32.gguf"
+    rl._run_tool([llamacpp / "examples" / "convert_legacy_llama.py", model, "--skip-unknown", "--outtype", "f32",
+                  "--outfile", lm],
+                 env_extra={"PYTHONPATH": str(llamacpp / "gguf-py")})
+    return rl.GgufPair(lm=lm, mmproj=mmproj)

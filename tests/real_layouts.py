@@ -703,7 +703,7 @@ def find_llamacpp(cache_dir: str | Path, *, allow_download: bool = False) -> Pat
             return _unpack_converters(src, cache)
         return None
     for tree in sorted(cache.glob("llama_cpp_python-*")):
-        if root := _llamacpp_root(tree):
+        if (root := _llamacpp_root(tree)) and _complete(root):
             return root
     tarballs = sorted(REPO_SDIST_DIR.glob("llama_cpp_python-*.tar.gz"))
     if tarballs:
@@ -727,7 +727,11 @@ def find_llamacpp(cache_dir: str | Path, *, allow_download: bool = False) -> Pat
 
 
 _CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "tools/mtmd/legacy-models/",
-                    "models/templates/")
+                    "models/templates/", "examples/convert_legacy_llama.py")
+
+
+def _complete(root: Path) -> bool:
+    return all((root / f).exists() for f in _CONVERTER_FILES)
 
 
 def _unpack_converters(tarball: Path, cache: Path) -> Path | None:
@@ -736,8 +740,10 @@ def _unpack_converters(tarball: Path, cache: Path) -> Path | None:
     import tempfile
 
     name = tarball.name.removesuffix(".tar.gz")
-    if root := _llamacpp_root(cache / name):
+    if (root := _llamacpp_root(cache / name)) and _complete(root):
         return root
+    if root:  # unpacked by an older version of this list: unpack again
+        shutil.rmtree(cache / name, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache))
     try:

@@ -736,6 +736,30 @@ def test_gguf_pair_spec():
     assert recipe.name == "vicuna_v1"
     spec, _, _ = gguf_family_spec("x.gguf", meta, {**MMPROJ_META, "clip.vision.image_grid_pinpoints": [336, 672]})
     assert spec.family == "llavanext"
+
+
+def test_gguf_next_pair_spec_reads_pinpoints_as_llamacpp_does():
+    flat = [336, 672, 672, 336, 672, 672, 1008, 336, 336, 1008]      # config_vit.json's pairs, flattened
+    spec, recipe, _ = gguf_family_spec("llava-v1.6-vicuna-7b.Q4_K_M.gguf", {},
+                                       {**MMPROJ_META, "clip.vision.image_grid_pinpoints": flat,
+                                        "clip.vision.mm_patch_merge_type": "spatial_unpad"})
+    assert (spec.name, spec.family, spec.preprocess, spec.anyres_flavour) == ("llavanext-gguf", "llavanext",
+                                                                              "anyres", "original")
+    # clip.cpp reads each pair as (width, height): as (height, width), swapped, in the same order
+    assert spec.grid_pinpoints == ((672, 336), (336, 672), (672, 672), (336, 1008), (1008, 336))
+    family = family_for(spec, recipe)
+    assert family.layout((400, 1200)).tiles_wide == 3 and family.layout((1200, 400)).tiles_high == 3
+    assert recipe.name == "vicuna_v1"
+    # m3's corrected mmproj copy keeps them under m3cli.anyres.*
+    moved, _, _ = gguf_family_spec("x.gguf", {}, {**MMPROJ_META, "m3cli.anyres.image_grid_pinpoints": flat})
+    assert moved.grid_pinpoints == spec.grid_pinpoints and moved.family == "llavanext"
+
+
+@pytest.mark.parametrize("flat", [[336], [336, 672, 672], [336, 0], ["a", "b"]])
+def test_gguf_next_pair_with_bad_pinpoints_is_one_line(flat):
+    with pytest.raises(ModelError, match="image_grid_pinpoints") as info:
+        gguf_family_spec("x.gguf", {}, {**MMPROJ_META, "clip.vision.image_grid_pinpoints": flat})
+    assert "\n" not in str(info.value)
     with pytest.raises(UnsupportedModelError, match="qwen2vl_merger"):
         gguf_family_spec("q.gguf", {}, {**MMPROJ_META, "clip.projector_type": "qwen2vl_merger"})
 

@@ -28,14 +28,6 @@ MAX_NEW = 5
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def llamacpp(tmp_path_factory):
-    try:
-        return gs.require_llamacpp(tmp_path_factory.mktemp("llamacpp-src"))
-    except gs.LlamaCppSourcesMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-
-
-@pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     return gs.build_dirs(tmp_path_factory.mktemp("models"))
 
@@ -406,3 +398,22 @@ def test_header_reader_matches_the_gguf_library(pairs, m3_bpe):
                                                             "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
         for key, value in ours.items():
             assert value == pytest.approx(full[key]) if isinstance(value, float) else value == full[key], key
+
+
+def test_convert_to_gguf_takes_an_original_checkpoint(dirs, torch_original, tmp_path):
+    """`m3 convert ORIGINAL --to gguf OUT` goes through the cached transformers conversion: the pair keeps the
+    original's recipe (pad, vicuna_v1) and answers as the torch backend does on the checkpoint itself."""
+    from click.testing import CliRunner
+
+    from m3cli.backends.llamacpp import LlamaCppBackend
+    from m3cli.cli import cli
+
+    res = CliRunner().invoke(cli, ["convert", str(dirs.original.model_dir), "--to", "gguf", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lm, mmproj = res.stdout.split()
+    cpp = LlamaCppBackend(lm, mmproj=mmproj, threads=2)
+    try:
+        assert (cpp.spec.preprocess, cpp.recipe.name) == ("pad", "vicuna_v1")
+        assert_same_answers(cpp, torch_original, gs.wide_image())
+    finally:
+        cpp.close()

@@ -130,7 +130,7 @@ def model_options(fn):
                       help="The prompt: a jinja / chat_template.json file or a recipe (vicuna_v1, "
                            "mistral_instruct, chatml_direct); also for a model without a template.")(fn)
     fn = click.option("--ctx", type=click.IntRange(64, 1 << 24), default=None,
-                      help="GGUF: context length (default 2048).")(fn)
+                      help="GGUF: context length (default 2048; 4096 for LLaVA-1.6 pairs).")(fn)
     fn = click.option("--mmproj-offload/--no-mmproj-offload", default=None,
                       help="GGUF: run the vision encoder on the GPU too (default: when the build has one).")(fn)
     fn = click.option("--n-gpu-layers", type=click.IntRange(-1), default=None, callback=_gpu_layers,

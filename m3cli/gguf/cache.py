@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "M3_CACHE_DIR"
 # Bump when fix_mmproj's output changes, so stale corrected copies are never reused.
-FIX_VERSION = 1
+FIX_VERSION = 2             # 2: LLaVA-1.6 anyres keys moved under m3cli.anyres.*
 MANIFEST = "entry.json"
 INDEX = "source-hashes.json"  # beside the mmproj/ folder, whose only members are entries
 MAX_INDEX = 256               # remembered file versions; the oldest are forgotten first

@@ -6,7 +6,9 @@
 
 ``fix_mmproj`` rewrites an mmproj made by llama.cpp's legacy LLaVA converter (L-1 blocks, no
 feature_layer, natural position order) into the layout ``m3cli.gguf.layout`` describes: explicit
-``feature_layer``, no post-layernorm, positions ``[1..N, 0]``, plus the rot180 companion.
+``feature_layer``, no post-layernorm, positions ``[1..N, 0]``, plus the rot180 companion. A LLaVA-1.6
+mmproj's anyres keys move under ``m3cli.anyres.*`` (:data:`m3cli.gguf.keys.ANYRES_MMPROJ_KEYS`), so that mtmd
+encodes each crop m3 hands it as one tower-size image; its ``model.image_newline`` tensor is kept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from m3cli.errors import ConvertError
+from m3cli.gguf.keys import ANYRES_MMPROJ_KEYS, IMAGE_NEWLINE_TENSORS
 from m3cli.gguf.layout import (
     LAYOUT_CLS_LAST,
     LAYOUT_KEY,
@@ -263,7 +266,8 @@ def rewrite_mmproj(in_path: str | Path, out_path: str | Path, layout: str, varia
 
     Depth is made explicit: a file without ``feature_layer`` is a legacy file whose stored blocks
     are exactly the layers LLaVA uses, so it gets ``feature_layer = [block_count]``. Post-layernorm
-    tensors are dropped (LLaVA's features are taken before it).
+    tensors are dropped (LLaVA's features are taken before it). LLaVA-1.6's anyres keys are renamed
+    (``ANYRES_MMPROJ_KEYS``): the copy is a one-crop encoder for m3, which cuts and packs the crops itself.
     """
     from gguf import GGUFValueType as T
 
@@ -275,6 +279,9 @@ def rewrite_mmproj(in_path: str | Path, out_path: str | Path, layout: str, varia
         del natural[name]
     if not info.feature_layers:
         kv["clip.vision.feature_layer"] = ([info.n_blocks], T.ARRAY, T.INT32)
+    for clip_key, m3_key in ANYRES_MMPROJ_KEYS.items():
+        if clip_key in kv:
+            kv[m3_key] = kv.pop(clip_key)
     kv[LAYOUT_KEY] = (layout, T.STRING, None)
     kv[VARIANT_KEY] = (variant, T.STRING, None)
     stored = apply_layout(natural, info.n_patches, VARIANT_ROT180 if variant == VARIANT_ROT180 else layout)
@@ -307,3 +314,16 @@ def fix_mmproj(in_path: str | Path, out_dir: str | Path, rot180: bool = True) ->
     if rot180:
         rewrite_mmproj(src, rot180_path(out), LAYOUT_CLS_LAST, VARIANT_ROT180)
     return out
+
+
+def read_image_newline(path: str | Path) -> np.ndarray | None:
+    """A LLaVA-1.6 mmproj's learned ``image_newline`` as float32 ``(D,)``, or None when the file has none."""
+    from gguf import GGMLQuantizationType as Q
+
+    reader = _reader(path)
+    for t in reader.tensors:
+        if t.name in IMAGE_NEWLINE_TENSORS:
+            if t.tensor_type not in (Q.F32, Q.F16):
+                raise MmprojError(f"{path}: {t.name} is {t.tensor_type.name}; F32 or F16 expected")
+            return np.asarray(t.data, dtype=np.float32).reshape(-1).copy()
+    return None

@@ -9,6 +9,11 @@ or ``--chat-template``, tokenised through the family layer with llama.cpp's voca
 the ids equal the torch backend's; the image padded or cropped to the tower's size exactly as the torch
 backend does, so mtmd only normalises it.
 
+LLaVA-1.6 (NeXT) pairs: the family cuts the anyres crops (base crop, then the tiles), mtmd encodes each one as a
+tower-size image through the same one-crop path (m3's corrected mmproj copy has its anyres keys moved aside, so
+mtmd never cuts or packs crops itself), every crop is pooled to the request's scale and the family packs them
+with the mmproj's learned ``image_newline``, exactly as the torch backend does.
+
 With the row order of the stock build (see ``probe``) our mmproj returns HF's patches 1..N-1 and
 then CLS: the rows are shifted back and patch 0 comes either from a second pass (companion
 ``*.rot180.gguf``: image and kernel rotated 180 degrees) or from a fill with its neighbours; see
@@ -27,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from m3cli.backends import visual_counts
 from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
 from m3cli.backends.llamacpp import native
-from m3cli.backends.llamacpp.family import gguf_family, tower_array
+from m3cli.backends.llamacpp.family import crop_arrays, gguf_family, tower_array
 from m3cli.backends.llamacpp.files import check_gguf_file, find_mmproj, gguf_metadata
 from m3cli.backends.llamacpp.probe import SIG_BUGGY, probe_llamacpp
 from m3cli.backends.llamacpp.tokenizer import LlamaCppAdapter
@@ -37,7 +43,7 @@ from m3cli.backends.prompt import FamilyPrompt
 from m3cli.gguf.cache import cached_fixed_mmproj
 from m3cli.gguf.keys import IMAGE_TOKEN_ID_KEY
 from m3cli.gguf.layout import LAYOUT_CLS_LAST, LAYOUT_NATURAL, VARIANT_MAIN, VARIANT_ROT180, rot180_path
-from m3cli.gguf.mmproj import MmprojError, rewrite_mmproj, validate_mmproj
+from m3cli.gguf.mmproj import MmprojError, read_image_newline, rewrite_mmproj, validate_mmproj
 from m3cli.scales import nested_scales, pool_np
 
 PATCH0_MODES = ("auto", "exact", "fill")
@@ -45,6 +51,8 @@ PATCH0_MODES = ("auto", "exact", "fill")
 # with torch drops from ~98-100% to 57-93% at 576/144/36 and does not move at 9 and 1); "auto"
 # runs the exact second pass lazily, only when a request at one of these scales arrives.
 AUTO_EXACT_MIN_SCALE = 36
+DEFAULT_CTX = 2048
+NEXT_DEFAULT_CTX = 4096   # LLaVA-1.6 at 576 per crop: up to 2928 visual tokens for a 2x2 layout
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,9 @@ log = logging.getLogger(__name__)
 class LlamaEncoded(Encoded):
     """An encoded grid plus what the lazy exact patch-0 pass needs."""
 
-    pixels: np.ndarray | None = None    # preprocessed HxWx3 uint8 image (kept only while patch 0 is filled)
+    # the preprocessed uint8 crops, HxWx3 (LLaVA-NeXT: CxHxWx3, one per crop), kept only while patch 0 is filled;
+    # ``grid`` is (N, D), or (C, N, D) for LLaVA-NeXT
+    pixels: np.ndarray | None = None
     patch0_exact: bool = True
 
 
@@ -68,7 +78,7 @@ class LlamaCppBackend:
     name = "llamacpp"
 
     def __init__(self, model: str, mmproj: str | None = None, n_gpu_layers: int | None = None,
-                 mmproj_offload: bool = True, threads: int | None = None, ctx: int = 2048,
+                 mmproj_offload: bool = True, threads: int | None = None, ctx: int | None = None,
                  verbose: bool = False, patch0: str = "auto", chat_template: str | None = None):
         if patch0 not in PATCH0_MODES:
             raise ModelLoadError(f"unknown patch0 mode {patch0!r} (one of {', '.join(PATCH0_MODES)})")
@@ -92,6 +102,9 @@ class LlamaCppBackend:
         self.family, self.notice = gguf_family(lm_path, lm_meta, gguf_metadata(mm_path), chat_template=chat_template)
         self.spec = self.family.spec
         self.recipe = self.family.recipe
+        self.next = self.spec.family == "llavanext"
+        if ctx is None:
+            ctx = NEXT_DEFAULT_CTX if self.next else DEFAULT_CTX
         self._lm_meta = lm_meta
 
         # language model
@@ -146,6 +159,7 @@ class LlamaCppBackend:
             self._ensure_rot()
         if self.image_size != self.spec.image.size:
             raise ModelLoadError(f"{mm_path}: image size {self.image_size} differs from {self.spec.image.size}")
+        self.newline = self._newline(mm_path) if self.next else None
         self._create_context(lm_path, n_ctx)
         self._setup_prompt()
         self._kv_prefix: list[int] = []    # text tokens currently at the start of seq 0
@@ -166,6 +180,20 @@ class LlamaCppBackend:
             raise ModelLoadError(str(exc)) from exc
         return mm_path, info
 
+    def _newline(self, mm_path: Path) -> np.ndarray:
+        """The LLaVA-1.6 mmproj's learned ``image_newline`` (n_embd,), or a one-line refusal."""
+        try:
+            newline = read_image_newline(mm_path)
+        except MmprojError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        if newline is None:
+            raise ModelLoadError(f"{self.mmproj_path}: a LLaVA-1.6 (anyres) mmproj without model.image_newline "
+                                 "(the learned newline every tile row ends with)")
+        if newline.shape != (self.n_embd,):
+            raise ModelLoadError(f"{self.mmproj_path}: image_newline has {newline.size} values, the language "
+                                 f"model is {self.n_embd} wide")
+        return newline
+
     def _create_context(self, lm_path: Path, n_ctx: int) -> None:
         """The llama context, its memory and the two batches (text tokens, image embeddings)."""
         L = self._llama
@@ -184,7 +212,11 @@ class LlamaCppBackend:
         self.n_batch = int(cparams.n_batch)
         self.mem = L.llama_get_memory(self.lctx)
         self._tok_batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self._emb_batch = L.llama_batch_init(self.info.n_patches, self.n_embd, 1)
+        rows = visual_counts.visual_token_count(self.family, self.info.n_patches)
+        if rows > self.n_batch:
+            raise ModelLoadError(f"{lm_path.name}: up to {rows} visual tokens per image at {self.info.n_patches} "
+                                 f"per crop, more than the context of {n_ctx} (raise --ctx)")
+        self._emb_batch = L.llama_batch_init(rows, self.n_embd, 1)
 
     def _setup_prompt(self) -> None:
         """The llama.cpp tokenizer adapter and the family's prompt builder over it."""
@@ -230,6 +262,17 @@ class LlamaCppBackend:
         """Token ids of the chat prompt with exactly ``n_image_tokens`` image placeholders."""
         return self.prompt.ids(question, n_image_tokens)
 
+    # -- visual token counts -------------------------------------------------------------
+    def visual_token_count(self, scale: int, image_hw: tuple[int, int] | None = None) -> int:
+        """Visual embeddings the LM receives at per-crop ``scale`` for an ``(h, w)`` image
+        (:func:`m3cli.backends.visual_counts.visual_token_count`)."""
+        return visual_counts.visual_token_count(self.family, scale, image_hw)
+
+    def scale_within(self, max_visual_tokens: int, encoded: Encoded) -> int:
+        """The largest per-crop scale whose total visual tokens for this encoded image fit ``max_visual_tokens``."""
+        return visual_counts.scale_within(self.family, max_visual_tokens, encoded.image_hw, self.scales,
+                                          self.grid_side)
+
     # -- encoding --------------------------------------------------------------------------
     def preprocess(self, image) -> np.ndarray:
         """The ``size`` x ``size`` x 3 uint8 image handed to mtmd: the family's tower image (pad or crop), the
@@ -251,27 +294,38 @@ class LlamaCppBackend:
         out = self._raw(self.mctx_rot, rot)
         return out[self.info.n_patches - 2]       # row k is original patch N-2-k; k = N-2 -> patch 0
 
+    def _encode_crop(self, rgb: np.ndarray) -> tuple[np.ndarray, bool, np.ndarray | None]:
+        """(grid (N, D), patch 0 exact, pixels kept for the lazy exact pass) of one tower-size crop."""
+        raw = self._raw(self.mctx, rgb)
+        if not self.row_fix:
+            return raw, True, None
+        grid = np.empty_like(raw)
+        grid[1:] = raw[:-1]               # rows are HF patches 1..N-1, then CLS
+        if self.patch0 == "exact":
+            grid[0] = self._patch0_exact(rgb)
+            return grid, True, None
+        grid[0] = fill_patch0(grid, self.grid_side)
+        return grid, False, (rgb if self.patch0 == "auto" else None)
+
     def encode(self, images: Sequence) -> list[Encoded]:
-        """mtmd once per image (twice for patch0='exact'); returns (G*G, n_embd) float32 grids."""
+        """mtmd once per crop (twice for patch0='exact'); returns (G*G, n_embd) float32 grids (LLaVA-NeXT:
+        (crops, G*G, n_embd), the base crop first, with the original image's size)."""
         results: list[Encoded] = []
         g = self.grid_side
         for image in images:
             start = time.perf_counter()
-            rgb = self.preprocess(image)
-            raw = self._raw(self.mctx, rgb)
-            if not self.row_fix:
-                grid, exact, pixels = raw, True, None
-            else:
-                grid = np.empty_like(raw)
-                grid[1:] = raw[:-1]               # rows are HF patches 1..N-1, then CLS
-                if self.patch0 == "exact":
-                    grid[0] = self._patch0_exact(rgb)
-                    exact, pixels = True, None
-                else:
-                    grid[0] = fill_patch0(grid, g)
-                    exact, pixels = False, (rgb if self.patch0 == "auto" else None)
+            if not self.next:
+                grid, exact, pixels = self._encode_crop(self.preprocess(image))
+                ms = (time.perf_counter() - start) * 1000
+                results.append(LlamaEncoded(grid=grid, side=g, encode_ms=ms, pixels=pixels, patch0_exact=exact))
+                continue
+            parts = [self._encode_crop(rgb) for rgb in crop_arrays(self.family, image)]
+            exact = all(p[1] for p in parts)
+            pixels = np.stack([p[2] for p in parts]) if not exact and parts[0][2] is not None else None
             ms = (time.perf_counter() - start) * 1000
-            results.append(LlamaEncoded(grid=grid, side=g, encode_ms=ms, pixels=pixels, patch0_exact=exact))
+            results.append(LlamaEncoded(grid=np.stack([p[0] for p in parts]), side=g, encode_ms=ms,
+                                        image_hw=(image.height, image.width), crops=len(parts), pixels=pixels,
+                                        patch0_exact=exact))
         return results
 
     def _grid_for(self, enc: Encoded, scale: int) -> np.ndarray:
@@ -280,10 +334,27 @@ class LlamaCppBackend:
                 and self.patch0 == "auto" and scale >= AUTO_EXACT_MIN_SCALE):
             start = time.perf_counter()
             grid = grid.copy()
-            grid[0] = self._patch0_exact(enc.pixels)
+            if grid.ndim == 3:
+                for i, rgb in enumerate(enc.pixels):
+                    grid[i, 0] = self._patch0_exact(rgb)
+            else:
+                grid[0] = self._patch0_exact(enc.pixels)
             enc.grid, enc.patch0_exact, enc.pixels = grid, True, None
             enc.encode_ms += (time.perf_counter() - start) * 1000
         return grid
+
+    def _visual(self, enc: Encoded, scale: int) -> np.ndarray:
+        """The request's visual embeddings (n, n_embd): the grid pooled to ``scale`` (LLaVA-NeXT: every crop
+        pooled, then packed by the family with the newline)."""
+        grid = self._grid_for(enc, scale)
+        if not self.next:
+            visual = self.family.visual_tokens([pool_np(grid, scale)])
+        else:
+            if grid.ndim != 3 or enc.image_hw is None:
+                raise ValueError("a LLaVA-NeXT request needs an image encoded by this backend (its crops' grids)")
+            visual = self.family.visual_tokens(list(pool_np(grid, scale)), image_hw=enc.image_hw,
+                                               newline=self.newline)
+        return np.ascontiguousarray(visual, dtype=np.float32)
 
     # -- decoding --------------------------------------------------------------------------
     def _decode_tokens(self, ids: list[int], pos0: int, want_logits: bool) -> None:
@@ -291,8 +362,7 @@ class LlamaCppBackend:
 
     def _answer_one(self, req: AnswerRequest) -> Generation:
         L = self._llama
-        pooled = pool_np(self._grid_for(req.encoded, req.scale), req.scale)
-        visual = np.ascontiguousarray(self.family.visual_tokens([pooled]), dtype=np.float32)
+        visual = self._visual(req.encoded, req.scale)
         pre, post = self.prompt.parts(req.question)
         total = len(pre) + len(visual) + len(post) + req.max_new_tokens
         if total > self.n_ctx:
@@ -329,7 +399,8 @@ class LlamaCppBackend:
             pos += 1
         decode_ms = (time.perf_counter() - start) * 1000
         return Generation(text=self.detokenize(tokens).strip(), token_ids=tokens, logprobs=logprobs,
-                          prefill_ms=prefill_ms, decode_ms=decode_ms, stopped_early=stopped)
+                          prefill_ms=prefill_ms, decode_ms=decode_ms, stopped_early=stopped,
+                          visual_tokens=int(visual.shape[0]))
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
         """One request at a time (KV of the shared text prefix is kept between requests)."""

@@ -19,25 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from m3cli.families import Family, PromptRecipe, UnsupportedModelError, family_for, gguf_family_spec, recipe_named
+from m3cli.families import Family, PromptRecipe, family_for, gguf_family_spec, recipe_named
 from m3cli.gguf.keys import PREFIX_AFTER_SPECIAL_KEY
 
 FALLBACK_RECIPE = "vicuna_v1"   # LLaVA-1.5's (conv_vicuna_v1), what liuhaotian-style GGUFs without a template need
-
-# Why a LLaVA-1.6 pair is refused (docs/gguf.md, "LLaVA-NeXT"): M3 pools every crop before the packing, and mtmd
-# packs a 1.6 image itself (its own crops, the tile grid, the newlines) into one embedding run.
-NEXT_GGUF_REFUSAL = ("{name}: LLaVA-NeXT (LLaVA-1.6, anyres) GGUF pairs are not supported by the llama.cpp backend "
-                     "yet: M3 pools every crop before packing, and mtmd packs the crops and newlines itself (see "
-                     "docs/gguf.md); run the Hugging Face or original checkpoint on the torch backend")
-
 
 def gguf_family(lm_path: str | Path, lm_meta: Mapping[str, Any], mm_meta: Mapping[str, Any], *,
                 chat_template: str | None = None) -> tuple[Family, str | None]:
     """(family, notice) of a GGUF pair from its metadata; ``chat_template`` is ``--chat-template FILE|NAME``."""
     spec, recipe, notice = gguf_family_spec(lm_path, lm_meta, mm_meta, override=chat_template,
                                             fallback_recipe=FALLBACK_RECIPE)
-    if spec.family == "llavanext":
-        raise UnsupportedModelError(NEXT_GGUF_REFUSAL.format(name=Path(lm_path).name))
     if prefix_after_special(lm_meta):
         recipe = _with_prefix_after_special(recipe)
     return family_for(spec, recipe), notice
@@ -61,14 +52,22 @@ def _with_prefix_after_special(recipe: PromptRecipe) -> PromptRecipe:
     return recipe_named(recipe.name, template=template, prefix_after_special=True)
 
 
-def tower_array(family: Family, image: Any) -> np.ndarray:
-    """The ``size`` x ``size`` x 3 uint8 array of the one crop a LLaVA-1.5 image becomes (pad or crop)."""
+def crop_arrays(family: Family, image: Any) -> list[np.ndarray]:
+    """The ``size`` x ``size`` x 3 uint8 arrays of an image's crops, in the family's order."""
     img = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
-    crops = family.crops(img)
-    if len(crops) != 1:
-        raise ValueError(f"the llama.cpp backend takes one crop per image, the family made {len(crops)}")
     size = family.spec.image.size
-    arr = np.asarray(crops[0], dtype=np.uint8)
-    if arr.shape != (size, size, 3):
-        raise ValueError(f"tower image has shape {arr.shape}, expected ({size}, {size}, 3)")
-    return np.ascontiguousarray(arr)
+    out = []
+    for crop in family.crops(img):
+        arr = np.asarray(crop, dtype=np.uint8)
+        if arr.shape != (size, size, 3):
+            raise ValueError(f"tower image has shape {arr.shape}, expected ({size}, {size}, 3)")
+        out.append(np.ascontiguousarray(arr))
+    return out
+
+
+def tower_array(family: Family, image: Any) -> np.ndarray:
+    """The one crop a LLaVA-1.5 image becomes (pad or crop), as :func:`crop_arrays` makes it."""
+    crops = crop_arrays(family, image)
+    if len(crops) != 1:
+        raise ValueError(f"a LLaVA-1.5 image is one crop, the family made {len(crops)}")
+    return crops[0]
