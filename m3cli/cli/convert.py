@@ -24,12 +24,13 @@ Examples:
 @click.argument("out")
 @click.option("--to", "target", type=click.Choice(["hf", "gguf"]), default=None,
               help="hf: original-LLaVA checkpoint (directory, hub id or registry name) -> transformers layout that "
-                   "keeps its recipe; gguf: HF LLaVA -> LM + mmproj GGUF.")
+                   "keeps its recipe; gguf: HF LLaVA-1.5 (or an original one, through its cached conversion) -> "
+                   "LM + mmproj GGUF.")
 @click.option("--fix-mmproj", is_flag=True, help="Rewrite a legacy llama.cpp LLaVA mmproj (SRC) into OUT dir.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
               help="gguf: weight type of the language model (the mmproj stays f32, or f16 with f16).")
 @click.option("--vision-tower", type=click.Path(file_okay=False), default=None,
-              help="hf: local CLIP directory when the checkpoint does not carry its tower and its mm_vision_tower "
+              help="hf/gguf: local CLIP directory when the checkpoint does not carry its tower and its mm_vision_tower "
                    "is not in the local Hugging Face cache (default: $M3_VISION_TOWER).")
 @click.option("--dtype", default="auto", show_default=True, help="hf: auto (keep), float32, float16 or bfloat16.")
 def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
@@ -49,7 +50,7 @@ def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
             tower = vision_tower_option(vision_tower)
             click.echo(str(convert_original_to_hf(src_dir, out, dtype=dtype, vision_tower=tower, source=label)))
         else:
-            click.echo("\n".join(map(str, _to_gguf(src, out, outtype))))
+            click.echo("\n".join(map(str, _to_gguf(src, out, outtype, vision_tower))))
     except ConvertError as exc:  # shown as a usage error of this command, as click shows its own
         raise click.UsageError(str(exc)) from None
 
@@ -72,12 +73,35 @@ def _original_source(src: str) -> tuple[str, str]:
     return str(hub.fetch(resolved, what="checkpoint")), resolved
 
 
-def _to_gguf(src: str, out: str, outtype: str):
-    """SRC (a directory, or a registry name) -> (language-model GGUF, mmproj GGUF) in OUT."""
+def _to_gguf(src: str, out: str, outtype: str, vision_tower: str | None = None):
+    """SRC (a directory, or a registry name) -> (language-model GGUF, mmproj GGUF) in OUT.
+
+    An original-layout checkpoint goes through its cached transformers conversion first (made once, as every
+    loading command makes it), so its recipe (pad, ``vicuna_v1``) reaches the GGUF's ``m3cli.*`` keys.
+    """
     from m3cli.registry import resolve_model
 
     try:
         from m3cli.convert.gguf_writer import convert_to_gguf
     except ImportError as exc:
         raise click.UsageError(f"--to gguf needs the gguf extra: pip install 'm3cli[gguf]' ({exc})") from None
-    return convert_to_gguf(resolve_model(src) if not Path(src).exists() else src, out, outtype)
+    path = resolve_model(src) if not Path(src).exists() else src
+    if _is_original(path):
+        from m3cli.backends.locate import locate_model
+
+        path = str(locate_model(str(path), vision_tower=vision_tower).path)
+    return convert_to_gguf(path, out, outtype)
+
+
+def _is_original(path: str) -> bool:
+    """Whether ``path`` is a local original-layout (haotian-liu/LLaVA) checkpoint directory."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False   # the converter says what is wrong with it
+    return isinstance(cfg, dict) and "mm_vision_tower" in cfg and "vision_config" not in cfg
