@@ -129,3 +129,23 @@ def test_bad_configs(tmp_path):
         load_config(bad)
     res = CliRunner().invoke(cli, ["train", "--config", str(bad)])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_device_option(tiny_config, tmp_path, monkeypatch):
+    """--device cpu is today's deterministic run (same weights as the default); an absent CUDA is one line."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"])):
+        out = tmp_path / name
+        res = CliRunner().invoke(cli, ["train", "--config", str(tiny_config), "--out", str(out), "--no-progress",
+                                       "--stages", "vision", *extra])
+        assert res.exit_code == 0, res.output
+        runs[name] = load_file(out / "final" / "model.safetensors")
+    assert runs["default"].keys() == runs["cpu"].keys()
+    assert all(torch.equal(runs["default"][k], runs["cpu"][k]) for k in runs["cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(cli, ["train", "--config", str(tiny_config), "--out", str(tmp_path / "gpu"),
+                                   "--device", "cuda"])
+    assert res.exit_code == 2 and "CUDA is not available" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "gpu" / "checkpoint.pt").exists()

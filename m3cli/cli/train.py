@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from m3cli.cli.app import command
-from m3cli.cli.options import THREADS
+from m3cli.cli.options import DEVICE, THREADS
 
 
 @command()
@@ -20,8 +20,11 @@ from m3cli.cli.options import THREADS
               help="Start from a saved model directory instead of random weights.")
 @click.option("--stages", default=None, help="Run only these stages, e.g. m3 (default: all in the config).")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads for torch.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="Where to train: cpu, cuda, cuda:N, or auto (cuda when there is one). CPU runs are "
+                   "deterministic; a GPU run is fast, not bit-reproducible.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a TTY).")
-def train(config_path, out, resume, init_from, stages, threads, progress):
+def train(config_path, out, resume, init_from, stages, threads, device, progress):
     """Train an M3 model with the staged recipe (vision, full-scale VQA, M3 nested loss).
 
     \b
@@ -29,6 +32,7 @@ def train(config_path, out, resume, init_from, stages, threads, progress):
       m3 train --config models/m3-shapes.yaml --out runs/m3-shapes
       m3 train --config models/m3-shapes.yaml --out runs/m3-shapes --resume
     """
+    from m3cli.backends.torch import pick_device
     from m3cli.train.config import load_config
     from m3cli.train.trainer import Progress, Trainer
 
@@ -37,7 +41,13 @@ def train(config_path, out, resume, init_from, stages, threads, progress):
         config.threads = threads
     run_dir = Path(out or Path("runs") / config.name)
     bar = _TrainBar(sys.stderr.isatty() if progress is None else progress)
-    trainer = Trainer(config, run_dir, init=Path(init_from) if init_from else None, progress=Progress(bar.update))
+    picked = pick_device(device)
+    if picked == "mps":
+        if device != "auto":
+            raise click.UsageError("--device mps: m3 train runs on cpu or cuda")
+        picked = "cpu"
+    trainer = Trainer(config, run_dir, init=Path(init_from) if init_from else None, progress=Progress(bar.update),
+                      device=picked)
     try:
         final = trainer.run(resume=resume, only=stages.split(",") if stages else None)
     finally:

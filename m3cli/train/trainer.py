@@ -114,8 +114,14 @@ def check_sizes(model_config, spec: ModelSpec, source: Path) -> None:
 class Trainer:
     """Runs the configured stages, checkpointing so that ``--resume`` continues where it stopped."""
 
-    def __init__(self, config: TrainConfig, out: Path, init: Path | None = None, progress: Progress | None = None):
+    def __init__(self, config: TrainConfig, out: Path, init: Path | None = None, progress: Progress | None = None,
+                 device: str = "cpu"):
         self.config = config
+        # every tensor of a step lives here (CUDA: the tower features too, 2.4 GB for the 8,000-scene pool)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True   # fp32 weights, TF32 matmuls: minutes on a GPU
+            torch.backends.cudnn.allow_tf32 = True
         self.out = Path(out)
         self.progress = progress or Progress()
         self.spec = config.model
@@ -154,6 +160,8 @@ class Trainer:
         self.heads = torch.nn.ModuleDict(
             {k: torch.nn.Linear(self.spec.vision_hidden, n) for k, n in HEADS.items()}
         )
+        self.model.to(self.device)
+        self.heads.to(self.device)
         self.features: torch.Tensor | None = None
         self.pool_labels: dict[str, np.ndarray] = {}
         self.log_path = self.out / "train_log.jsonl"
@@ -258,17 +266,17 @@ class Trainer:
                 rng = self._step_rng(name, step)
                 idx = rng.integers(0, 10_000_000, size=stage.batch)
                 samples = [scenes.sample("train", int(i)) for i in idx]
-                pixels = to_pixels([scenes.render(s.scene) for s in samples], self.spec)
+                pixels = to_pixels([scenes.render(s.scene) for s in samples], self.spec).to(self.device)
                 labels = [scenes.patch_labels(s.scene) for s in samples]
                 hidden = tower(pixel_values=pixels).last_hidden_state[:, 1:]
                 losses = {}
                 for key, head in self.heads.items():
-                    target = torch.from_numpy(np.stack([lab[key].reshape(-1) for lab in labels]))
+                    target = torch.from_numpy(np.stack([lab[key].reshape(-1) for lab in labels])).to(self.device)
                     logits = head(hidden)
                     weight = None
                     if key in ("kind", "glyph", "size", "colour"):
                         # objects cover few patches: weight them up against empty background
-                        weight = torch.ones(HEADS[key])
+                        weight = torch.ones(HEADS[key], device=self.device)
                         weight[1:] = 4.0
                     losses[key] = F.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight=weight
@@ -299,7 +307,7 @@ class Trainer:
     def tower_features(self, images) -> torch.Tensor:
         """hidden_states[-2] without CLS: what the projector reads (``vision_feature_layer = -2``)."""
         tower = self.model.model.vision_tower
-        out = tower(pixel_values=to_pixels(images, self.spec), output_hidden_states=True)
+        out = tower(pixel_values=to_pixels(images, self.spec).to(self.device), output_hidden_states=True)
         return out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
 
     @torch.no_grad()
@@ -312,7 +320,7 @@ class Trainer:
         result = {}
         for key, head in self.heads.items():
             target = np.stack([lab[key].reshape(-1) for lab in labels])
-            pred = head(feats).argmax(-1).numpy()
+            pred = head(feats).argmax(-1).cpu().numpy()
             keep = target > 0 if key != "background" else np.ones_like(target, dtype=bool)
             result[key] = round(float((pred[keep] == target[keep]).mean()), 4) if keep.any() else None
         self.model.train()
@@ -353,7 +361,7 @@ class Trainer:
             "glyph": [None] + [self.word_id(w.lower()) for w in names["glyph"][1:]],
             "background": [None] + [self.word_id(w) for w in scenes.BACKGROUND_NAMES],
         }
-        target = torch.zeros(len(idx), self.features.shape[1], vocab)
+        target = torch.zeros(len(idx), self.features.shape[1], vocab, device=self.device)
         for key, table in word_of.items():
             lab = self.pool_labels[key][idx]
             if key == "background":
@@ -362,7 +370,7 @@ class Trainer:
                 if word is None:
                     continue
                 b, p = np.nonzero(lab == value)
-                target[b, p, word] = 1.0
+                target[torch.as_tensor(b, device=self.device), torch.as_tensor(p, device=self.device), word] = 1.0
         return target
 
     # -- stages 1 and 2: the LM loss at one or many scales ----------------------------------
@@ -381,7 +389,7 @@ class Trainer:
         """Language-model loss on the answer tokens at every scale, for the pooled images ``idx``
         (asked ``qas[k]`` about image ``idx[k]``; default: all its one-word questions)."""
         llava = self.model.model
-        projected = llava.multi_modal_projector(self.features[torch.as_tensor(idx)])
+        projected = llava.multi_modal_projector(self.features[torch.as_tensor(idx, device=self.device)])
         embed = llava.language_model.get_input_embeddings()
         if qas is None:
             qas = [self.pool_qas[i] for i in idx]
@@ -393,14 +401,15 @@ class Trainer:
             pooled = pool(projected, scale)
             packs = [pack(self.prefix, scale, segs) for segs in segments]
             ids, labels, positions, segs = pad_batch(packs, self.pad)
-            ids_t = torch.tensor(ids)
+            ids_t = torch.tensor(ids, device=self.device)
             slot = ids_t == IMAGE_SLOT
             emb = embed(ids_t.clamp(min=0))
             emb = emb.masked_scatter(slot[..., None], pooled.reshape(-1, pooled.shape[-1]))
             hidden = llava.language_model(
-                inputs_embeds=emb, attention_mask=block_mask(segs), position_ids=torch.tensor(positions)
+                inputs_embeds=emb, attention_mask=block_mask(segs, device=self.device),
+                position_ids=torch.tensor(positions, device=self.device)
             ).last_hidden_state
-            labels_t = torch.tensor(labels)
+            labels_t = torch.tensor(labels, device=self.device)
             keep = labels_t != IGNORE
             logits = self.model.lm_head(hidden[keep])
             losses[scale] = F.cross_entropy(logits, labels_t[keep])
@@ -408,7 +417,7 @@ class Trainer:
 
     def align_loss(self, idx: np.ndarray) -> torch.Tensor:
         """Projected patches should score the words naming them above all others (tied embeddings)."""
-        projected = self.model.model.multi_modal_projector(self.features[torch.as_tensor(idx)])
+        projected = self.model.model.multi_modal_projector(self.features[torch.as_tensor(idx, device=self.device)])
         logits = self.model.lm_head(projected)
         return F.binary_cross_entropy_with_logits(logits, self.align_targets(idx))
 
