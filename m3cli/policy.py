@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 from m3cli.scales import budget_to_scale, nested_scales
 
 # Chosen on the validation split of the shipped model (docs/confidence.md).
-DEFAULT_THRESHOLD = 0.7
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
