@@ -55,7 +55,7 @@ def test_real_shapes_have_the_published_parameter_counts():
 
 
 def test_resolve_shape_errors_and_layer_cut():
-    with pytest.raises(UsageError, match="not available yet"):
+    with pytest.raises(UsageError, match="not built for the shape benches yet"):
         resolve_shape("llava-next-7b")
     with pytest.raises(UsageError, match="unknown --shape"):
         resolve_shape("llava-9b")
@@ -153,8 +153,8 @@ def test_cli_refuses_when_memory_is_short(monkeypatch):
     (["batch", "--shape", "tiny", "--backend", "llamacpp"], "torch backend"),
     (["batch", "--tokens", "9"], "need --shape"),
     (["batch", "--shape", "tiny", "--tokens", "10"], "not a nested scale"),
-    (["gguf", "--shape", "llava-next-7b"], "not available yet"),
-    (["escalation", "--shape", "llava-next-7b"], "not available yet"),
+    (["gguf", "--shape", "llava-next-7b"], "not built for the shape benches yet"),
+    (["escalation", "--shape", "llava-next-7b"], "not built for the shape benches yet"),
 ])
 def test_cli_shape_flag_errors(args, message):
     res = CliRunner().invoke(cli, ["bench", *args])

@@ -79,7 +79,8 @@ HIDDEN_SHAPES: dict[str, Shape] = {
                   vision_heads=2, vision_ff=64, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=2,
                   text_ff=128, vocab=512, max_positions=1024),
 }
-NOT_YET = {"llava-next-7b": "llava-next-7b is not available yet: it needs the LLaVA-NeXT (anyres) family"}
+NOT_YET = {"llava-next-7b": "llava-next-7b is not built for the shape benches yet; time a LLaVA-NeXT model with "
+                             "--model DIR (torch) or a 1.6 GGUF pair (docs/models.md, docs/gguf.md)"}
 
 
 def shape_names() -> list[str]:

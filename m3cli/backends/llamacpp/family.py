@@ -5,10 +5,11 @@
   the ``m3cli.prompt_recipe`` key ``m3 convert`` writes, the GGUF's ``tokenizer.chat_template`` (llava-hf's
   ``{% generation %}`` tags render as their body), then the family's ``vicuna_v1``. Preprocessing: the
   ``m3cli.image_aspect_ratio`` key, else ``pad`` (what llama.cpp does to LLaVA-1.5 images, and the recipe the
-  original checkpoints were trained with). Anything that is not LLaVA-1.5 is refused in one line (LLaVA-1.6
-  pairs too: :data:`NEXT_GGUF_REFUSAL`).
-* :func:`tower_array`: the exact ``size`` x ``size`` uint8 image the tower sees (the family's ``tower_image``),
-  which mtmd then only normalises: its fixed-size preprocessor copies a bitmap of the model's size as it is.
+  original checkpoints were trained with); LLaVA-1.6 pairs (pinpoints in the mmproj) get ``anyres``. An mmproj
+  that is not LLaVA's is refused in one line.
+* :func:`crop_arrays`: the exact ``size`` x ``size`` uint8 images the tower sees (the family's crops: one for
+  LLaVA-1.5, the base crop then the tiles for LLaVA-1.6), which mtmd then only normalises: its fixed-size
+  preprocessor copies a bitmap of the model's size as it is. :func:`tower_array` is the one crop of LLaVA-1.5.
 """
 
 from __future__ import annotations
