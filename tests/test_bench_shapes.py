@@ -54,9 +54,19 @@ def test_real_shapes_have_the_published_parameter_counts():
         (5120, 40, 40, 13824)
 
 
+def test_llava_next_shape_is_the_16_architecture():
+    shape = resolve_shape("llava-next-7b")
+    # llava-hf/llava-v1.6-vicuna-7b-hf: LLaVA-1.5-7B's parameters plus the learned image_newline (4096)
+    assert param_count(shape) == 7_063_427_072 + 4096
+    cfg = shape_config(shape)
+    assert type(cfg).__name__ == "LlavaNextConfig"
+    assert [tuple(p) for p in cfg.image_grid_pinpoints] == [(336, 672), (672, 336), (672, 672), (1008, 336),
+                                                             (336, 1008)]
+    assert shape.max_visual_rows == 2928          # a 2x2 layout at 576 per crop: 5 x 576 + 48 newlines
+    assert "anyres" in shape.describe() and "llava-next-7b" in shapes.shape_names()
+
+
 def test_resolve_shape_errors_and_layer_cut():
-    with pytest.raises(UsageError, match="not built for the shape benches yet"):
-        resolve_shape("llava-next-7b")
     with pytest.raises(UsageError, match="unknown --shape"):
         resolve_shape("llava-9b")
     cut = resolve_shape("llava-1.5-7b", layers=2)
@@ -153,8 +163,7 @@ def test_cli_refuses_when_memory_is_short(monkeypatch):
     (["batch", "--shape", "tiny", "--backend", "llamacpp"], "torch backend"),
     (["batch", "--tokens", "9"], "need --shape"),
     (["batch", "--shape", "tiny", "--tokens", "10"], "not a nested scale"),
-    (["gguf", "--shape", "llava-next-7b"], "not built for the shape benches yet"),
-    (["escalation", "--shape", "llava-next-7b"], "not built for the shape benches yet"),
+    (["gguf", "--shape", "llava-next-7b"], "does not write LLaVA-NeXT pairs"),
 ])
 def test_cli_shape_flag_errors(args, message):
     res = CliRunner().invoke(cli, ["bench", *args])
@@ -176,6 +185,26 @@ def test_bench_latency_shape_table():
     assert all(r[4] == "3.0" for r in body)
     prompt = [int(r[9]) for r in body]
     assert [p - prompt[-1] for p in prompt] == [575, 143, 35, 8, 0]  # the same text around each scale
+
+
+def test_bench_latency_and_batch_on_a_next_shape(tmp_path):
+    """The NeXT shape through the project's own NeXT path: crops, per-crop pooling, newlines, and the stock
+    generate loop (LlavaNextProcessor + generate) as the naive baseline."""
+    res = CliRunner().invoke(cli, ["bench", "latency", "--shape", "tiny-next", "--dtype", "float32",
+                                   "--max-new-tokens", "2", "--tokens", "576,9"])
+    assert res.exit_code == 0, res.output
+    assert "anyres" in res.stdout
+    body = _table_rows(res.stdout)[1:]
+    assert [r[0] for r in body] == ["576", "9"]
+    # the bench scene's crops and newlines, not the per-crop scale, make the prompt
+    assert int(body[0][9]) - int(body[1][9]) > 576 - 9
+    res = CliRunner().invoke(cli, ["bench", "batch", "--shape", "tiny-next", "--dtype", "float32", "-n", "2",
+                                   "--batch-size", "2", "--max-new-tokens", "2", "--tokens", "576,9",
+                                   "--naive-n", "1", "--workdir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = _table_rows(res.stdout)
+    assert rows[1][0].startswith("naive loop") and rows[1][5] == "2.0"
+    assert [r[0] for r in rows[2:4]] == ["m3 batch --tokens 576 --batch-size 2", "m3 batch --tokens 9 --batch-size 2"]
 
 
 def test_bench_batch_shape_with_amdahl_view(tmp_path):

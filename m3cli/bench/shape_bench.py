@@ -16,6 +16,7 @@ from m3cli.bench.scenes import BENCH_QUESTION, scene_files
 from m3cli.bench.shape_model import build_shape, shape_backend
 from m3cli.bench.shapes import Shape, check_memory, dtype_reason, param_count, pick_shape_dtype, resolve_shape
 from m3cli.bench.throughput import ScaleRun, ThroughputRow, batch_throughput, scale_sweep, stock_generate_loop
+from m3cli.errors import UsageError
 
 TEXT_ROWS = 64  # generous: the vicuna_v1 prompt around the image is ~45 tokens with the bench questions
 
@@ -56,7 +57,8 @@ def prepare(shape_name: str, layers: int | None, device: str, dtype: str, batch:
     where = pick_device(device)
     dt = pick_shape_dtype(where, dtype)
     n_params = param_count(shape)
-    need = check_memory(shape, dt, where, batch=batch, max_rows=TEXT_ROWS + max_scale + max_new_tokens,
+    visual = shape.max_visual_rows if shape.next_ else max_scale
+    need = check_memory(shape, dt, where, batch=batch, max_rows=TEXT_ROWS + visual + max_new_tokens,
                         n_params=n_params)
     return ShapeRun(shape, where, dt, n_params, need, max_new_tokens)
 
@@ -122,6 +124,9 @@ def prepare_gguf(shape_name: str, layers: int | None, quant: str, max_new_tokens
     from m3cli.bench.shapes import ShapeMemoryError, available_memory, memory_needed
 
     shape = resolve_shape(shape_name, layers)
+    if shape.next_:
+        raise UsageError(f"--shape {shape.name}: m3 bench gguf times LLaVA-1.5 shapes (m3 convert --to gguf does "
+                         "not write LLaVA-NeXT pairs; time a 1.6 pair made by llama.cpp's scripts with --model)")
     n_params = param_count(shape)
     # the quantised weights at their own width, then one KV cache (2048 positions, f16) and the working set
     need = int(n_params * BYTES_PER_WEIGHT[quant] * 1.1) + memory_needed(shape, 2, 1, 2048, n_params=0)

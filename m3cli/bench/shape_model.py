@@ -83,9 +83,19 @@ def build_shape_tokenizer(vocab: int):
 
 
 def build_shape_processor(shape: Shape, tokenizer):
-    """A stock ``LlavaProcessor`` (CLIP-336 preprocessing, vicuna_v1 template) for the shape."""
+    """A stock ``LlavaProcessor`` (CLIP-336 preprocessing, vicuna_v1 template) for the shape; for a NeXT shape a
+    ``LlavaNextProcessor`` with the shape's pinpoints (as llava-hf's 1.6 repositories have)."""
     from m3cli.build import ModelSpec, build_processor
 
+    if shape.next_:
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": shape.image_size}, crop_size={"height": shape.image_size, "width": shape.image_size},
+            image_grid_pinpoints=[list(p) for p in shape.pinpoints], image_mean=CLIP_MEAN, image_std=CLIP_STD)
+        return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=shape.patch_size,
+                                  vision_feature_select_strategy="default", chat_template=shape_chat_template(),
+                                  num_additional_image_tokens=1)
     spec = ModelSpec(image_size=shape.image_size, patch_size=shape.patch_size, image_mean=CLIP_MEAN,
                      image_std=CLIP_STD)
     processor = build_processor(spec, tokenizer)

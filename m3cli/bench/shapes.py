@@ -39,6 +39,23 @@ class Shape:
     vocab: int = 32064  # 32000 SentencePiece pieces + LLaVA's added tokens, padded to a multiple of 64
     max_positions: int = 4096
     full_text_layers: int | None = None  # set by with_layers(): the depth of the real shape
+    # LLaVA-NeXT (anyres): the pinpoints as (height, width); empty for LLaVA-1.5
+    pinpoints: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def next_(self) -> bool:
+        """Whether this is a LLaVA-NeXT shape (anyres crops, a newline per tile row)."""
+        return bool(self.pinpoints)
+
+    @property
+    def max_visual_rows(self) -> int:
+        """The most visual tokens one image gives the LM at 576 per crop (NeXT: base crop, the largest
+        pinpoint's tiles kept whole, a newline per row)."""
+        n = self.grid * self.grid
+        if not self.next_:
+            return n
+        return max(n + (h // self.image_size) * (w // self.image_size) * n + (h // self.image_size) * self.grid
+                   for h, w in self.pinpoints)
 
     @property
     def grid(self) -> int:
@@ -62,14 +79,22 @@ class Shape:
     def describe(self) -> str:
         """One line: the architecture in words."""
         cut = f" (cut to {self.text_layers} of {self.full_text_layers} layers)" if self.full_text_layers else ""
+        anyres = ""
+        if self.next_:
+            pins = ", ".join(f"{h}x{w}" for h, w in self.pinpoints)
+            anyres = f", anyres (pinpoints {pins}; up to {self.max_visual_rows} visual tokens at 576 per crop)"
         return (f"{self.label}: CLIP {self.vision_layers}x{self.vision_hidden} (image {self.image_size}, patch "
                 f"{self.patch_size}, {self.grid}x{self.grid} grid) + mlp2x_gelu {self.vision_hidden}->"
                 f"{self.text_hidden}->{self.text_hidden} + Llama {self.text_layers}x{self.text_hidden}{cut}, "
-                f"FF {self.text_ff}, vocab {self.vocab}")
+                f"FF {self.text_ff}, vocab {self.vocab}{anyres}")
 
+
+# LLaVA-1.6's pinpoints as transformers reads them (height, width)
+V16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 SHAPES: dict[str, Shape] = {
     "llava-1.5-7b": Shape("llava-1.5-7b", "LLaVA-1.5-7B"),
+    "llava-next-7b": Shape("llava-next-7b", "LLaVA-NeXT-7B (Vicuna)", pinpoints=V16_PINPOINTS),
     "llava-1.5-13b": Shape("llava-1.5-13b", "LLaVA-1.5-13B", text_hidden=5120, text_layers=40, text_heads=40,
                            text_kv_heads=40, text_ff=13824),
 }
@@ -78,9 +103,12 @@ HIDDEN_SHAPES: dict[str, Shape] = {
     "tiny": Shape("tiny", "tiny test shape", image_size=48, patch_size=2, vision_hidden=32, vision_layers=2,
                   vision_heads=2, vision_ff=64, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=2,
                   text_ff=128, vocab=512, max_positions=1024),
+    "tiny-next": Shape("tiny-next", "tiny NeXT test shape", image_size=48, patch_size=2, vision_hidden=32,
+                       vision_layers=2, vision_heads=2, vision_ff=64, text_hidden=64, text_layers=2, text_heads=2,
+                       text_kv_heads=2, text_ff=128, vocab=512, max_positions=4096,
+                       pinpoints=((48, 96), (96, 48), (96, 96), (144, 48), (48, 144))),
 }
-NOT_YET = {"llava-next-7b": "llava-next-7b is not built for the shape benches yet; time a LLaVA-NeXT model with "
-                             "--model DIR (torch) or a 1.6 GGUF pair (docs/models.md, docs/gguf.md)"}
+NOT_YET: dict[str, str] = {}   # shapes named before they can be built (refused with their reason)
 
 
 def shape_names() -> list[str]:
@@ -212,8 +240,9 @@ def check_memory(shape: Shape, dtype, device: str, batch: int = 1, max_rows: int
 # architecture
 # ---------------------------------------------------------------------------------------------
 def shape_config(shape: Shape, tokenizer=None):
-    """The ``LlavaConfig`` of the shape: LLaVA-1.5's (untied LM head, feature layer -2, CLS dropped)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """The ``LlavaConfig`` of the shape: LLaVA-1.5's (untied LM head, feature layer -2, CLS dropped); a
+    ``LlavaNextConfig`` with the pinpoints for a NeXT shape."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     from m3cli.build import IMAGE_TOKEN
 
@@ -230,16 +259,20 @@ def shape_config(shape: Shape, tokenizer=None):
                        num_key_value_heads=shape.text_kv_heads, max_position_embeddings=shape.max_positions,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=ids["bos"],
                        eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
-                       projector_hidden_act="gelu", vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", image_seq_length=shape.grid * shape.grid,
-                       tie_word_embeddings=False)
+    common = dict(vision_config=vision, text_config=text, image_token_id=ids["image"], projector_hidden_act="gelu",
+                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  image_seq_length=shape.grid * shape.grid, tie_word_embeddings=False)
+    if shape.next_:
+        return LlavaNextConfig(image_grid_pinpoints=[list(p) for p in shape.pinpoints], **common)
+    return LlavaConfig(**common)
 
 
 def meta_model(shape: Shape, tokenizer=None):
-    """The shape's ``LlavaForConditionalGeneration`` on the meta device: every tensor a shape, no storage."""
+    """The shape's ``LlavaForConditionalGeneration`` (NeXT: ``LlavaNextForConditionalGeneration``) on the meta
+    device: every tensor a shape, no storage."""
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+    cls = LlavaNextForConditionalGeneration if shape.next_ else LlavaForConditionalGeneration
     with torch.device("meta"):
-        return LlavaForConditionalGeneration(shape_config(shape, tokenizer))
+        return cls(shape_config(shape, tokenizer))

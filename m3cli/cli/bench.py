@@ -9,7 +9,7 @@ from m3cli.cli.options import INT_LIST, THREADS, THRESHOLD, NumberList, model_op
 
 WORKDIR_HELP = "Where the scene PNGs are written."
 SHAPE_HELP = ("Time a paper-scale architecture with RANDOM weights made in memory instead of --model: "
-              "llava-1.5-7b or llava-1.5-13b (llava-next-7b: not yet).")
+              "llava-1.5-7b, llava-1.5-13b or llava-next-7b (not for gguf).")
 LAYERS_HELP = "With --shape: build only N LM layers (quick profiling; LM times scale ~linearly with N)."
 
 
