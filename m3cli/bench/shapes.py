@@ -54,8 +54,9 @@ class Shape:
         n = self.grid * self.grid
         if not self.next_:
             return n
-        return max(n + (h // self.image_size) * (w // self.image_size) * n + (h // self.image_size) * self.grid
-                   for h, w in self.pinpoints)
+        from m3cli.families.anyres import max_visual_token_count
+
+        return max_visual_token_count(self.pinpoints, self.image_size, n)
 
     @property
     def grid(self) -> int:

@@ -275,6 +275,14 @@ def visual_token_count(
     return s + rows * cols + (rows if newline else 0)
 
 
+def max_visual_token_count(pinpoints: Iterable[Sequence[int]], tile_size: int, s: int, newline: bool = True) -> int:
+    """The most visual tokens any image can take at ``s`` per crop: the base crop plus the largest pinpoint's
+    tile grid kept whole (unpadding only removes rows or columns) and its newlines; what a context must hold."""
+    side = grid_side(s)
+    return max(s + (h // tile_size) * (w // tile_size) * s + ((h // tile_size) * side if newline else 0)
+               for h, w in pinpoints_hw(pinpoints))
+
+
 def largest_scale_within(
     total_cap: object,
     image_size: HW,

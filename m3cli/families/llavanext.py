@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -107,9 +106,7 @@ class LlavaNextFamily(FamilyBase):
     def max_visual_tokens(self, scale: int) -> int:
         """The most visual tokens any image can take at per-crop ``scale``: base crop, the largest pinpoint's tile
         grid kept whole (no unpadding) and its newlines; what a context must hold for every image."""
-        side = math.isqrt(int(scale))
-        return max(int(scale) + (h // self.tile) * (w // self.tile) * int(scale) + (h // self.tile) * side
-                   for h, w in self.pinpoints)
+        return anyres.max_visual_token_count(self.pinpoints, self.tile, int(scale))
 
     def tokens_per_scale(self, image_hw: tuple[int, int], scales: Sequence[int] | None = None) -> dict[int, int]:
         """``{per-crop scale: total visual tokens}`` for one image (what ``--max-visual-tokens`` chooses from)."""
