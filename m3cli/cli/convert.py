@@ -85,23 +85,11 @@ def _to_gguf(src: str, out: str, outtype: str, vision_tower: str | None = None):
         from m3cli.convert.gguf_writer import convert_to_gguf
     except ImportError as exc:
         raise click.UsageError(f"--to gguf needs the gguf extra: pip install 'm3cli[gguf]' ({exc})") from None
+    from m3cli.families.detect import is_original_checkpoint
+
     path = resolve_model(src) if not Path(src).exists() else src
-    if _is_original(path):
+    if is_original_checkpoint(path):
         from m3cli.backends.locate import locate_model
 
         path = str(locate_model(str(path), vision_tower=vision_tower).path)
     return convert_to_gguf(path, out, outtype)
-
-
-def _is_original(path: str) -> bool:
-    """Whether ``path`` is a local original-layout (haotian-liu/LLaVA) checkpoint directory."""
-    import json
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False   # the converter says what is wrong with it
-    return isinstance(cfg, dict) and "mm_vision_tower" in cfg and "vision_config" not in cfg

@@ -82,7 +82,7 @@ def detect_family(path: str | Path, *, vision_tower: str | Path | None = None,
     refusal = _refusal(cfg, arch, model_type)
     if refusal:
         raise UnsupportedModelError(f"{root.name}: {refusal} is not supported; supported: {SUPPORTED}")
-    if arch in ORIGINAL_ARCHS or model_type in ORIGINAL_TYPES or _looks_original(cfg):
+    if _is_original_config(cfg, arch, model_type):
         return _original(root, cfg, arch, model_type, vision_tower)
     if arch == HF_NEXT or model_type == "llava_next":
         return _hf(root, cfg, arch or HF_NEXT, next_=True, fallback_recipe=fallback_recipe)
@@ -92,7 +92,22 @@ def detect_family(path: str | Path, *, vision_tower: str | Path | None = None,
                                 f"supported: {SUPPORTED}")
 
 
+def is_original_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a directory whose ``config.json`` says original layout (haotian-liu/LLaVA), as
+    :func:`detect_family` classifies it; False when there is no readable config (detection says why)."""
+    try:
+        cfg = _read_json(Path(path) / "config.json")
+    except ModelError:
+        return False
+    archs = cfg.get("architectures") or []
+    return _is_original_config(cfg, str(archs[0]) if archs else "", str(cfg.get("model_type") or ""))
+
+
 # -- classification ------------------------------------------------------------------------------------
+def _is_original_config(cfg: dict, arch: str, model_type: str) -> bool:
+    return arch in ORIGINAL_ARCHS or model_type in ORIGINAL_TYPES or _looks_original(cfg)
+
+
 def _looks_original(cfg: dict) -> bool:
     # liuhaotian's first releases said model_type "llava" like transformers' own LLaVA: the mm_* keys tell them apart
     return "mm_vision_tower" in cfg and "vision_config" not in cfg
@@ -508,4 +523,4 @@ def _read_json(path: Path, *, missing_ok: bool = False) -> dict | None:
     return data
 
 
-__all__ = ["M3CLI_KEY", "detect_family", "find_chat_template"]
+__all__ = ["M3CLI_KEY", "detect_family", "find_chat_template", "is_original_checkpoint"]
