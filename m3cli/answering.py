@@ -328,6 +328,17 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str, erro
     return results
 
 
+def _question_errors(backend: Backend, asked: Sequence[tuple[str, Policy, int]],
+                     max_question_chars: int | None) -> dict[int, str]:
+    """``{index: one-line problem}`` of the (question, policy, max_new_tokens) items that cannot be asked."""
+    errors: dict[int, str] = {}
+    for i, (question, policy, max_new_tokens) in enumerate(asked):
+        problem = check_question(backend, question, policy, max_new_tokens, max_question_chars)
+        if problem is not None:
+            errors[i] = problem
+    return errors
+
+
 def answer_queries(
     backend: Backend,
     queries: Sequence[Query],
@@ -341,11 +352,8 @@ def answer_queries(
     longer stop the climb stops decoding (``early_exit``, see :func:`stop_below`). Never raises for one
     item's problem: a refused question or a model failure is that query's ``Result.error``.
     """
-    errors: dict[int, str] = {}
-    for i, q in enumerate(queries):
-        problem = check_question(backend, q.question, q.policy, q.max_new_tokens, max_question_chars)
-        if problem is not None:
-            errors[i] = problem
+    errors = _question_errors(backend, [(q.question, q.policy, q.max_new_tokens) for q in queries],
+                              max_question_chars)
     return _run_policies(backend, queries, measure, errors, early_exit)
 
 
@@ -366,11 +374,8 @@ def answer_images(
     n = len(images)
     if not len(questions) == len(policies) == n:
         raise ValueError(f"{n} images, {len(questions)} questions and {len(policies)} policies")
-    errors: dict[int, str] = {}
-    for i, (q, pol) in enumerate(zip(questions, policies, strict=True)):
-        problem = check_question(backend, q, pol, max_new_tokens, max_question_chars)
-        if problem is not None:
-            errors[i] = problem
+    errors = _question_errors(backend, [(q, pol, max_new_tokens) for q, pol in zip(questions, policies, strict=True)],
+                              max_question_chars)
     todo = [i for i in range(n) if i not in errors]
     encoded: dict[int, Encoded] = {}
     for i, enc in zip(todo, each_alone(backend.encode, [images[i] for i in todo], "encoding a batch"), strict=True):
