@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m3cli.build import ModelSpec, make_tiny_model
+from m3cli.models.build import ModelSpec, make_tiny_model
 
 TINY_WORDS = (
     "what colour is the background red green blue yellow how many shapes are there one two three "

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from m3cli.families import anyres as A
-from m3cli.scales import BudgetError, pool
+from m3cli.matryoshka.scales import BudgetError, pool
 
 hf_utils = pytest.importorskip("transformers.image_processing_utils")
 hf_next = pytest.importorskip("transformers.models.llava_next.modeling_llava_next")

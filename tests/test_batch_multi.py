@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from media_factory import write_video
 
 import m3cli.backends
+from m3cli.answering.collage import COLLAGE_PREFIX, collage_question, uniform_indices
 from m3cli.backends.torch import TorchBackend
 from m3cli.cli import cli
-from m3cli.collage import COLLAGE_PREFIX, collage_question, uniform_indices
 from m3cli.engines.local import BatchOptions, run_batch
 from m3cli.media import iter_inputs
+from m3cli.models.registry import resolve_model
 from m3cli.output import JsonlSink, OrderedWriter, Summary
-from m3cli.registry import resolve_model
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "models" / "examples"
 QS = ("what colour is the background?", "how many shapes are there?", "is there a yellow shape?")

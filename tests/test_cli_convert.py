@@ -67,13 +67,13 @@ def test_convert_usage_errors(tmp_path):
 
 def test_shipped_model_converts_and_agrees(tmp_path):
     """The shipped model converts to GGUF and answers the example scenes as the torch backend does."""
-    from m3cli.answering import ask_images
+    from m3cli.answering.core import ask_images
     from m3cli.backends.llamacpp import LlamaCppBackend
     from m3cli.backends.torch import TorchBackend
     from m3cli.convert.gguf_writer import convert_to_gguf
     from m3cli.data.scenes import render, sample
-    from m3cli.policy import Fixed
-    from m3cli.registry import resolve_model
+    from m3cli.matryoshka.policy import Fixed
+    from m3cli.models.registry import resolve_model
 
     lm, _ = convert_to_gguf(resolve_model(None), tmp_path, "f32")
     cpp, ref = LlamaCppBackend(str(lm)), TorchBackend(resolve_model(None), device="cpu")

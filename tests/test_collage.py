@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m3cli.collage import (
+from m3cli.answering.collage import (
     COLLAGE_PREFIX,
     DEFAULT_FRAMES,
     collage,

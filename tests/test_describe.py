@@ -15,7 +15,7 @@ from m3cli.data import describe as dsc
 from m3cli.data import scenes as sc
 from m3cli.eval.report import EvalReport, Record
 from m3cli.eval.synthetic import evaluate, export_scenes
-from m3cli.registry import resolve_model
+from m3cli.models.registry import resolve_model
 
 # sha256 over "index|family|question|answer" lines of iter_questions(split, 600), taken before the describe
 # family existed: the one-word families must keep asking exactly these.

@@ -2,8 +2,8 @@
 
 import pytest
 
-from m3cli.answering import Query, answer_queries, stop_below
-from m3cli.policy import Escalate, Fixed
+from m3cli.answering.core import Query, answer_queries, stop_below
+from m3cli.matryoshka.policy import Escalate, Fixed
 
 
 class CountingBackend:

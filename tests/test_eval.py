@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from m3cli.cli import cli
-from m3cli.evaluate import EvalReport, Record, normalise
+from m3cli.eval.report import EvalReport, Record, normalise
 
 
 def _record(family, truth, answers, probs):
@@ -63,7 +63,7 @@ def test_eval_rejects_bad_scales(tiny_model_dir):
 
 
 def test_tune_picks_fewest_tokens_within_tolerance():
-    from m3cli.evaluate import tune_escalation
+    from m3cli.eval.report import tune_escalation
 
     scales = [1, 576]
     records = [_record("background", "red", {1: "red", 576: "red"}, {1: 0.95, 576: 0.99}),

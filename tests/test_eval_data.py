@@ -11,13 +11,13 @@ from click.testing import CliRunner
 
 from m3cli.backends.base import Encoded, Generation
 from m3cli.cli import cli
-from m3cli.confidence import expected_calibration_error
 from m3cli.data import scenes
+from m3cli.eval.data import read_eval_data
 from m3cli.eval.datarun import DataOptions, NothingEvaluated, evaluate_data
 from m3cli.eval.engine import EncodeCache, EvalItem, answer_items
 from m3cli.eval.report import soft_calibration_error
-from m3cli.evaldata import read_eval_data
-from m3cli.scoring import CHOICE_SUFFIX, build_choice_prompt, score
+from m3cli.eval.scoring import CHOICE_SUFFIX, build_choice_prompt, score
+from m3cli.matryoshka.confidence import expected_calibration_error
 
 SHIPPED = ["--device", "cpu"]  # the default model is the shipped models/m3-shapes
 
@@ -240,7 +240,7 @@ def test_encode_cache_is_bounded_and_keyed():
 @pytest.fixture(scope="module")
 def shipped():
     from m3cli.backends.torch import TorchBackend
-    from m3cli.registry import resolve_model
+    from m3cli.models.registry import resolve_model
 
     return TorchBackend(resolve_model(None), device="cpu")
 

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from m3cli.errors import UsageError
-from m3cli.evaldata import BadRow, EvalRow, group_by_image, image_key, read_eval_data, split_rows
-from m3cli.scoring import metric_for, score
+from m3cli.eval.data import BadRow, EvalRow, group_by_image, image_key, read_eval_data, split_rows
+from m3cli.eval.scoring import metric_for, score
 
 
 def _image(path) -> str:

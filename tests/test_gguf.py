@@ -11,13 +11,13 @@ pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
 from m3cli.backends.base import AnswerRequest, ModelLoadError  # noqa: E402
-from m3cli.build import ModelSpec, make_tiny_model  # noqa: E402
 from m3cli.convert.gguf_writer import convert_to_gguf, mmproj_tensors_from_hf  # noqa: E402
 from m3cli.convert.hf_llava import load_hf_llava  # noqa: E402
 from m3cli.errors import ConvertError  # noqa: E402
 from m3cli.gguf.layout import LAYOUT_KEY, VARIANT_KEY, mmproj_kv, mmproj_tensor_list  # noqa: E402
 from m3cli.gguf.mmproj import MmprojError, fix_mmproj, validate_mmproj  # noqa: E402
 from m3cli.gguf.writer import write_gguf  # noqa: E402
+from m3cli.models.build import ModelSpec, make_tiny_model  # noqa: E402
 
 QUESTIONS = ["what colour is the background?", "how many shapes are there?"]
 

@@ -20,13 +20,13 @@ import next_layouts as nl  # noqa: E402
 import reference_llava15 as ref15  # noqa: E402
 import reference_next as ref  # noqa: E402
 
+from m3cli.answering.collage import COLLAGE_PREFIX, collage, collage_question  # noqa: E402
 from m3cli.backends import next_features as nf  # noqa: E402
-from m3cli.collage import COLLAGE_PREFIX, collage, collage_question  # noqa: E402
 from m3cli.families import HFTokenizerAdapter, detect_family  # noqa: E402
 from m3cli.families import anyres as A  # noqa: E402
 from m3cli.families.llavanext import LlavaNextFamily, fallback_recipe  # noqa: E402
 from m3cli.families.spec import FamilySpec, ImageSpec  # noqa: E402
-from m3cli.scales import BudgetError  # noqa: E402
+from m3cli.matryoshka.scales import BudgetError  # noqa: E402
 
 SCALES = (576, 144, 36, 9, 1)
 QUESTIONS = ["What colours are there?", "How many shapes are there?"]

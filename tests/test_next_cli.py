@@ -22,7 +22,7 @@ import reference_llava15 as ref15  # noqa: E402
 import reference_next as ref  # noqa: E402
 from test_next import scene, stock_ids  # noqa: E402
 
-from m3cli.answering import answer_images, make_policy  # noqa: E402
+from m3cli.answering.core import answer_images, make_policy  # noqa: E402
 from m3cli.backends.base import AnswerRequest, ModelLoadError  # noqa: E402
 from m3cli.cli import cli  # noqa: E402
 

@@ -2,16 +2,16 @@ import math
 
 import pytest
 
-from m3cli.answering import Query, answer_queries, ask_images
+from m3cli.answering.core import Query, answer_queries, ask_images
 from m3cli.backends.base import Encoded, Generation
-from m3cli.confidence import (
+from m3cli.matryoshka.confidence import (
     confidence,
     expected_calibration_error,
     first_token_prob,
     min_token_prob,
     sequence_prob,
 )
-from m3cli.policy import Escalate, Fixed, Policy, Rung, make_ladder, oracle_scale
+from m3cli.matryoshka.policy import Escalate, Fixed, Policy, Rung, make_ladder, oracle_scale
 
 
 def test_fixed_never_escalates():

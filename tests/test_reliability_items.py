@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from m3cli.answering import (
+from m3cli.answering.core import (
     DEFAULT_MAX_QUESTION_CHARS,
     Query,
     answer_images,
@@ -30,7 +30,7 @@ from m3cli.answering import (
 from m3cli.backends.base import Encoded, Generation
 from m3cli.cli import cli
 from m3cli.errors import ItemError
-from m3cli.policy import Escalate, Fixed
+from m3cli.matryoshka.policy import Escalate, Fixed
 
 Q = "what colour is the background?"
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from m3cli.policy import make_ladder
-from m3cli.scales import (
+from m3cli.matryoshka.policy import make_ladder
+from m3cli.matryoshka.scales import (
     BudgetError,
     budget_to_scale,
     nested_scales,

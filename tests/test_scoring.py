@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from m3cli.errors import UsageError
-from m3cli.scoring import (
+from m3cli.eval.scoring import (
     ARTICLES,
     CHOICE_SUFFIX,
     CONTRACTIONS,

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from m3cli.answering import ask_images
+from m3cli.answering.core import ask_images
 from m3cli.backends.torch import TorchBackend
 from m3cli.cli import cli
+from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Escalate, Fixed
 from m3cli.media import load_image
-from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed
-from m3cli.registry import resolve_model
+from m3cli.models.registry import resolve_model
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "models" / "examples"
 BACKGROUNDS = {0: "brown", 1: "gray", 2: "white", 3: "brown"}

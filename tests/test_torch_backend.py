@@ -2,10 +2,10 @@ import pytest
 import torch
 from PIL import Image
 
-from m3cli.answering import ask_images
+from m3cli.answering.core import ask_images
 from m3cli.backends.base import AnswerRequest, ModelLoadError
 from m3cli.backends.torch import TorchBackend
-from m3cli.policy import Fixed
+from m3cli.matryoshka.policy import Fixed
 
 Q = "what colour is the background?"
 

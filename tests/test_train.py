@@ -85,9 +85,9 @@ def test_train_all_stages_then_load_and_answer(tiny_config, tmp_path):
     assert "align" in log[2]["final_losses"]
     backend = TorchBackend(str(final), device="cpu")
     assert backend.grid_side == 24
-    from m3cli.answering import ask_images
+    from m3cli.answering.core import ask_images
     from m3cli.data.scenes import render, sample
-    from m3cli.policy import Fixed
+    from m3cli.matryoshka.policy import Fixed
 
     image = render(sample("test", 0).scene)
     for scale in backend.scales:

@@ -34,7 +34,7 @@ def open_backend(model: str | None = None, backend: str = "auto", verbose: bool 
     that does not carry its tower; ``chat_template`` (both backends) is ``--chat-template FILE|NAME``.
     Errors are one line (:class:`ModelLoadError`, ``RegistryError``, hub and conversion errors).
     """
-    from m3cli.registry import resolve_model
+    from m3cli.models.registry import resolve_model
 
     path = resolve_model(model)
     if is_gguf_backend(backend, path):
@@ -52,7 +52,7 @@ def check_model(model: str | None = None, backend: str = "auto", **options) -> N
     For a driver that loads the model elsewhere (e.g. in Ray actors): resolution, hub lookup of the small
     files and family detection, as :func:`open_backend` does first. GGUF models are left to their backend.
     """
-    from m3cli.registry import resolve_model
+    from m3cli.models.registry import resolve_model
 
     path = resolve_model(model)
     if is_gguf_backend(backend, path):

@@ -66,7 +66,7 @@ def stops_early(request: AnswerRequest, logprobs: list[float]) -> bool:
     """
     if request.stop_below is None or not logprobs:
         return False
-    from m3cli.confidence import confidence
+    from m3cli.matryoshka.confidence import confidence
 
     return confidence(logprobs, request.stop_measure) < request.stop_below
 

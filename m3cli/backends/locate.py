@@ -1,7 +1,7 @@
 """The directory the torch backend loads for a ``--model`` value, and its family, found before any weights load.
 
 ``--model`` may be a local directory, a hub id (``owner/name``, from the local Hugging Face cache or
-downloaded, see :mod:`m3cli.hub`) or an original-layout checkpoint of either kind, which is converted once
+downloaded, see :mod:`m3cli.models.hub`) or an original-layout checkpoint of either kind, which is converted once
 into the cache (:mod:`m3cli.convert.original_cache`). Whatever it is, the family is detected from its JSON
 files first (:func:`m3cli.families.detect_family`), so a model m3 cannot run is refused in one line before
 any download of weights, conversion or load.
@@ -61,7 +61,7 @@ def find_model(model: str, *, vision_tower: str | Path | None = None, chat_templ
     within seconds). ``chat_template`` is ``--chat-template FILE|NAME`` (it also lets an HF directory without a
     template run); ``vision_tower`` is ``--vision-tower`` (default ``$M3_VISION_TOWER``).
     """
-    from m3cli import hub
+    from m3cli.models import hub
 
     recipe = chat_template_option(chat_template) if chat_template else None
     tower = vision_tower_option(vision_tower)
@@ -75,7 +75,7 @@ def find_model(model: str, *, vision_tower: str | Path | None = None, chat_templ
 
 def prepare_model(found: FoundModel, *, convert: bool = True) -> LocatedModel:
     """Step two of :func:`locate_model`: fetch a hub id's weights; convert an original checkpoint (once)."""
-    from m3cli import hub
+    from m3cli.models import hub
 
     model, spec, recipe = found.source, found.spec, found.recipe
     if spec.layout != "original":
@@ -102,7 +102,7 @@ def locate_model(model: str, *, vision_tower: str | Path | None = None, chat_tem
 
     :func:`find_model` then :func:`prepare_model`. ``convert=False`` stops before converting (an original
     checkpoint then raises). Every failure is one line: :class:`ModelLoadError`, or a
-    :class:`~m3cli.errors.ConvertError` / :class:`~m3cli.hub.HubError` from those steps.
+    :class:`~m3cli.errors.ConvertError` / :class:`~m3cli.models.hub.HubError` from those steps.
     """
     found = find_model(model, vision_tower=vision_tower, chat_template=chat_template)
     return prepare_model(found, convert=convert)
@@ -149,7 +149,7 @@ def _tower_dir(tower: str | Path | None) -> Path | None:
     """``--vision-tower`` as a directory: a local path, or a hub id found in the local Hugging Face cache."""
     if tower is None:
         return None
-    from m3cli import hub
+    from m3cli.models import hub
 
     path = Path(tower).expanduser()
     if path.is_dir():
@@ -171,7 +171,7 @@ def _tower_for(src: Path, tower: str | Path | None) -> Path | None:
     when neither is found (detection then looks for a local ``mm_vision_tower`` path or a known tower)."""
     import json
 
-    from m3cli import hub
+    from m3cli.models import hub
 
     try:
         cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))

@@ -26,7 +26,7 @@ from PIL import Image
 from m3cli.families.anyres import image_hw as pil_hw
 from m3cli.families.preprocess import pixel_array
 from m3cli.families.spec import ImageSpec
-from m3cli.scales import grid_side, pool
+from m3cli.matryoshka.scales import grid_side, pool
 
 
 @dataclass

@@ -23,9 +23,9 @@ from pathlib import Path
 from m3cli.backends import visual_counts
 from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
 from m3cli.backends.prompt import FamilyPrompt
-from m3cli.dtypes import DTYPES, torch_dtype
 from m3cli.errors import M3Error, describe
-from m3cli.scales import nested_scales, pool
+from m3cli.matryoshka.scales import nested_scales, pool
+from m3cli.models.dtypes import DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class TorchBackend:
 
     def scale_within(self, max_visual_tokens: int, encoded: Encoded) -> int:
         """The largest per-crop scale whose total visual tokens for this encoded image fit ``max_visual_tokens``
-        (``--max-visual-tokens``); raises :class:`~m3cli.scales.BudgetError` when none does."""
+        (``--max-visual-tokens``); raises :class:`~m3cli.matryoshka.scales.BudgetError` when none does."""
         return visual_counts.scale_within(self.family, max_visual_tokens, encoded.image_hw, self.scales,
                                           self.grid_side)
 
@@ -382,7 +382,7 @@ def _load_weights(model_id: str, path: Path, device: str, dtype, *, next_: bool 
     """
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    from m3cli.weights import check_weight_files
+    from m3cli.models.weights import check_weight_files
 
     try:
         check_weight_files(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from m3cli.scales import budget_to_scale
+from m3cli.matryoshka.scales import budget_to_scale
 
 
 def visual_token_count(family: Any, scale: int, image_hw: tuple[int, int] | None = None) -> int:
@@ -26,7 +26,7 @@ def visual_token_count(family: Any, scale: int, image_hw: tuple[int, int] | None
 def scale_within(family: Any, max_visual_tokens: int, image_hw: tuple[int, int] | None, scales: Sequence[int],
                  grid_side: int) -> int:
     """The largest per-crop scale whose total visual tokens for this image fit ``max_visual_tokens``
-    (``--max-visual-tokens``); raises :class:`~m3cli.scales.BudgetError` when none does."""
+    (``--max-visual-tokens``); raises :class:`~m3cli.matryoshka.scales.BudgetError` when none does."""
     if family.spec.family != "llavanext":
         return budget_to_scale(max_visual_tokens, grid_side).scale
     return family.scale_within(max_visual_tokens, image_hw, scales)

@@ -30,10 +30,10 @@ def escalation_overhead(backend: Backend, n: int = 100, threshold: float | None 
     Both sides include the image encode; items are timed one at a time so each has its own time. ``ladder``
     (default every scale) is the rungs tried, smallest first.
     """
-    from m3cli.answering import ask_images
+    from m3cli.answering.core import ask_images
     from m3cli.data.scenes import iter_questions, render
     from m3cli.errors import UsageError
-    from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed, make_ladder
+    from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Escalate, Fixed, make_ladder
 
     try:
         policy = Escalate(make_ladder(backend.grid_side, ladder), DEFAULT_THRESHOLD if threshold is None else threshold)

@@ -80,7 +80,7 @@ def gguf_comparison(model: str | None, gguf_path: str | None, mmproj: str | None
     torch backend at ``tokens``, all on the CPU over ``count`` scenes. Without ``gguf_path`` the HF ``model`` is
     converted into ``workdir`` first."""
     from m3cli.backends import open_backend
-    from m3cli.registry import resolve_model
+    from m3cli.models.registry import resolve_model
 
     hf_dir = resolve_model(model)
     if hf_dir.lower().endswith(".gguf"):

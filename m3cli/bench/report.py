@@ -168,7 +168,7 @@ def format_shape_batch(report: ShapeBatchReport) -> str:
 def format_shape_escalation(t: EscalationTiming, backend: Backend, run: ShapeRun, threshold: float | None,
                             ladder: Sequence[int] | None) -> str:
     """The escalation table of a shape run; random weights make the confidences (hence the rungs) arbitrary."""
-    from m3cli.policy import DEFAULT_THRESHOLD
+    from m3cli.matryoshka.policy import DEFAULT_THRESHOLD
 
     rungs = ",".join(str(x) for x in sorted(ladder)) if ladder else "every scale"
     note = (f"Ladder {rungs}, threshold {DEFAULT_THRESHOLD if threshold is None else threshold}. Random weights "

@@ -85,9 +85,9 @@ def convert_cut(shape: Shape, out: Path) -> tuple[Path, Path]:
     import torch
 
     from m3cli.bench.shape_model import build_shape
-    from m3cli.build import save_bundle
     from m3cli.convert.gguf_writer import convert_to_gguf
     from m3cli.gguf.layout import rot180_path
+    from m3cli.models.build import save_bundle
 
     cut = shape.with_layers(1) if shape.text_layers > 1 else shape
     work = out / "cut"

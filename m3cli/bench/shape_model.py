@@ -8,7 +8,7 @@ model. Answers from random weights are meaningless; only the arithmetic is real,
 else.
 
 The result is a stock ``LlavaForConditionalGeneration`` plus a ``LlavaProcessor`` whose byte-level BPE
-tokenizer (``m3cli.build``) is padded to the real vocabulary size, run by the project's own
+tokenizer (``m3cli.models.build``) is padded to the real vocabulary size, run by the project's own
 :class:`~m3cli.backends.torch.TorchBackend` (see :func:`shape_backend`).
 """
 
@@ -39,7 +39,7 @@ FILL_SEED = 0
 # ---------------------------------------------------------------------------------------------
 def shape_chat_template() -> str:
     """LLaVA-1.5's vicuna_v1 conversation in the messages format: system line, image, question."""
-    from m3cli.build import CHAT_TEMPLATE
+    from m3cli.models.build import CHAT_TEMPLATE
 
     return '{{ "' + VICUNA_V1_SYSTEM + ' " }}' + CHAT_TEMPLATE
 
@@ -54,7 +54,7 @@ def shape_words() -> list[str]:
 
 
 def build_shape_tokenizer(vocab: int):
-    """``m3cli.build``'s byte-level BPE tokenizer, its vocabulary padded to ``vocab`` entries.
+    """``m3cli.models.build``'s byte-level BPE tokenizer, its vocabulary padded to ``vocab`` entries.
 
     The padding entries are plain vocabulary rows (never produced by a merge), so ``len(tokenizer)``, the
     embedding, the LM head and the GGUF vocabulary all have the real size, as in LLaVA-1.5 (32064).
@@ -64,7 +64,7 @@ def build_shape_tokenizer(vocab: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from m3cli.build import BOS, EOS, IMAGE_TOKEN, PAD, build_tokenizer
+    from m3cli.models.build import BOS, EOS, IMAGE_TOKEN, PAD, build_tokenizer
 
     base = build_tokenizer(shape_words())
     spec = json.loads(base.backend_tokenizer.to_str())
@@ -85,7 +85,7 @@ def build_shape_tokenizer(vocab: int):
 def build_shape_processor(shape: Shape, tokenizer):
     """A stock ``LlavaProcessor`` (CLIP-336 preprocessing, vicuna_v1 template) for the shape; for a NeXT shape a
     ``LlavaNextProcessor`` with the shape's pinpoints (as llava-hf's 1.6 repositories have)."""
-    from m3cli.build import ModelSpec, build_processor
+    from m3cli.models.build import ModelSpec, build_processor
 
     if shape.next_:
         from transformers import LlavaNextImageProcessor, LlavaNextProcessor

@@ -245,7 +245,7 @@ def shape_config(shape: Shape, tokenizer=None):
     ``LlavaNextConfig`` with the pinpoints for a NeXT shape."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
-    from m3cli.build import IMAGE_TOKEN
+    from m3cli.models.build import IMAGE_TOKEN
 
     ids = {"bos": 0, "eos": 1, "pad": 2, "image": 3}  # build_tokenizer's special-token order
     if tokenizer is not None:

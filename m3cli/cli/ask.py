@@ -6,6 +6,7 @@ import json
 
 import click
 
+from m3cli.answering.defaults import DEFAULT_QUESTION
 from m3cli.cli.app import command
 from m3cli.cli.options import (
     check_policy_flags,
@@ -15,7 +16,6 @@ from m3cli.cli.options import (
     policy_options,
     question_limit_option,
 )
-from m3cli.engines.defaults import DEFAULT_QUESTION
 
 ASK_EXAMPLE = """
 \b
@@ -46,10 +46,10 @@ QUESTION defaults to "{DEFAULT_QUESTION}".
 def ask(image, question, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, as_json,
         max_new_tokens, **model_kw):
     """``m3 ask``; its help text is ASK_HELP (it names the default question)."""
-    from m3cli.answering import ask_images, make_policy
+    from m3cli.answering.core import ask_images, make_policy
     from m3cli.backends import open_backend
-    from m3cli.engines.units import budget_note
     from m3cli.fileio import text_safe
+    from m3cli.matryoshka.scales import budget_note
     from m3cli.media import load_image
     from m3cli.output import round_confidences
 

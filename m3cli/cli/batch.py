@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from m3cli.answering.defaults import DEFAULT_QUESTION
 from m3cli.cli.app import command
 from m3cli.cli.options import (
     NON_NEGATIVE,
@@ -16,7 +17,6 @@ from m3cli.cli.options import (
     policy_options,
     question_limit_option,
 )
-from m3cli.engines.defaults import DEFAULT_QUESTION
 
 BATCH_EXAMPLE = """
 \b
@@ -130,7 +130,7 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_t
     """
     from m3cli.engines.job import BatchJob, run_job
     from m3cli.engines.units import BatchOptions
-    from m3cli.policy import DEFAULT_THRESHOLD
+    from m3cli.matryoshka.policy import DEFAULT_THRESHOLD
 
     check_policy_flags(auto_scale, threshold, ladder)
     for question in questions:

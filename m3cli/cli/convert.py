@@ -59,8 +59,8 @@ def _original_source(src: str) -> tuple[str, str]:
     """SRC for --to hf: a directory as it is; a registry name or hub id from the local cache (or downloaded)."""
     if Path(src).exists():
         return src, src
-    from m3cli import hub
-    from m3cli.registry import resolve_model
+    from m3cli.models import hub
+    from m3cli.models.registry import resolve_model
 
     resolved = resolve_model(src)
     if Path(resolved).exists() or not hub.looks_like_hub_id(resolved):
@@ -79,7 +79,7 @@ def _to_gguf(src: str, out: str, outtype: str, vision_tower: str | None = None):
     An original-layout checkpoint goes through its cached transformers conversion first (made once, as every
     loading command makes it), so its recipe (pad, ``vicuna_v1``) reaches the GGUF's ``m3cli.*`` keys.
     """
-    from m3cli.registry import resolve_model
+    from m3cli.models.registry import resolve_model
 
     try:
         from m3cli.convert.gguf_writer import convert_to_gguf

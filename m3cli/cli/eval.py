@@ -9,7 +9,7 @@ import click
 
 from m3cli.cli.app import command
 from m3cli.cli.options import INT_LIST, NumberList, model_options
-from m3cli.scoring import CHOICE_SUFFIX, METRICS, SHORT_ANSWER_SUFFIX
+from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, SHORT_ANSWER_SUFFIX
 
 
 def _data_options(fn):
@@ -78,7 +78,7 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
       m3 eval --export-data demo -n 60
       m3 eval --data demo/test.jsonl --plot acc.png --samples s.jsonl
     """
-    from m3cli.confidence import DEFAULT_MEASURE, MEASURES
+    from m3cli.matryoshka.confidence import DEFAULT_MEASURE, MEASURES
 
     measure = measure or DEFAULT_MEASURE
     if measure not in MEASURES:
@@ -149,7 +149,7 @@ def _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffi
 
 def _read_rows(source: str, count: int | None, families: tuple[str, ...]) -> list:
     """The data rows (first ``count``; only ``families`` if given)."""
-    from m3cli.evaldata import EvalRow, read_eval_data
+    from m3cli.eval.data import EvalRow, read_eval_data
 
     rows = []
     for row in read_eval_data(source):
@@ -165,7 +165,6 @@ def _read_rows(source: str, count: int | None, families: tuple[str, ...]) -> lis
 
 def _show(report, result, backend, measure: str, levels: list[float], tune: bool, json_path, plot_path) -> None:
     """Print the tables; write --json and --plot."""
-    from m3cli.confidence import MEASURES
     from m3cli.eval.format import (
         data_header,
         format_calibration,
@@ -176,6 +175,7 @@ def _show(report, result, backend, measure: str, levels: list[float], tune: bool
         report_dict,
     )
     from m3cli.eval.report import tune_escalation
+    from m3cli.matryoshka.confidence import MEASURES
 
     escalations = [report.escalation(t, measure) for t in levels]
     click.echo(format_report(report, escalations, data_header(result) if result else None))

@@ -12,11 +12,11 @@ import re
 
 import click
 
-from m3cli.build import IMAGE_TOKEN
-from m3cli.dtypes import DTYPES
 from m3cli.errors import M3Error
+from m3cli.models.build import IMAGE_TOKEN
+from m3cli.models.dtypes import DTYPES
 
-# = m3cli.answering.DEFAULT_MAX_QUESTION_CHARS (not imported: options stay import-light; a test checks both agree)
+# = m3cli.answering.core.DEFAULT_MAX_QUESTION_CHARS (not imported: options stay import-light; a test checks both agree)
 MAX_QUESTION_CHARS = 2000
 ALL_GPU_LAYERS = 2**31 - 1  # what llama-cpp-python passes for -1 ("all layers")
 
@@ -50,7 +50,7 @@ class TokenBudget(click.ParamType):
     name = "TOKENS"
 
     def convert(self, value, param, ctx) -> int:
-        from m3cli.scales import parse_budget
+        from m3cli.matryoshka.scales import parse_budget
 
         try:
             return parse_budget(value)

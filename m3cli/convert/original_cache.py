@@ -78,7 +78,7 @@ def cached_conversion(spec: FamilySpec, label: str, *, dtype: str = "auto",
         log.info("using the converted copy of %s in %s", label, folder)
         return folder, False
     tower = spec.source.vision_tower_dir if spec.source else None
-    from m3cli.weights import WeightFileError, check_weight_files
+    from m3cli.models.weights import WeightFileError, check_weight_files
 
     try:
         check_weight_files(spec.model_dir)  # a damaged shard is one line before the progress line, not after

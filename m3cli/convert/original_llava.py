@@ -23,7 +23,6 @@ import json
 import logging
 from pathlib import Path
 
-from m3cli.build import IMAGE_TOKEN
 from m3cli.convert.original_parts import (
     find_tower_dir,
     is_sentencepiece,
@@ -41,10 +40,11 @@ from m3cli.convert.original_weights import (
     resize_rows,
     tower_rest,
 )
-from m3cli.dtypes import DTYPES, torch_dtype
 from m3cli.errors import ConvertError, ModelError, describe
 from m3cli.families.converted import M3CLI_KEY, m3cli_block, vicuna_v1_template
 from m3cli.fileio import atomic_dir
+from m3cli.models.build import IMAGE_TOKEN
+from m3cli.models.dtypes import DTYPES, torch_dtype
 
 log = logging.getLogger(__name__)
 

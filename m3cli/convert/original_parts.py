@@ -9,9 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from m3cli.build import IMAGE_TOKEN, PAD
 from m3cli.convert.original_weights import SRC_TOWER, WeightFiles, tower_rest
 from m3cli.errors import ConvertError, describe
+from m3cli.models.build import IMAGE_TOKEN, PAD
 
 # The public towers LLaVA uses, so a checkpoint that carries its tower converts without
 # a copy of the CLIP repository. Checked against the weight shapes before use.
@@ -50,7 +50,7 @@ def find_tower_dir(cfg: dict, src: Path, given) -> Path | None:
                 return path
         except OSError:
             continue
-    from m3cli import hub
+    from m3cli.models import hub
 
     if hub.looks_like_hub_id(name):
         cached = hub.cached_snapshot(name)

@@ -102,7 +102,7 @@ class WeightFiles:
         if not self.files and not allow_empty:
             raise ConvertError(f"{folder}: no {what} weights (*.safetensors or pytorch_model*.bin)")
         if self.kind == "safetensors":
-            from m3cli.weights import WeightFileError, check_safetensors
+            from m3cli.models.weights import WeightFileError, check_safetensors
 
             for path in self.files:  # an empty or truncated shard is named now, not a traceback mid-conversion
                 try:

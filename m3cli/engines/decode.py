@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from m3cli.collage import DEFAULT_FRAMES, collage, uniform_indices
-from m3cli.encode_cache import file_identity
+from m3cli.answering.collage import DEFAULT_FRAMES, collage, uniform_indices
+from m3cli.answering.encode_cache import file_identity
 from m3cli.media import BadInput, Item, MediaError, expand_video, load_image
 from m3cli.media.inputs import question_ids
 from m3cli.media.video import frames_at

@@ -123,7 +123,7 @@ def run_record(job: BatchJob) -> dict[str, Any]:
     are several), the budget, the answer length, and a collage's frame count and layout. Device, dtype,
     batch size and frame sampling are left out: they may change between a run and its resumption without
     changing what is asked."""
-    from m3cli.registry import resolve_model
+    from m3cli.models.registry import resolve_model
 
     opts = job.options
     model = resolve_model(job.model.get("model"))  # RegistryError (exit 2) now rather than after the lock
@@ -210,11 +210,11 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
 def _open_local_backend(job: BatchJob, opts: BatchOptions, notes: Callable[[str], None] | None):
     """The backend for ``--engine local`` (Ray loads the model in its actors only; they check the ladder too)."""
     from m3cli.backends import open_backend
-    from m3cli.engines.units import budget_note
+    from m3cli.matryoshka.scales import budget_note
 
     backend = open_backend(**job.model)
     if opts.auto_scale:
-        from m3cli.policy import make_ladder
+        from m3cli.matryoshka.policy import make_ladder
 
         make_ladder(backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
     note = budget_note(opts.tokens, backend.grid_side)

@@ -12,8 +12,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+from m3cli.answering.encode_cache import EncodeCache
 from m3cli.backends.base import Backend
-from m3cli.encode_cache import EncodeCache
 from m3cli.engines.units import BatchOptions, RecentKeys, Unit, answer_units, decode_input, done_for, unit_questions
 from m3cli.media import BadInput, Item
 from m3cli.output import OrderedWriter, Summary

@@ -50,7 +50,8 @@ from m3cli.engines.ray_cluster import (
     ray_error_line,
 )
 from m3cli.engines.ray_workers import Answerer, decode_task, dumps_meta, encode_item, setup_message
-from m3cli.engines.units import BatchOptions, budget_note, question_count
+from m3cli.engines.units import BatchOptions, question_count
+from m3cli.matryoshka.scales import budget_note
 from m3cli.media import BadInput, Item
 from m3cli.media.inputs import question_ids, split_question_id
 from m3cli.output import OrderedWriter, Summary

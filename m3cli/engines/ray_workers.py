@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from m3cli.encode_cache import EncodeCache
+from m3cli.answering.encode_cache import EncodeCache
 from m3cli.engines.units import (
     AllDone,
     BatchOptions,
@@ -92,7 +92,7 @@ class Answerer:
                 options["threads"] = threads
             self.backend = open_backend(**options, verbose=False)  # llama.cpp's own logs stay out of the workers
             if opts.auto_scale:
-                from m3cli.policy import make_ladder
+                from m3cli.matryoshka.policy import make_ladder
 
                 make_ladder(self.backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder fails up front
         except Exception as exc:  # noqa: BLE001 - reported on the driver as one line

@@ -18,7 +18,8 @@ from collections.abc import Callable, Container, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from m3cli.answering import (
+from m3cli.answering.collage import DEFAULT_FRAMES, collage_question
+from m3cli.answering.core import (
     DEFAULT_MAX_QUESTION_CHARS,
     Query,
     Result,
@@ -27,23 +28,21 @@ from m3cli.answering import (
     each_alone,
     make_policy,
 )
+from m3cli.answering.defaults import DEFAULT_QUESTION
+from m3cli.answering.encode_cache import EncodeCache
 from m3cli.backends.base import Backend, Encoded
-from m3cli.collage import DEFAULT_FRAMES, collage_question
-from m3cli.confidence import DEFAULT_MEASURE
-from m3cli.encode_cache import EncodeCache
 from m3cli.engines.decode import VIDEO_MODES, AllDone, Decoded, RecentKeys, Sampling, decode_input
-from m3cli.engines.defaults import DEFAULT_QUESTION
 from m3cli.errors import M3Error
+from m3cli.matryoshka.confidence import DEFAULT_MEASURE
+from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Policy
 from m3cli.media import BadInput, Item, MediaError
 from m3cli.media.inputs import question_ids
 from m3cli.output import make_row
-from m3cli.policy import DEFAULT_THRESHOLD, Policy
-from m3cli.scales import budget_to_scale
 
 log = logging.getLogger(__name__)
 
 __all__ = ["VIDEO_MODES", "AllDone", "BatchOptions", "Decoded", "RecentKeys", "Sampling", "Unit", "answer_units",
-           "budget_note", "decode_input", "done_for", "question_count", "unit_questions"]
+           "decode_input", "done_for", "question_count", "unit_questions"]
 
 # Encodings kept for questions about an image answered in an earlier batch. Smaller than m3 eval's: a batch
 # run's repeats are mostly one image's questions, adjacent, and each entry holds a grid on the model's device.
@@ -108,7 +107,7 @@ class Unit:
     ``id`` and ``question`` are the row's (None: the item's own id, and its question or the run's). Units
     with equal ``key`` show the same pixels and share one encode; ``load`` decodes the picture when
     ``image`` was not kept because its encoding is expected in the cache. ``frames``: the video frames a
-    collage tiles (its question is then asked with :data:`~m3cli.collage.COLLAGE_PREFIX`).
+    collage tiles (its question is then asked with :data:`~m3cli.answering.collage.COLLAGE_PREFIX`).
     """
 
     seq: int
@@ -145,16 +144,6 @@ def done_for(item: Item | BadInput, opts: BatchOptions) -> Container[str]:
     """What :func:`decode_input` needs to skip the pictures of ``item`` whose every row is done."""
     n = question_count(item, len(opts.run_questions))
     return opts.done_ids if n == 1 else AllDone(opts.done_ids, n)
-
-
-def budget_note(tokens: int | None, grid: int) -> str | None:
-    """The note for a ``--tokens`` budget that is not itself a nested scale (None when it is, or unset)."""
-    if tokens is None:
-        return None
-    budget = budget_to_scale(tokens, grid)
-    if not budget.rounded:
-        return None
-    return f"--tokens {budget.requested} rounded down to {budget.scale}, the largest nested scale <= it"
 
 
 def question_for(item: Item | BadInput, opts: BatchOptions) -> str:

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from m3cli.backends.base import Backend
-from m3cli.confidence import DEFAULT_MEASURE
 from m3cli.errors import M3Error, OutputError, UsageError, describe
 from m3cli.eval import samples as sm
+from m3cli.eval.data import BadRow, EvalRow, image_key
 from m3cli.eval.engine import DEFAULT_CACHE, EncodeCache, EvalItem, answer_items
 from m3cli.eval.report import EvalReport
-from m3cli.evaldata import BadRow, EvalRow, image_key
+from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, build_choice_prompt, metric_for
 from m3cli.fileio import dumps_row
-from m3cli.scoring import CHOICE_SUFFIX, METRICS, build_choice_prompt, metric_for
+from m3cli.matryoshka.confidence import DEFAULT_MEASURE
 
 Progress = Callable[[int, int], None]
 
@@ -162,7 +162,7 @@ def _bad_metric(row: EvalRow, options: DataOptions) -> str | None:
 
 def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: DataOptions, label: str,
                   progress: Progress | None = None) -> DataResult:
-    """Evaluate ``rows`` (from :func:`m3cli.evaldata.read_eval_data`) at ``options.scales``.
+    """Evaluate ``rows`` (from :func:`m3cli.eval.data.read_eval_data`) at ``options.scales``.
 
     Raises :class:`NothingEvaluated` when no row could be evaluated (after writing their error samples).
     """

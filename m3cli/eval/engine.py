@@ -15,8 +15,8 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from m3cli.answering.encode_cache import DEFAULT_CACHE, EncodeCache
 from m3cli.backends.base import AnswerRequest, Backend, Encoded, Generation
-from m3cli.encode_cache import DEFAULT_CACHE, EncodeCache
 from m3cli.errors import M3Error, describe
 
 __all__ = ["DEFAULT_CACHE", "EncodeCache", "EvalItem", "ItemResult", "answer_items"]

@@ -1,4 +1,4 @@
-"""Field parsing of eval data rows (:mod:`m3cli.evaldata`): text, lists, the gold, the image path.
+"""Field parsing of eval data rows (:mod:`m3cli.eval.data`): text, lists, the gold, the image path.
 
 Each helper returns the field's value or raises :class:`Bad` with the one-line reason the row is bad.
 """
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from m3cli.errors import describe
-from m3cli.scoring import choice_letters, gold_letter
+from m3cli.eval.scoring import choice_letters, gold_letter
 
 MAX_CHOICES = 26
 

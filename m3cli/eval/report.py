@@ -18,8 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from m3cli.confidence import MEASURES, expected_calibration_error
-from m3cli.policy import Escalate, Rung
+from m3cli.matryoshka.confidence import MEASURES, expected_calibration_error
+from m3cli.matryoshka.policy import Escalate, Rung
 
 
 def normalise(text: str) -> str:
@@ -57,7 +57,7 @@ class Record:
 
 def soft_calibration_error(confidences: Sequence[float], scores: Sequence[float], bins: int = 10) -> float:
     """ECE with fractional correctness (a bin's accuracy is its mean score); equals
-    :func:`m3cli.confidence.expected_calibration_error` when every score is 0 or 1."""
+    :func:`m3cli.matryoshka.confidence.expected_calibration_error` when every score is 0 or 1."""
     if all(s in (0.0, 1.0) for s in scores):
         return expected_calibration_error(confidences, [s == 1.0 for s in scores], bins)
     total = 0.0

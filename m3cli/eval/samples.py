@@ -22,13 +22,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from m3cli.confidence import MEASURES
+from m3cli.eval.data import BadRow, EvalRow
 from m3cli.eval.engine import ItemResult
 from m3cli.eval.report import Record
-from m3cli.evaldata import BadRow, EvalRow
+from m3cli.eval.scoring import score
 from m3cli.fileio import iter_jsonl
+from m3cli.matryoshka.confidence import MEASURES
 from m3cli.output import repair_jsonl
-from m3cli.scoring import score
 
 NO_FAMILY = "(none)"
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from m3cli.scales import BudgetError, grid_side, parse_budget
+from m3cli.matryoshka.scales import BudgetError, grid_side, parse_budget
 
 Flavour = Literal["hf", "original"]
 HW = tuple[int, int]
@@ -296,7 +296,7 @@ def largest_scale_within(
     """The largest per-crop scale whose total visual tokens for this image fit ``total_cap``.
 
     For ``--max-visual-tokens``: the cap is on everything the LM receives (base, tiles, newlines).
-    Raises :class:`~m3cli.scales.BudgetError` when even the smallest scale does not fit.
+    Raises :class:`~m3cli.matryoshka.scales.BudgetError` when even the smallest scale does not fit.
     """
     cap = parse_budget(total_cap)
     pins = pinpoints_hw(pinpoints)

@@ -25,7 +25,7 @@ from m3cli.families import anyres
 from m3cli.families.base import FamilyBase, flat_grid
 from m3cli.families.prompts import PromptRecipe
 from m3cli.families.spec import FamilySpec
-from m3cli.scales import grid_side, nested_scales
+from m3cli.matryoshka.scales import grid_side, nested_scales
 
 FLAVOURS = ("hf", "original")
 
@@ -115,7 +115,7 @@ class LlavaNextFamily(FamilyBase):
     def scale_within(self, total_cap: object, image_hw: tuple[int, int], scales: Sequence[int] | None = None) -> int:
         """The largest per-crop scale whose TOTAL visual tokens for this image fit ``total_cap``.
 
-        Raises :class:`~m3cli.scales.BudgetError` (a UsageError) when even the smallest scale is over it.
+        Raises :class:`~m3cli.matryoshka.scales.BudgetError` (a UsageError) when even the smallest scale is over it.
         """
         return anyres.largest_scale_within(total_cap, image_hw, self.pinpoints, self.tile,
                                            tuple(scales or self.scales()), True, flavour=self.flavour)

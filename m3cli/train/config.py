@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from m3cli.build import ModelSpec
 from m3cli.errors import UsageError
-from m3cli.scales import nested_scales
+from m3cli.matryoshka.scales import nested_scales
+from m3cli.models.build import ModelSpec
 
 
 class ConfigError(UsageError, ValueError):

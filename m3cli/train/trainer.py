@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3cli.build import ModelSpec, build_model, build_processor, build_tokenizer, save_bundle
 from m3cli.data import scenes
 from m3cli.errors import UsageError
 from m3cli.fileio import atomic_open
-from m3cli.scales import pool
+from m3cli.matryoshka.scales import pool
+from m3cli.models.build import ModelSpec, build_model, build_processor, build_tokenizer, save_bundle
 from m3cli.train.config import StageConfig, TrainConfig
 from m3cli.train.packing import IGNORE, IMAGE_SLOT, block_mask, pack, pad_batch
 
@@ -88,7 +88,7 @@ def resolve_init(value: str | Path | None) -> Path | None:
     path = Path(value)
     if path.is_dir():
         return path
-    from m3cli.registry import load_registry
+    from m3cli.models.registry import load_registry
 
     entry = load_registry().get(str(value))
     if entry is not None and Path(entry.location).is_dir():

@@ -44,7 +44,7 @@ from m3cli.gguf.cache import cached_fixed_mmproj
 from m3cli.gguf.keys import IMAGE_TOKEN_ID_KEY
 from m3cli.gguf.layout import LAYOUT_CLS_LAST, LAYOUT_NATURAL, VARIANT_MAIN, VARIANT_ROT180, rot180_path
 from m3cli.gguf.mmproj import MmprojError, read_image_newline, rewrite_mmproj, validate_mmproj
-from m3cli.scales import nested_scales, pool_np
+from m3cli.matryoshka.scales import nested_scales, pool_np
 
 PATCH0_MODES = ("auto", "exact", "fill")
 # Scales at which the patch-0 fill measurably changes answers (docs/gguf.md: greedy agreement

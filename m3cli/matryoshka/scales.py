@@ -146,3 +146,13 @@ def pool_np(grid: np.ndarray, scale: int) -> np.ndarray:
         blocks = batch.reshape(b, side, k, side, k, d).astype(np.float64)
         pooled = blocks.mean(axis=(2, 4)).reshape(b, side * side, d).astype(batch.dtype)
     return pooled[0] if squeeze else pooled
+
+
+def budget_note(tokens: int | None, grid: int) -> str | None:
+    """The note for a ``--tokens`` budget that is not itself a nested scale (None when it is, or unset)."""
+    if tokens is None:
+        return None
+    budget = budget_to_scale(tokens, grid)
+    if not budget.rounded:
+        return None
+    return f"--tokens {budget.requested} rounded down to {budget.scale}, the largest nested scale <= it"

@@ -26,7 +26,7 @@ def models_dir() -> Path:
     env = os.environ.get("M3CLI_MODELS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 @dataclass(frozen=True)

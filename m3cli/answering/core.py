@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from m3cli.backends.base import AnswerRequest, Backend, Encoded
-from m3cli.build import IMAGE_TOKEN
-from m3cli.confidence import DEFAULT_MEASURE, MONOTONE_MEASURES, confidence
 from m3cli.errors import ItemError, M3Error, describe
-from m3cli.policy import DEFAULT_THRESHOLD, Escalate, Fixed, Policy, Rung, make_ladder
-from m3cli.scales import budget_to_scale, parse_budget
+from m3cli.matryoshka.confidence import DEFAULT_MEASURE, MONOTONE_MEASURES, confidence
+from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Escalate, Fixed, Policy, Rung, make_ladder
+from m3cli.matryoshka.scales import budget_to_scale, parse_budget
+from m3cli.models.build import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def scale_cap(backend: Backend, encoded: Encoded, max_visual_tokens: int) -> int
     """The largest per-crop scale whose total visual tokens for this encoded image fit ``max_visual_tokens``.
 
     The backend's ``scale_within`` when it has one (it knows the family's count), else the scale itself is the
-    count (one crop, no newlines). Raises :class:`~m3cli.scales.BudgetError` when no scale fits.
+    count (one crop, no newlines). Raises :class:`~m3cli.matryoshka.scales.BudgetError` when no scale fits.
     """
     fit = getattr(backend, "scale_within", None)
     if callable(fit):

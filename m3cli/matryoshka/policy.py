@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from m3cli.scales import budget_to_scale, nested_scales
+from m3cli.matryoshka.scales import budget_to_scale, nested_scales
 
 # Chosen on the validation split of the shipped model (docs/confidence.md).
 DEFAULT_THRESHOLD = 0.5

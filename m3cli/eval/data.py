@@ -36,9 +36,9 @@ from typing import IO, Any, Literal
 
 from m3cli.errors import UsageError, describe
 from m3cli.eval.fields import Bad, GoldKind, image_path, json_type, parse_gold, scalar_text
+from m3cli.eval.scoring import choice_letters
 from m3cli.fileio import iter_jsonl
 from m3cli.media.inputs import unique_ids
-from m3cli.scoring import choice_letters
 
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson")
 CSV_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
