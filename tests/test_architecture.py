@@ -64,3 +64,13 @@ def test_no_module_imports_a_layer_above_it():
                 continue
             wrong.append(f"{path.relative_to(PACKAGE)} imports {dst}")
     assert not wrong, wrong
+
+
+def test_cli_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, m3cli.cli; print(sorted(m for m in ('torch', 'numpy', 'transformers', 'PIL', 'av', "
+            "'llama_cpp', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
