@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from m3cli import media
+from m3cli.fileio import content_hash
 from m3cli.media import (
     DEFAULT_MAX_FRAMES,
     BadInput,
@@ -472,7 +473,9 @@ def test_stdin_jsonl(tree):
         json.dumps({"image": "data/sub", "question": "Q", "id": "set"}),
     ]
     rows = list(iter_inputs(["data/a.jpg", "-"], stdin=io.StringIO("\n".join(lines) + "\n")))
-    assert _ids(rows) == ["data/a.jpg", "q1", "data/b.jpg", "stdin:3", "q1~2", "stdin:5", "data/b.jpg~2",
+    # ids by content: a bad line by a hash of the line, a row with its own budget by the image and a hash of it
+    assert _ids(rows) == ["data/a.jpg", "q1", "data/b.jpg", media_inputs.line_id(lines[2]), "q1~2",
+                          media_inputs.line_id(lines[4]), "data/b.jpg~" + content_hash(None, "many", length=8),
                           "set/deep/c.gif"]  # fmt: skip
     q1 = rows[1]
     assert isinstance(q1, Item)

@@ -93,7 +93,7 @@ def test_02_image_placeholder_fails_that_item_alone(tiny_model_dir, tmp_path):
     res = _run(["batch", "-", "-m", tiny_model_dir, "--tokens", 9, "--max-new-tokens", 2], input=_jsonl(rows_in))
     assert res.exit_code == 1, res.output  # one failed row, not a dead run
     rows = _rows(res.stdout)
-    assert [r["id"] for r in rows] == [str(p) for p in images]
+    assert [r["source"] for r in rows] == [str(p) for p in images]  # ids: the image and a hash of its question
     assert rows[1]["error"] and "image placeholder <image>" in rows[1]["error"]
     assert rows[0]["error"] is None and rows[2]["error"] is None
     assert isinstance(rows[0]["answer"], str) and rows[0]["tokens"] == 9
