@@ -55,6 +55,9 @@ def _run_options(fn):
                      help="With --resume: answer again the items whose row was an error."),
         click.option("--force", is_flag=True,
                      help="With --resume: append even to rows made with another model, question or budget."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace an existing -o FILE (without it, a file that holds rows is only completed with "
+                          "--resume, and a file m3 did not write is never touched)."),
         click.option("-b", "--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True),
         click.option("--fps", type=POSITIVE, default=None,
                      help="Video: frames per second."),
@@ -116,17 +119,18 @@ def _engine_options(fn):
 @_run_options
 @_engine_options
 def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, output,
-          fmt, resume,
-          retry_errors, force, batch_size, fps, every, max_frames, video_mode, collage_frames, collage_layout,
-          encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, **model_kw):
+          fmt, resume, retry_errors, force, overwrite, batch_size, fps, every, max_frames, video_mode, collage_frames,
+          collage_layout, encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor,
+          **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item and question.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
     rows with image/question/tokens/id). Without -q every item is asked "What is this?" (recorded in each
     row). With several -q every item without its own question is asked each, one row per question (id
     ID#q<k>, k in -q order); --resume and --shard work per row, and a shard keeps all questions of an
-    image. Exit code 0: all items answered; 1: some rows have an error, or the output stopped taking rows;
-    2: bad usage, model or output, before any work.
+    image. An existing -o file is completed with --resume or replaced with --overwrite, never silently.
+    Exit code 0: all items answered; 1: some rows have an error, or the output stopped taking rows (what was
+    written stays; --resume completes it); 2: bad usage, model or output, before any work.
     """
     from m3cli.engines.job import BatchJob, run_job
     from m3cli.engines.units import BatchOptions
@@ -145,7 +149,7 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_t
     )
     result = run_job(BatchJob(
         list(inputs), opts, model=model_kw, output=output, fmt=fmt, resume=resume, retry_errors=retry_errors,
-        force=force, shard=shard, engine=engine, ray_address=ray_address, actors=actors,
+        force=force, overwrite=overwrite, shard=shard, engine=engine, ray_address=ray_address, actors=actors,
         gpus_per_actor=gpus_per_actor, progress=progress,
     ), notes=lambda note: click.echo(f"m3: note: {note}", err=True))
     for line in result.report():
@@ -156,10 +160,14 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_t
 @command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Merged JSONL (default: stdout).")
-def merge(files, output):
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o FILE.")
+def merge(files, output, overwrite):
     """Merge `m3 batch --shard K/N` outputs into one JSONL in input order.
 
-    Reports duplicated and missing items; exit code 0 only when the shards cover the input exactly.
+    Reports duplicated and missing items; exit code 0 only when the shards cover the input exactly, 1 when
+    something is missing (what there is is written, unless that is nothing), 2 before anything is written:
+    shards of different runs, an -o that is one of the shards or already exists (--overwrite replaces it).
+    An empty shard (one that got no items) is a valid shard.
 
     \b
     Example:
@@ -167,7 +175,7 @@ def merge(files, output):
     """
     from m3cli.engines.shard import merge_outputs
 
-    report = merge_outputs(list(files), output)  # MergeError is a usage error: one line, exit 2
+    report = merge_outputs(list(files), output, overwrite=overwrite)  # MergeError, OutputError: one line, exit 2
     click.echo(f"m3 merge: {report.summary()}", err=True)
     raise SystemExit(0 if report.exact else 1)
 

@@ -39,6 +39,7 @@ class BatchJob:
     resume: bool = False
     retry_errors: bool = False
     force: bool = False  # --resume even if the rows were made with another question, model or budget
+    overwrite: bool = False  # replace an existing -o file (else it must be empty, or resumed)
     shard: tuple[int, int] | None = None  # (K, N)
     engine: str = "local"
     ray_address: str | None = None
@@ -65,6 +66,10 @@ class BatchJob:
             raise UsageError("--retry-errors goes with --resume")
         if self.force and not self.resume:
             raise UsageError("--force goes with --resume")
+        if self.overwrite and self.resume:
+            raise UsageError("--overwrite replaces the -o file and --resume completes it: give one of them")
+        if self.overwrite and is_stdout(self.output):
+            raise UsageError("--overwrite goes with -o FILE")
         if self.engine not in ENGINES:
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine != "ray" and (self.ray_address is not None or self.actors != 1 or self.gpus_per_actor):
@@ -158,7 +163,8 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
         preflight(job.model, job.ray_address)  # EngineError (exit 2) before the output file is touched
     run = run_record(job)
     target = OutputTarget.open(job.output, job.fmt, resume=job.resume, run=run, force=job.force,
-                               retry_errors=job.retry_errors)
+                               retry_errors=job.retry_errors, overwrite=job.overwrite,
+                               inputs=[p for p in job.inputs if p != "-"], folders=_input_folders(job.inputs))
     try:
         opts = replace(job.options, run=run, done_ids=target.state.done_ids, failed_ids=target.state.failed_ids)
         backend = _open_local_backend(job, opts, notes) if job.engine == "local" else None
@@ -172,11 +178,18 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
         target.close()
 
 
+def _input_folders(inputs: list[str]) -> list[tuple[str, Callable[[str], bool]]]:
+    """The input folders and what their walk reads (media files): an -o file there would be read next time."""
+    from m3cli.media import media_kind
+
+    return [(p, lambda path: media_kind(path) is not None) for p in inputs if p != "-" and os.path.isdir(p)]
+
+
 def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, items: Iterable,
                  notes: Callable[[str], None] | None = None) -> JobResult:
     selector = None
     if job.shard is not None:
-        items, sink, selector = _select_shard(job, items, sink)
+        items, sink, selector = _select_shard(job, items, sink, opts.run)
     writer = OrderedWriter(sink)
     result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt == "jsonl")
     bar = _progress_bar(job.progress)
@@ -201,7 +214,7 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
         from m3cli.engines.shard import write_sidecar
 
         try:
-            write_sidecar(job.output, selector.k, selector.n, selector.total, True)
+            write_sidecar(job.output, selector.k, selector.n, selector.total, True, run=opts.run)
         except OutputWriteError as exc:
             result.incomplete = str(exc)
     return result
@@ -223,13 +236,13 @@ def _open_local_backend(job: BatchJob, opts: BatchOptions, notes: Callable[[str]
     return backend
 
 
-def _select_shard(job: BatchJob, items: Iterable, sink: RowSink):
+def _select_shard(job: BatchJob, items: Iterable, sink: RowSink, run: dict[str, Any] | None = None):
     """Keep shard K's items; rows get their ``input_index``; the sidecar is written when the stream ends."""
     from m3cli.engines.shard import IndexingSink, ShardSelector, write_sidecar
 
     k, n = job.shard
     # the hash is the top-level item's: every question of an image (every frame of a video) is in one shard
-    selector = ShardSelector(items, k, n, on_end=lambda total: write_sidecar(job.output, k, n, total, False))
+    selector = ShardSelector(items, k, n, on_end=lambda total: write_sidecar(job.output, k, n, total, False, run=run))
     rows = _QuestionRows(selector) if len(job.options.run_questions) > 1 else selector
     return selector, IndexingSink(sink, rows), selector
 

@@ -193,11 +193,23 @@ class JsonlSink(_StreamSink):
         self._put(dumps_row(row) + "\n")
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...), +cmd|...); OWASP's
+# "CSV injection" advice: prefix such a cell with an apostrophe, which spreadsheets show as text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: ``'`` prepended when ``value`` starts like a formula."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
 class CsvSink(_StreamSink):
     """CSV with a ``ROW_KEYS`` header (once), nested fields JSON-encoded in their cell, None as empty.
 
     The header is written with the first row, or at close if there were none (so an empty run still yields
-    a valid CSV); pass ``header=False`` when appending to a file that already has one.
+    a valid CSV); pass ``header=False`` when appending to a file that already has one. A text cell that
+    starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading apostrophe
+    (:func:`csv_safe`), so opening the file in a spreadsheet never runs a formula from a file name or answer.
     """
 
     def __init__(self, stream: IO[str], owns: bool = False, header: bool = True) -> None:
@@ -227,6 +239,8 @@ class CsvSink(_StreamSink):
             return dumps_row(value)
         if isinstance(value, float) and not math.isfinite(value):
             return ""
+        if isinstance(value, str):
+            return csv_safe(value)
         return value
 
     def write(self, row: dict[str, Any]) -> None:
@@ -250,7 +264,9 @@ class TextSink(_StreamSink):
     """Human format, one line per row: ``{id}<TAB>{answer}<TAB>[{tokens} tok, conf {confidence:.2f}]``.
 
     Error rows read ``{id}<TAB>ERROR: {error}``. Whitespace runs in answers are collapsed so each row stays
-    one line; bracket parts whose value is None are left out (the whole bracket if both are).
+    one line, and control characters (a file name's escape sequences) are written as escapes (``\\x1b``), so
+    printing rows never drives the terminal; bracket parts whose value is None are left out (the whole
+    bracket if both are).
     """
 
     def write(self, row: dict[str, Any]) -> None:
