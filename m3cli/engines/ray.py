@@ -134,7 +134,8 @@ def run_ray(
         raise EngineError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
     ray = import_ray()
     with _guard_stdout():
-        owned = connect(ray, ray_address)
+        with filter_native_stderr(enabled=logs.verbosity() < 1):  # Ray's C++ retry lines while it connects
+            owned = connect(ray, ray_address)
         try:
             quiet_ray_logs()
             actor_cpus, threads = cluster_sizes(ray, actors, gpus_per_actor)
