@@ -205,17 +205,21 @@ def check_question(
     policy: Policy,
     max_new_tokens: int,
     max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+    prompt: str | None = None,
 ) -> str | None:
     """Why this question cannot be answered by ``backend`` under ``policy``, before any model runs; None: it can.
 
-    Checked: its length in characters, a literal image placeholder (the prompt would then hold two images),
-    whether the prompt can be built, and whether prompt + ``max_new_tokens`` fit the model's context at the
-    largest scale the policy may climb to.
+    Checked: the question's length in characters, a literal image placeholder (the prompt would then hold two
+    images), whether the prompt can be built, and whether prompt + ``max_new_tokens`` fit the model's context at
+    the largest scale the policy may climb to. ``prompt`` is the text the model is given when it is more than
+    the question (``m3 eval``'s multiple-choice options and suffixes); the length limit is the question's.
+    The one check every command makes (``m3 batch``, ``m3 ask``, ``m3 eval --data``).
     """
     if max_question_chars is not None and len(question) > max_question_chars:
         return f"question too long: {len(question)} characters > {max_question_chars} (--max-question-chars)"
+    text = question if prompt is None else prompt
     placeholder = _placeholder(backend)
-    if placeholder in question:
+    if placeholder in text:
         return f"question contains the image placeholder {placeholder} (the prompt would hold two images)"
     prompt_ids = getattr(backend, "prompt_ids", None)
     if prompt_ids is None:
@@ -224,7 +228,7 @@ def check_question(
     try:
         # before the image is seen: the most visual tokens any image can take at that scale
         n_visual = visual_count(backend, scale)
-        n_prompt = len(prompt_ids(question, n_visual))
+        n_prompt = len(prompt_ids(text, n_visual))
     except MODEL_ERRORS as exc:
         return f"question cannot be turned into a prompt: {describe(exc)}"
     limit = context_length(backend)

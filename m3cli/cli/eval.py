@@ -8,7 +8,7 @@ import sys
 import click
 
 from m3cli.cli.app import command
-from m3cli.cli.options import INT_LIST, NumberList, model_options
+from m3cli.cli.options import INT_LIST, NumberList, model_options, question_limit_option
 from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, SHORT_ANSWER_SUFFIX
 
 
@@ -31,7 +31,12 @@ def _data_options(fn):
                      help="Answer length cap (default: 4 on the scenes, 16 with --data)."),
         click.option("--samples", "samples_path", default=None, type=click.Path(dir_okay=False),
                      help="--data: write each row's answer, confidence and score at every scale (JSONL)."),
-        click.option("--resume", is_flag=True, help="--data: keep the rows --samples FILE already holds."),
+        click.option("--resume", is_flag=True,
+                     help="--data: keep the rows --samples FILE already holds (matched by content: inserted, "
+                          "removed or reordered rows are evaluated once; a changed answer or image again)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace an existing --samples, --json or --plot file (without it, samples are only "
+                          "completed with --resume, and a file m3 did not write is never touched)."),
         click.option("--retry-errors", is_flag=True, help="With --resume: evaluate the error rows again."),
         click.option("--encode-cache", type=click.IntRange(0, 100_000), default=64, show_default=True,
                      help="--data: encodings kept for rows about an image seen in an earlier batch."),
@@ -65,10 +70,12 @@ def _data_options(fn):
               help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write accuracy vs mean visual tokens as a PNG (needs matplotlib).")
+@question_limit_option
 @_data_options
 def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tune, batch_size, json_path,
-             plot_path, data, metric, prompt_suffix, question_suffix, short_answer, max_new_tokens, samples_path,
-             resume, retry_errors, encode_cache, export_dir, progress, **model_kw):
+             plot_path, max_question_chars, data, metric, prompt_suffix, question_suffix, short_answer,
+             max_new_tokens, samples_path, resume, overwrite, retry_errors, encode_cache, export_dir, progress,
+             **model_kw):
     """Accuracy per question family and scale, with the oracle, on the synthetic scenes or --data rows.
 
     \b
@@ -77,6 +84,11 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
       m3 eval --auto-scale --thresholds 0.5,0.8,0.9,0.95 --split val
       m3 eval --export-data demo -n 60
       m3 eval --data demo/test.jsonl --plot acc.png --samples s.jsonl
+
+    Every file it writes is checked before the model loads (its folder exists and takes a file; it is not an
+    input; an existing one is replaced only with --overwrite, or --resume for samples). Exit code 0: the report
+    is written; 1: nothing could be evaluated, or an output stopped taking lines part-way (what was written
+    stays); 2: bad usage, data, model or output, before any work.
     """
     from m3cli.matryoshka.confidence import DEFAULT_MEASURE, MEASURES
 
@@ -85,15 +97,73 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
         raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
     _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
                  samples_path, resume, retry_errors)
+    if overwrite and resume:
+        raise click.UsageError("--overwrite replaces the --samples file and --resume completes it: give one of them")
     if export_dir:
-        from m3cli.eval.synthetic import export_scenes
+        import os
 
+        from m3cli.eval.format import is_eval_data
+        from m3cli.eval.synthetic import export_scenes
+        from m3cli.output import OutputFile
+
+        OutputFile.check(os.path.join(export_dir, f"{split or 'test'}.jsonl"), "--export-data", overwrite=overwrite,
+                         ours=is_eval_data, create_parent=True)
         path, n_rows, n_images = export_scenes(export_dir, split or "test", count or 600, list(families) or None)
         click.echo(f"wrote {n_rows} questions on {n_images} images: {path}")
         return
     rows = _read_rows(data, count, families) if data else None  # a bad source fails before the model loads
     if plot_path:
         _need_matplotlib()
+    outputs = _check_outputs(data, json_path, plot_path, overwrite)  # before the model loads, too
+    from m3cli.eval.datarun import DataOptions, open_samples
+
+    opts = None
+    if rows is not None:
+        opts = DataOptions([], metric=metric, prompt_suffix=prompt_suffix or None,
+                           question_suffix=SHORT_ANSWER_SUFFIX if short_answer else question_suffix or None,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens or 16, measure=measure,
+                           samples=samples_path, resume=resume, retry_errors=retry_errors, encode_cache=encode_cache,
+                           overwrite=overwrite, max_question_chars=max_question_chars)
+    target = open_samples(opts, *_data_inputs(data)) if opts is not None else None
+    try:
+        _run_eval(rows, opts, target, outputs, scales, split, count, families, batch_size, max_new_tokens, measure,
+                  thresholds if auto_scale or rows is not None else [], tune, data, progress, model_kw)
+    finally:
+        if target is not None:
+            target.close()
+
+
+def _data_inputs(data: str | None) -> tuple[list[str], list]:
+    """What an eval run reads, for the output guard: the data files, and a data folder with what it picks."""
+    import os
+
+    from m3cli.eval.data import data_files, is_data_file
+
+    if not data or data == "-":
+        return [], []
+    return data_files(data), [(data, is_data_file)] if os.path.isdir(data) else []
+
+
+def _check_outputs(data, json_path, plot_path, overwrite: bool) -> dict:
+    """The --json and --plot files, checked before any work (never a data file; never a file m3 did not
+    write, unless --overwrite; never in a folder that does not exist)."""
+    from m3cli.eval.format import is_our_plot, is_our_report
+    from m3cli.output import OutputFile
+
+    inputs, folders = _data_inputs(data)
+    out = {}
+    if json_path:
+        out["json"] = OutputFile.check(json_path, "--json", overwrite=overwrite, ours=is_our_report, inputs=inputs,
+                                       folders=folders)
+    if plot_path:
+        out["plot"] = OutputFile.check(plot_path, "--plot", overwrite=overwrite, ours=is_our_plot, inputs=inputs,
+                                       folders=folders)
+    return out
+
+
+def _run_eval(rows, opts, target, outputs, scales, split, count, families, batch_size, max_new_tokens, measure,
+              levels, tune, data, progress, model_kw) -> None:
+    """Load the model, evaluate, print the tables and write the reports (the outputs were checked before)."""
     from m3cli.backends import open_backend
 
     backend = open_backend(**model_kw)
@@ -108,20 +178,16 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
                               families=list(families) or None, batch_size=batch_size,
                               max_new_tokens=max_new_tokens or 4, progress=bar)
         else:
-            from m3cli.eval.datarun import DataOptions, evaluate_data
+            from dataclasses import replace
 
-            opts = DataOptions(picked, metric=metric, prompt_suffix=prompt_suffix or None,
-                               question_suffix=SHORT_ANSWER_SUFFIX if short_answer else question_suffix or None,
-                               batch_size=batch_size, max_new_tokens=max_new_tokens or 16, measure=measure,
-                               samples=samples_path, resume=resume, retry_errors=retry_errors,
-                               encode_cache=encode_cache)
-            result = evaluate_data(backend, rows, opts, data, progress=bar)
+            from m3cli.eval.datarun import evaluate_data
+
+            result = evaluate_data(backend, rows, replace(opts, scales=picked), data, progress=bar, target=target)
             report = result.report
     finally:
         if bar is not None:
             bar.close()
-    _show(report, result, backend, measure, thresholds if auto_scale or rows is not None else [], tune,
-          json_path, plot_path)
+    _show(report, result, backend, measure, levels, tune, outputs)
 
 
 def _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
@@ -163,8 +229,8 @@ def _read_rows(source: str, count: int | None, families: tuple[str, ...]) -> lis
     return rows
 
 
-def _show(report, result, backend, measure: str, levels: list[float], tune: bool, json_path, plot_path) -> None:
-    """Print the tables; write --json and --plot."""
+def _show(report, result, backend, measure: str, levels: list[float], tune: bool, outputs: dict) -> None:
+    """Print the tables; write --json and --plot (atomically, through the output guard)."""
     from m3cli.eval.format import (
         data_header,
         format_calibration,
@@ -187,23 +253,17 @@ def _show(report, result, backend, measure: str, levels: list[float], tune: bool
     if tune:
         rows, tuned = tune_escalation(report, list(MEASURES), levels)
         click.echo(format_tuning(rows, tuned))
-    if json_path:
+    if "json" in outputs:
+        from m3cli.fileio import finite, json_default
+
         extra = {"model": backend.model_id, "backend": backend.name}
         if result is not None:
             extra |= result.summary()
-        _write_json(json_path, report_dict(report, escalations, tuned, measure, list(MEASURES), **extra))
-    if plot_path:
-        plot(report, plot_path, escalations)
-
-
-def _write_json(path: str, data: dict) -> None:
-    from m3cli.errors import OutputError, describe
-    from m3cli.fileio import atomic_write_text, finite, json_default
-
-    try:
-        atomic_write_text(path, json.dumps(finite(data), indent=2, default=json_default) + "\n")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the report ({describe(exc)})") from None
+        data = report_dict(report, escalations, tuned, measure, list(MEASURES), **extra)
+        outputs["json"].write_text(json.dumps(finite(data), indent=2, default=json_default) + "\n")
+    if "plot" in outputs:
+        with outputs["plot"].open("wb") as stream:
+            plot(report, stream, escalations)
 
 
 def _need_matplotlib() -> None:

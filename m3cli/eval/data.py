@@ -19,8 +19,16 @@ Row fields (CSV: the header names them, case-insensitively; an empty cell is a m
 Ids are made unique in stream order by suffixing ``~2``, ``~3``, ... (as ``m3 batch`` does). Line numbers
 are the file's (CSV: the line a record starts on; the header is line 1). A row that cannot be used is a
 :class:`BadRow` with a one-line reason, never an exception; only a source that cannot be read at all
-(missing, unreadable, not JSONL/CSV, a CSV header without ``image``/``question``) raises ``UsageError``.
-Nothing here decodes images: a row's image is only checked to be an existing file.
+(missing, unreadable, a FIFO or device, not JSONL/CSV, a CSV header without ``image``/``question``, a line
+longer than the bounded reader's limit) raises ``UsageError``. A folder's FIFOs, devices and broken links
+are skipped with a warning. Nothing here decodes images: a row's image is only checked to be a readable
+regular file (by its type, before anything opens it).
+
+Every row has a content ``key`` besides its id: a hash of what it asks and how it is scored (its image file,
+size and modification time, question, gold, choices, family, and an ``id`` the data gives), made unique in
+stream order like ids. ``--resume`` matches samples by it, so inserted, removed or reordered rows (whose
+default ids ``<stem>:<line>`` shift) are evaluated exactly once, and a row whose answer or image changed is
+evaluated again.
 """
 
 from __future__ import annotations
@@ -28,17 +36,20 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, Literal
 
-from m3cli.errors import UsageError, describe
-from m3cli.eval.fields import Bad, GoldKind, image_path, json_type, parse_gold, scalar_text
+from m3cli.errors import UsageError, describe, escape_controls
+from m3cli.eval.fields import Bad, GoldKind, image_path, json_type, parse_gold, question_text, scalar_text
 from m3cli.eval.scoring import choice_letters
-from m3cli.fileio import iter_jsonl
+from m3cli.fileio import LineTooLong, content_hash, input_problem, iter_jsonl, iter_lines
 from m3cli.media.inputs import unique_ids
+
+log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson")
 CSV_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
@@ -61,6 +72,7 @@ class EvalRow:
     family: str | None = None
     source: str = ""  # the data file ("-" for stdin)
     line: int = 0
+    key: str = ""  # what the row asks and how it is scored (see the module doc): --resume matches by it
 
     @property
     def reference(self) -> str:
@@ -81,6 +93,7 @@ class BadRow:
     source: str
     line: int
     reason: str
+    key: str = ""  # a hash of the row's raw content
 
     @property
     def message(self) -> str:
@@ -109,6 +122,11 @@ def _format_of(path: str) -> Literal["jsonl", "csv", "tsv"] | None:
     return None
 
 
+def is_data_file(path: str) -> bool:
+    """Whether a folder source would read this file (by its suffix): an output there must not look like one."""
+    return _format_of(path) is not None
+
+
 def _list_folder(root: str) -> list[str]:
     found: list[tuple[tuple[str, ...], str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -117,11 +135,18 @@ def _list_folder(root: str) -> list[str]:
             if name.startswith(".") or _format_of(name) is None:
                 continue
             path = os.path.join(dirpath, name)
+            problem = input_problem(path)
+            if problem is not None:  # a FIFO would block the run, a device never end: skipped, and said
+                log.warning("skipped %s: %s", escape_controls(path), problem)
+                continue
             found.append((tuple(os.path.relpath(path, root).split(os.sep)), path))
     return [path for _, path in sorted(found)]
 
 
 def _check_readable(path: str) -> None:
+    problem = input_problem(path)  # by type first: opening a FIFO blocks
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}")
     try:
         with open(path, "rb"):
             pass
@@ -133,7 +158,8 @@ def _plan(source: str) -> list[_DataFile]:
     if source == "-":
         return [_DataFile("-", None, "stdin", os.getcwd())]
     if not os.path.exists(source):
-        raise UsageError(f"{source}: no such file or folder")
+        problem = input_problem(source)
+        raise UsageError(f"{source}: {problem if problem != 'file not found' else 'no such file or folder'}")
     if os.path.isdir(source):
         paths = _list_folder(source)
         if not paths:
@@ -153,28 +179,47 @@ def _plan(source: str) -> list[_DataFile]:
         _check_readable(f.path)
         if f.fmt in ("csv", "tsv"):
             with open(f.path, "rb") as fh:
-                _csv_header(_text_lines(fh), f.path, f.fmt)
+                _csv_header(_text_lines(_bounded(fh, f.path)), f.path, f.fmt)
     return files
+
+
+def _bounded(stream: IO[Any], where: str) -> Iterator[Any]:
+    """The lines of a data source through the one bounded reader; a line over its limit is a UsageError
+    (the data is read before the model loads, so the run stops before any work)."""
+    try:
+        yield from iter_lines(stream)
+    except LineTooLong as exc:
+        raise UsageError(f"{'stdin' if where == '-' else where}: {exc}") from None
 
 
 # --- rows ------------------------------------------------------------------------------------------
 
 
+def _raw_key(raw: Any) -> str:
+    """The content key of a row that cannot be used: a hash of what it holds."""
+    return content_hash("bad", raw)
+
+
 def _parse_row(raw: Mapping[str, Any], f: _DataFile, line: int, default_id: str, csv_cell: bool) -> EvalRow | BadRow:
     try:
-        row_id = scalar_text(raw.get("id"), "id") or default_id
+        given_id = scalar_text(raw.get("id"), "id")
     except Bad as bad:
-        return BadRow(default_id, f.path, line, str(bad))
+        return BadRow(default_id, f.path, line, str(bad), _raw_key(raw))
+    row_id = given_id or default_id
     try:
-        question = scalar_text(raw.get("question"), "question")
-        if question is None:
-            raise Bad("missing field 'question'")
+        question = question_text(raw.get("question"))
         kind, gold, choices = parse_gold(raw, csv_cell)
         family = scalar_text(raw.get("family"), "family") or scalar_text(raw.get("category"), "category")
         image = image_path(raw.get("image"), f.base_dir)
     except Bad as bad:
-        return BadRow(row_id, f.path, line, str(bad))
-    return EvalRow(row_id, image, question, kind, gold, choices, family, f.path, line)
+        return BadRow(row_id, f.path, line, str(bad), _raw_key(raw))
+    try:
+        st = os.stat(image)
+        version: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        version = None
+    key = content_hash(given_id, image, version, question, kind, gold, choices, family)
+    return EvalRow(row_id, image, question, kind, gold, choices, family, f.path, line, key)
 
 
 # --- the two formats -------------------------------------------------------------------------------
@@ -233,7 +278,8 @@ def _iter_csv(lines: Iterable[str], f: _DataFile, fmt: str) -> Iterator[EvalRow 
         except StopIteration:
             return
         except csv.Error as exc:
-            yield BadRow(f"{f.prefix}:{start}", f.path, start, f"not valid CSV ({describe(exc)})")
+            yield BadRow(f"{f.prefix}:{start}", f.path, start, f"not valid CSV ({describe(exc)})",
+                         _raw_key([f.path, start, describe(exc)]))
             continue
         if not any(c.strip() for c in cells):
             continue
@@ -242,26 +288,28 @@ def _iter_csv(lines: Iterable[str], f: _DataFile, fmt: str) -> Iterator[EvalRow 
 
 
 def _iter_jsonl(lines: Iterable[bytes], f: _DataFile) -> Iterator[EvalRow | BadRow]:
-    for line, _end, _raw, parsed in iter_jsonl(lines):  # type: ignore[arg-type]  # any iterable of lines
+    # ``lines`` come from the bounded reader (_bounded): iter_jsonl only checks them
+    for line, _end, raw, parsed in iter_jsonl(lines):  # type: ignore[arg-type]
         default_id = f"{f.prefix}:{line}"
         if parsed is None:
             continue
         if isinstance(parsed, Exception):
             reason = f"not valid JSON ({parsed.msg})" if isinstance(parsed, json.JSONDecodeError) else "not UTF-8"
-            yield BadRow(default_id, f.path, line, reason)
+            yield BadRow(default_id, f.path, line, reason, _raw_key(raw.strip().decode("utf-8", "replace")))
         elif not isinstance(parsed, dict):
-            yield BadRow(default_id, f.path, line, f"expected a JSON object (got {json_type(parsed)})")
+            yield BadRow(default_id, f.path, line, f"expected a JSON object (got {json_type(parsed)})",
+                         _raw_key(parsed))
         else:
             yield _parse_row(parsed, f, line, default_id, csv_cell=False)
 
 
 def _byte_lines(stream: IO[Any]) -> Iterator[bytes]:
-    """Byte lines of a binary or text stream (tests hand in io.StringIO)."""
+    """Byte lines of a binary or text stream (tests hand in io.StringIO), through the bounded reader."""
     binary = getattr(stream, "buffer", None)
     if binary is not None:
-        yield from binary
+        yield from _bounded(binary, "-")
         return
-    for line in stream:
+    for line in _bounded(stream, "-"):
         yield line if isinstance(line, bytes) else line.encode("utf-8")
 
 
@@ -288,9 +336,9 @@ def _iter_file(f: _DataFile) -> Iterator[EvalRow | BadRow]:
         raise UsageError(f"{f.path}: cannot read ({describe(exc)})") from None
     with fh:
         if f.fmt == "jsonl":
-            yield from _iter_jsonl(fh, f)
+            yield from _iter_jsonl(_bounded(fh, f.path), f)
         else:
-            yield from _iter_csv(_text_lines(fh), f, f.fmt or "csv")
+            yield from _iter_csv(_text_lines(_bounded(fh, f.path)), f, f.fmt or "csv")
 
 
 def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None) -> Iterator[EvalRow | BadRow]:
@@ -308,7 +356,17 @@ def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None)
             else:
                 yield from _iter_file(f)
 
-    return unique_ids(rows())
+    return unique_keys(unique_ids(rows()))
+
+
+def unique_keys(rows: Iterable[EvalRow | BadRow]) -> Iterator[EvalRow | BadRow]:
+    """Rows whose content keys repeat (the same question about the same image, scored the same) get
+    ``~2``, ``~3``, ... in stream order, so each is evaluated once."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        n = counts.get(row.key, 0) + 1
+        counts[row.key] = n
+        yield row if n == 1 else replace(row, key=f"{row.key}~{n}")
 
 
 # --- many questions per image ----------------------------------------------------------------------
@@ -342,8 +400,15 @@ __all__ = [
     "BadRow",
     "EvalRow",
     "GoldKind",
+    "data_files",
     "group_by_image",
     "image_key",
+    "is_data_file",
     "read_eval_data",
     "split_rows",
 ]
+
+
+def data_files(source: str | os.PathLike[str]) -> list[str]:
+    """The files a data source reads (none for stdin): what an output of the same run must not be."""
+    return [f.path for f in _plan(os.fspath(source)) if f.path != "-"]

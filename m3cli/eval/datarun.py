@@ -2,10 +2,11 @@
 
 Every row is answered at every scale from one encoding of its image (rows about the same image file
 share it: see :mod:`m3cli.eval.engine`), scored by its gold's form or a chosen metric, and written as a
-sample line (:mod:`m3cli.eval.samples`). With ``resume`` the samples file is the checkpoint: rows it
-already holds are not answered again. The report is computed from every sample of the data source at
-the end. A row that cannot be evaluated (bad row, missing or undecodable image, a backend failure on
-it) is an error sample and is counted, never a crash.
+sample line (:mod:`m3cli.eval.samples`). With ``resume`` the samples file is the checkpoint: rows whose
+content key it already holds are not answered again. The report is computed from every sample of the data
+source at the end. A row that cannot be evaluated (bad row, missing or undecodable image, a question too
+long for ``max_question_chars`` or the model's context, a backend failure on it) is an error sample and is
+counted, never a crash; the question check is the one ``m3 batch`` makes (:func:`m3cli.answering.core.check_question`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
+from m3cli.answering.core import DEFAULT_MAX_QUESTION_CHARS, check_question
 from m3cli.backends.base import Backend
 from m3cli.errors import M3Error, OutputError, UsageError, describe
 from m3cli.eval import samples as sm
@@ -24,8 +26,9 @@ from m3cli.eval.data import BadRow, EvalRow, image_key
 from m3cli.eval.engine import DEFAULT_CACHE, EncodeCache, EvalItem, answer_items
 from m3cli.eval.report import EvalReport
 from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, build_choice_prompt, metric_for
-from m3cli.fileio import dumps_row
 from m3cli.matryoshka.confidence import DEFAULT_MEASURE
+from m3cli.matryoshka.policy import Fixed
+from m3cli.output import OutputTarget, RowSink
 
 Progress = Callable[[int, int], None]
 
@@ -52,6 +55,8 @@ class DataOptions:
     retry_errors: bool = False
     encode_cache: int = DEFAULT_CACHE
     share: bool = True  # False: encode every row's image afresh (for measuring the saving)
+    overwrite: bool = False  # replace an existing samples file (else it must be empty, or resumed)
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS
 
 
 @dataclass
@@ -113,8 +118,18 @@ def _items(rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
         yield EvalItem(row.id, _identity(row.image), lambda p=row.image: _load(p), prompt_for(row, options), row)
 
 
+def open_samples(options: DataOptions, inputs: Sequence[str] = (), folders: Sequence = ()) -> OutputTarget | None:
+    """The guarded samples file (:class:`m3cli.output.OutputTarget` with :data:`~m3cli.eval.samples.SAMPLES`):
+    checked, created and locked now, before any work; None without ``options.samples``. ``inputs`` and
+    ``folders`` are what the run reads (the data files; a data folder and the files it picks)."""
+    if not options.samples:
+        return None
+    return OutputTarget.open(options.samples, "jsonl", resume=options.resume, overwrite=options.overwrite,
+                             inputs=inputs, folders=folders, schema=sm.SAMPLES, what="--samples")
+
+
 def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, dict[str, Any]]:
-    """The samples already done for this data (resume), checked to fit this run's options."""
+    """The samples already done for this data (resume), by content key, checked to fit this run's options."""
     if not (options.resume and options.samples):
         return {}
     try:
@@ -123,7 +138,7 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
         raise OutputError(f"{options.samples}: cannot read the samples to resume ({describe(exc)})") from None
     done = {}
     for row in rows:
-        sample = found.get(row.id)
+        sample = found.get(row.key)
         if sample is None or (sample.get("error") is not None and options.retry_errors):
             continue
         if sample.get("error") is None and isinstance(row, EvalRow):
@@ -131,84 +146,88 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
             if why:
                 raise UsageError(f"{options.samples}: row {row.id} was evaluated with {why}; resume with the "
                                  "same options or write a new --samples file")
-        done[row.id] = sample
+        done[row.key] = sample
     return done
 
 
-def _open_samples(options: DataOptions) -> IO[str] | None:
-    if not options.samples:
-        return None
-    try:
-        return open(options.samples, "a" if options.resume else "w", encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"{options.samples}: cannot write the samples ({describe(exc)})") from None
-
-
-def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None) -> None:
+def _write(out: RowSink | None, lines: list[dict[str, Any]]) -> None:
+    """Append ``lines`` in order and flush: a checkpoint, what is written stays done if the run stops. A full
+    disk is :class:`~m3cli.output.OutputWriteError` (one line, exit code 1); what was written stays."""
     if out is None or not lines:
         return
-    try:
-        out.write("".join(dumps_row(s) + "\n" for s in lines))
-        out.flush()  # a checkpoint: what is written stays done if the run stops
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the samples ({describe(exc)})") from None
+    for line in lines:
+        out.write(line)
+    out.flush()
 
 
-def _bad_metric(row: EvalRow, options: DataOptions) -> str | None:
+def _refused(row: EvalRow, options: DataOptions, backend: Backend, top: int) -> str | None:
+    """Why ``row`` cannot be asked (metric, question length, the model's context), or None."""
     if metric_of(row, options) == "choice" and row.gold_kind != "choice":
         return "metric 'choice' needs a row with 'choices'"
-    return None
+    return check_question(backend, row.question, Fixed(top), options.max_new_tokens, options.max_question_chars,
+                          prompt=prompt_for(row, options))
 
 
 def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: DataOptions, label: str,
-                  progress: Progress | None = None) -> DataResult:
+                  progress: Progress | None = None, target: OutputTarget | None = None) -> DataResult:
     """Evaluate ``rows`` (from :func:`m3cli.eval.data.read_eval_data`) at ``options.scales``.
 
-    Raises :class:`NothingEvaluated` when no row could be evaluated (after writing their error samples).
+    ``target`` is the samples file opened with :func:`open_samples` (before the model loaded); without it,
+    ``options.samples`` is opened here. Raises :class:`NothingEvaluated` when no row could be evaluated
+    (after writing their error samples).
     """
     if options.metric is not None and options.metric not in METRICS:
         raise UsageError(f"unknown metric {options.metric!r} (choose from {', '.join(METRICS)})")
     scales = sorted(options.scales)
-    prior = _prior(rows, options)
-    new: dict[str, dict[str, Any]] = {}
-    todo: list[EvalRow] = []
-    for row in rows:
-        if row.id in prior:
-            continue
-        if isinstance(row, BadRow):
-            new[row.id] = sm.error_sample(row, row.message)
-        elif (why := _bad_metric(row, options)) is not None:
-            new[row.id] = sm.error_sample(row, why, prompt_for(row, options), metric_of(row, options))
-        else:
-            todo.append(row)
-    cache = EncodeCache(options.encode_cache)
-    start = time.perf_counter()
-    out = _open_samples(options)
+    own = target is None
+    if own:
+        target = open_samples(options)
     try:
-        _write(out, [new[r.id] for r in rows if r.id in new], options.samples)
-        done = 0
-        if progress and todo:
-            progress(0, len(todo))
-        for batch in answer_items(backend, _items(todo, options), scales, options.batch_size,
-                                  options.max_new_tokens, cache, options.share):
-            lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure)
-                     for r in batch]
-            _write(out, lines, options.samples)
-            new.update((s["id"], s) for s in lines)
-            done += len(batch)
-            if progress:
-                progress(done, len(todo))
+        prior = _prior(rows, options)
+        new: dict[str, dict[str, Any]] = {}
+        todo: list[EvalRow] = []
+        for row in rows:
+            if row.key in prior:
+                continue
+            if isinstance(row, BadRow):
+                new[row.key] = sm.error_sample(row, row.message)
+            elif (why := _refused(row, options, backend, scales[-1])) is not None:
+                new[row.key] = sm.error_sample(row, why, prompt_for(row, options), metric_of(row, options))
+            else:
+                todo.append(row)
+        cache = EncodeCache(options.encode_cache)
+        start = time.perf_counter()
+        out = target.sink() if target is not None else None
+        try:
+            _write(out, [new[r.key] for r in rows if r.key in new])
+            done = 0
+            if progress and todo:
+                progress(0, len(todo))
+            for batch in answer_items(backend, _items(todo, options), scales, options.batch_size,
+                                      options.max_new_tokens, cache, options.share):
+                lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure)
+                         for r in batch]
+                _write(out, lines)
+                new.update((s["key"], s) for s in lines)
+                done += len(batch)
+                if progress:
+                    progress(done, len(todo))
+        finally:
+            if out is not None:
+                out.close()
     finally:
-        if out is not None:
-            out.close()
+        if own and target is not None:
+            target.close()
     seconds = time.perf_counter() - start
     return _result(rows, prior, new, scales, label, seconds, cache.encodes)
 
 
 def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: list[int], label: str,
             seconds: float, encodes: int) -> DataResult:
-    """The report from every sample of ``rows`` (resumed or new), in data order."""
-    every = [s for r in rows if (s := new.get(r.id) or prior.get(r.id)) is not None]
+    """The report from every sample of ``rows`` (resumed or new), in data order; a resumed sample shows its
+    row's id in this run (a default id follows the row's line)."""
+    every = [s if s.get("id") == r.id else {**s, "id": r.id}
+             for r in rows if (s := new.get(r.key) or prior.get(r.key)) is not None]
     good = [s for s in every if s.get("error") is None]
     errors = [s for s in every if s.get("error") is not None]
     if not good:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from m3cli.eval.report import EvalReport
 
@@ -72,8 +74,15 @@ def format_errors(errors: Sequence[dict], shown: int = 5) -> str:
     return "\n".join(lines)
 
 
-def plot(report: EvalReport, path: str, escalations: Sequence[dict] = ()) -> None:
-    """Accuracy vs mean visual tokens: one line per family, overall, the auto-scale curve, the oracle."""
+PLOT_SOFTWARE = "m3cli m3 eval"  # the PNG's Software text: how --plot tells its own earlier plot from a user's file
+REPORT_KEYS = frozenset({"scales", "measure", "calibration"})  # what every --json report has
+
+
+def plot(report: EvalReport, path: str | IO[bytes], escalations: Sequence[dict] = ()) -> None:
+    """Accuracy vs mean visual tokens: one line per family, overall, the auto-scale curve, the oracle.
+
+    ``path`` is a file name or a binary stream (the output guard's atomic one); the PNG says it was made here.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,8 +110,51 @@ def plot(report: EvalReport, path: str, escalations: Sequence[dict] = ()) -> Non
     ax.legend(fontsize=7, ncol=2, loc="best")
     ax.set_title(f"{report.label.replace('`', '')}, {len(report.records)} questions")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png", metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
+
+
+def is_our_plot(path: str) -> bool:
+    """Whether ``path`` is a PNG ``m3 eval --plot`` wrote (its Software text), so a new plot may replace it."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while True:  # chunks: length, type, data, crc; text chunks come before the image data
+                head = f.read(8)
+                if len(head) < 8:
+                    return False
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return False
+                data = f.read(length)
+                f.read(4)
+                if kind == b"tEXt" and data.split(b"\0", 1) == [b"Software", PLOT_SOFTWARE.encode()]:
+                    return True
+    except OSError:
+        return False
+
+
+def is_our_report(path: str) -> bool:
+    """Whether ``path`` is a JSON report ``m3 eval --json`` wrote, so a new report may replace it."""
+    try:
+        if os.path.getsize(path) > 256 << 20:
+            return False
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and REPORT_KEYS <= set(data)
+
+
+def is_eval_data(path: str) -> bool:
+    """Whether ``path`` is an eval data file as ``--export-data`` writes it (its first line a row)."""
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline(1 << 20) or b"null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"id", "image", "question", "answer"} <= set(first)
 
 
 def report_dict(report: EvalReport, escalations: Sequence[dict], tuned: dict | None, measure: str,

@@ -1,8 +1,10 @@
 """``m3 eval --samples``: one JSON line per data row with its answer, confidence and score at each scale.
 
-The file is also the checkpoint of ``--resume``: a row whose id already has a line is not answered again
-(its last line counts), and the report is computed from the lines, so a resumed run reports exactly what
-one uninterrupted run would. Row fields:
+The file is also the checkpoint of ``--resume``: a row whose content ``key`` already has a line is not answered
+again (its last line counts), and the report is computed from the lines, so a resumed run reports exactly what
+one uninterrupted run would, whatever rows were inserted, removed or reordered in between. The file goes
+through the output guard (:class:`m3cli.output.OutputTarget` with :data:`SAMPLES`): checked before any work,
+locked while written, each batch's lines appended and flushed in data order. Row fields:
 
 - ``id``, ``image``, ``question``, ``prompt`` (the text the model saw), ``family``;
 - ``gold_kind`` (answer / answers / choice), ``gold`` (list; a choice row's gold letter), ``choices``;
@@ -13,7 +15,9 @@ one uninterrupted run would. Row fields:
   ``visual_tokens`` (what the LM received at that per-crop scale, all crops and newlines);
 - ``oracle_tokens``: the fewest tokens reaching the row's best score (None when every scale scores 0);
 - ``encode_ms`` (this row's share of its image's encode; 0 when the encoding was reused), ``encode_reused``;
-- ``error``: None, or one line saying why the row was not evaluated (then ``scales`` is empty).
+- ``error``: None, or one line saying why the row was not evaluated (then ``scales`` is empty);
+- ``key``: the row's content key (:mod:`m3cli.eval.data`), what ``--resume`` matches. Lines of an older m3
+  without it match no row: their rows are evaluated again.
 """
 
 from __future__ import annotations
@@ -22,15 +26,20 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from m3cli.errors import OutputError
 from m3cli.eval.data import BadRow, EvalRow
 from m3cli.eval.engine import ItemResult
 from m3cli.eval.report import Record
 from m3cli.eval.scoring import score
-from m3cli.fileio import iter_jsonl
+from m3cli.fileio import LineTooLong, escape_surrogates, iter_jsonl
 from m3cli.matryoshka.confidence import MEASURES
-from m3cli.output import repair_jsonl
+from m3cli.output import RowSchema, repair_jsonl
 
 NO_FAMILY = "(none)"
+
+# What the output guard and --resume check a samples file against (every line of one, error lines included).
+SAMPLES = RowSchema("m3 eval samples", "m3 eval", frozenset({"id", "image", "question", "scales", "error"}),
+                    ident="key", run_key=None)
 
 
 def _row_fields(row: EvalRow, prompt: str | None, metric: str | None) -> dict[str, Any]:
@@ -55,7 +64,7 @@ def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str) -> d
     oracle = min(s["tokens"] for s in per_scale if s["score"] == best) if best > 0 else None
     return _row_fields(row, res.item.prompt, metric) | {
         "scales": per_scale, "oracle_tokens": oracle, "encode_ms": round(res.encode_ms, 3),
-        "encode_reused": res.reused, "error": None}
+        "encode_reused": res.reused, "error": None, "key": row.key}
 
 
 def error_sample(row: EvalRow | BadRow, message: str, prompt: str | None = None,
@@ -67,7 +76,7 @@ def error_sample(row: EvalRow | BadRow, message: str, prompt: str | None = None,
     else:
         base = _row_fields(row, prompt, metric)
     return base | {"scales": [], "oracle_tokens": None, "encode_ms": 0.0, "encode_reused": False,
-                   "error": message}
+                   "error": message, "key": row.key}
 
 
 def record(sample: dict[str, Any], scales: Sequence[int]) -> Record:
@@ -85,9 +94,10 @@ def record(sample: dict[str, Any], scales: Sequence[int]) -> Record:
 
 
 def read_samples(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The last sample line per id of a samples file, after truncating a half-written last line.
+    """The last sample line per content key of a samples file, after truncating a half-written last line.
 
-    A missing file gives nothing; lines that are not sample objects are skipped.
+    A missing file gives nothing; lines that are not sample objects, or have no key (an older m3), are
+    skipped. A line over the bounded reader's limit is an OutputError (one line).
     """
     repair_jsonl(path)
     out: dict[str, dict[str, Any]] = {}
@@ -96,9 +106,14 @@ def read_samples(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return out
     with f:
-        for _line, _end, _raw, value in iter_jsonl(f):
-            if isinstance(value, dict) and value.get("id") is not None and isinstance(value.get("scales"), list):
-                out[str(value["id"])] = value
+        try:
+            for _line, _end, _raw, value in iter_jsonl(f):
+                if isinstance(value, dict) and isinstance(value.get("key"), str) \
+                        and isinstance(value.get("scales"), list):
+                    out[value["key"]] = value
+        except LineTooLong as exc:
+            raise OutputError(f"{escape_surrogates(os.fspath(path))}: {exc}, so this is not m3 eval samples") \
+                from None
     return out
 
 

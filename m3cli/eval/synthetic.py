@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator, Sequence
 from m3cli.backends.base import Backend
 from m3cli.data import describe as describe_family
 from m3cli.data import scenes
-from m3cli.errors import M3Error, OutputError, UsageError, describe
+from m3cli.errors import M3Error, UsageError, describe
 from m3cli.eval.engine import DEFAULT_CACHE, EncodeCache, EvalItem, ItemResult, answer_items
 from m3cli.eval.report import EvalReport, Record
 from m3cli.fileio import atomic_write_text
+from m3cli.output import OutputWriteError
 
 Progress = Callable[[int, int], None]
 
@@ -115,8 +116,8 @@ def export_scenes(out_dir: str | os.PathLike[str], split: str = "test", n: int =
     out_dir = os.fspath(out_dir)
     try:
         return _export(out_dir, split, n, families)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot write the export ({describe(exc)})") from None
+    except OSError as exc:  # part-way (the folder was checked before): what is written stays, exit code 1
+        raise OutputWriteError(f"{out_dir}: cannot write the export ({describe(exc)})") from None
 
 
 def _export(out_dir: str, split: str, n: int, families: Sequence[str] | None) -> tuple[str, int, int]:
