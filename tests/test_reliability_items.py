@@ -408,7 +408,8 @@ def test_13_a_planted_entry_is_never_loaded(tmp_path, fake_fix, plant):
     assert path.read_bytes() == b"FIXED" + src.read_bytes()
 
 
-def test_13_a_cache_root_open_to_others_is_made_private(tmp_path, fake_fix, caplog):
+def test_13_a_cache_root_open_to_others_keeps_its_mode_and_gets_a_private_folder(tmp_path, fake_fix, caplog):
+    """(Changed: an existing folder is never chmodded; m3's entries go in an owner-only folder inside it.)"""
     from m3cli.gguf.cache import cached_fixed_mmproj
 
     root = tmp_path / "cache"
@@ -417,9 +418,11 @@ def test_13_a_cache_root_open_to_others_is_made_private(tmp_path, fake_fix, capl
     src = tmp_path / "mmproj-legacy.gguf"
     src.write_bytes(b"p" * 10)
     with caplog.at_level(logging.WARNING, logger="m3cli"):
-        cached_fixed_mmproj(src, root)
-    assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    assert any("made it private" in r.getMessage() for r in caplog.records)
+        path, _ = cached_fixed_mmproj(src, root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o777
+    mine = root / f"m3cli-{os.getuid()}"
+    assert mine in path.parents and stat.S_IMODE(mine.stat().st_mode) == 0o700
+    assert any("writable by other users" in r.getMessage() for r in caplog.records)
 
 
 def test_13_a_cache_root_of_another_user_is_refused(tmp_path, fake_fix, monkeypatch):
@@ -431,7 +434,7 @@ def test_13_a_cache_root_of_another_user_is_refused(tmp_path, fake_fix, monkeypa
     src = tmp_path / "mmproj-legacy.gguf"
     src.write_bytes(b"p" * 10)
     owner = root.stat().st_uid
-    monkeypatch.setattr(cache.os, "getuid", lambda: owner + 1)
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
     with pytest.raises(MmprojError, match="belongs to another user") as info:
         cache.cached_fixed_mmproj(src, root)
     assert "\n" not in str(info.value) and not fake_fix
