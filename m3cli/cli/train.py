@@ -40,6 +40,9 @@ def train(config_path, out, resume, init_from, stages, threads, device, progress
     if threads:
         config.threads = threads
     run_dir = Path(out or Path("runs") / config.name)
+    from m3cli.output import check_output_dir
+
+    check_output_dir(run_dir, "--out")  # a folder that takes files, checked before the model is built
     bar = _TrainBar(sys.stderr.isatty() if progress is None else progress)
     picked = pick_device(device)
     if picked == "mps":
