@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from m3cli.cli.app import group
-from m3cli.cli.options import INT_LIST, THREADS, THRESHOLD, NumberList, model_options
+from m3cli.cli.options import INT_LIST, NON_EMPTY, THREADS, THRESHOLD, NumberList, model_options
 
 WORKDIR_HELP = "Where the scene PNGs are written."
 SHAPE_HELP = ("Time a paper-scale architecture with RANDOM weights made in memory instead of --model: "
@@ -193,7 +193,8 @@ def bench_ray(count, tokens, batch_size, max_new_tokens, actor_counts, ray_addre
 
 
 @bench.command("gguf")
-@click.option("-m", "--model", default=None, help="HF model dir or registry name (default: the shipped model).")
+@click.option("-m", "--model", type=NON_EMPTY, default=None,
+              help="HF model dir or registry name (default: the shipped model).")
 @shape_options
 @click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False), default=None,
               help="Its GGUF language model (default: convert --model into --workdir).")
@@ -234,7 +235,7 @@ def bench_gguf(model, gguf_path, mmproj, outtype, quant, count, tokens, batch_si
 
 
 @bench.command("memory")
-@click.option("-m", "--model", default=None)
+@click.option("-m", "--model", type=NON_EMPTY, default=None)
 @click.option("--small", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--large", type=click.IntRange(1), default=5000, show_default=True)
 @click.option("--workdir", default="runs/bench-scenes", show_default=True)

@@ -1,8 +1,10 @@
 """Option sets shared by several commands, and the click types that check values at parse time.
 
 A bad value is a one-line usage error (exit 2) before any model loads: ``--tokens abc``, ``--ladder 9,x``,
-``--thresholds 2``, ``--shard 3/2``, ``--threshold nan``, ``--threads -1``, ``--fps inf``. Every numeric option
-has a range type, and float options reject ``nan`` and ``inf`` (click's FloatRange lets both through).
+``--thresholds 2``, ``--shard 3/2``, ``--threshold nan``, ``--threads -1``, ``--fps inf``, ``--model ''``, and
+number lists that are empty, have an empty piece or repeat a number (``--tokens ''``, ``1,,9``, ``9,9``). Every
+numeric option has a range type, and float options reject ``nan`` and ``inf`` (click's FloatRange lets both
+through).
 """
 
 from __future__ import annotations
@@ -58,10 +60,31 @@ class TokenBudget(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class NumberList(click.ParamType):
-    """Comma-separated numbers, e.g. ``9,36,576`` -> ``[9, 36, 576]`` (empty pieces ignored).
+class NonEmpty(click.ParamType):
+    """A string that is not empty or blank (``--model ''`` is a mistake, never the default model)."""
 
-    ``item`` is int or float. With bounds, at least one number is needed and each must lie within them.
+    name = "TEXT"
+
+    def convert(self, value, param, ctx) -> str:
+        if not str(value).strip():
+            self.fail("is empty (leave the option out for its default)", param, ctx)
+        return value
+
+
+class NonEmptyPath(click.Path):
+    """``click.Path`` that refuses an empty value (click would take ``''`` as the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("is empty (leave the option out for its default)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class NumberList(click.ParamType):
+    """Comma-separated numbers, e.g. ``9,36,576`` -> ``[9, 36, 576]``.
+
+    ``item`` is int or float. At least one number is needed, with no empty piece (``1,,9``) and no number
+    twice (``9,9``: a scale or threshold is tried once); with bounds each must lie within them.
     """
 
     def __init__(self, item: type = int, low: float | None = None, high: float | None = None) -> None:
@@ -74,12 +97,20 @@ class NumberList(click.ParamType):
         if isinstance(value, list):
             return value
         kind = "integers" if self.item is int else "numbers"
+        pieces = str(value).split(",")
+        if not str(value).strip():
+            self.fail(f"needs at least one number, got {value!r}", param, ctx)
+        if any(not p.strip() for p in pieces):
+            self.fail(f"has an empty item (a stray comma?): {value!r}", param, ctx)
         try:
-            numbers = [self.item(x) for x in str(value).split(",") if x.strip()]
+            numbers = [self.item(x) for x in pieces]
         except ValueError:
             self.fail(f"must be comma-separated {kind}, got {value!r}", param, ctx)
         if any(not math.isfinite(n) for n in numbers):
             self.fail(f"needs finite {kind}, got {value!r}", param, ctx)
+        repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+        if repeated:
+            self.fail(f"lists {', '.join(f'{n:g}' for n in repeated)} more than once: {value!r}", param, ctx)
         if self.low is None and self.high is None:
             return numbers
         low = float("-inf") if self.low is None else self.low
@@ -115,6 +146,7 @@ NON_NEGATIVE = FiniteFloat(0.0)                       # e.g. --gpus-per-actor
 THREADS = click.IntRange(1, 4096)
 DEVICE = DeviceName()
 DTYPE = click.Choice(["auto", *DTYPES])
+NON_EMPTY = NonEmpty()
 
 
 def _gpu_layers(ctx, param, value):
@@ -123,10 +155,10 @@ def _gpu_layers(ctx, param, value):
 
 def model_options(fn):
     """Options shared by every command that loads a model (``open_backend``'s keyword arguments)."""
-    fn = click.option("--vision-tower", type=click.Path(file_okay=False), default=None,
+    fn = click.option("--vision-tower", type=NonEmptyPath(file_okay=False), default=None,
                       help="Original LLaVA checkpoints: the CLIP tower directory (default: $M3_VISION_TOWER, "
                            "else mm_vision_tower from the local Hugging Face cache).")(fn)
-    fn = click.option("--chat-template", default=None, metavar="FILE|NAME",
+    fn = click.option("--chat-template", type=NON_EMPTY, default=None, metavar="FILE|NAME",
                       help="The prompt: a jinja / chat_template.json file or a recipe (vicuna_v1, "
                            "mistral_instruct, chatml_direct); also for a model without a template.")(fn)
     fn = click.option("--ctx", type=click.IntRange(64, 1 << 24), default=None,
@@ -135,7 +167,7 @@ def model_options(fn):
                       help="GGUF: run the vision encoder on the GPU too (default: when the build has one).")(fn)
     fn = click.option("--n-gpu-layers", type=click.IntRange(-1), default=None, callback=_gpu_layers,
                       help="GGUF: LM layers to offload, -1 all (default: all when the build supports a GPU).")(fn)
-    fn = click.option("--mmproj", type=click.Path(dir_okay=False), default=None,
+    fn = click.option("--mmproj", type=NonEmptyPath(dir_okay=False), default=None,
                       help="GGUF: the vision projector file (default: a sibling *mmproj*.gguf).")(fn)
     fn = click.option("--threads", type=THREADS, default=None, help="CPU threads (>= 1).")(fn)
     fn = click.option("--dtype", type=DTYPE, default="auto", show_default=True,
@@ -144,7 +176,7 @@ def model_options(fn):
                       help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")(fn)
     fn = click.option("--backend", type=click.Choice(["auto", "torch", "llamacpp"]), default="auto",
                       show_default=True, help="Inference backend (auto: llamacpp for .gguf models, else torch).")(fn)
-    fn = click.option("-m", "--model", default=None,
+    fn = click.option("-m", "--model", type=NON_EMPTY, default=None,
                       help="Registry name, model directory, .gguf file or hub id (default: the shipped m3-shapes).")(fn)
     return fn
 
