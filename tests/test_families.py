@@ -622,7 +622,7 @@ def test_converted_template_gives_plain_transformers_the_original_ids(hf_spm, sp
 
 
 def test_converted_template_multi_turn_is_separator_style_two():
-    from m3cli.families.prompts import _compiled
+    from m3cli.families.templates import _compiled
 
     def turn(role, text, image=False):
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]

@@ -230,7 +230,7 @@ BOMBS = {
 def test_11_a_template_cannot_hang_or_grow_without_bound(name):
     import resource
 
-    from m3cli.families.prompts import TemplateError, render_chat_template
+    from m3cli.families.templates import TemplateError, render_chat_template
 
     start, before = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(TemplateError, match="chat template stopped") as info:
@@ -240,7 +240,7 @@ def test_11_a_template_cannot_hang_or_grow_without_bound(name):
 
 
 def test_11_the_bound_template_renders_what_transformers_renders():
-    from m3cli.families.prompts import render_chat_template
+    from m3cli.families.templates import render_chat_template
 
     template = ("{% for m in messages %}{{ m['role']|upper ~ ': ' }}{% for c in m['content'] %}"
                 "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text']|trim }}{% endif %}{% endfor %}"
