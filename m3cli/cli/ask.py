@@ -11,6 +11,7 @@ from m3cli.cli.app import command
 from m3cli.cli.options import (
     check_policy_flags,
     check_run_question,
+    image_options,
     max_visual_tokens_option,
     model_options,
     policy_options,
@@ -25,6 +26,7 @@ Examples:
   m3 ask photo.jpg "What is this?" --tokens 9 --json
   m3 ask wide.jpg "What is this?" --model llava-next-vicuna-7b-m3 --max-visual-tokens 200
   m3 ask photo.jpg "How many people?" --auto-scale --threshold 0.9
+  m3 ask phone.jpg "What is this?" --upright --alpha-background white
 """
 
 
@@ -40,17 +42,18 @@ QUESTION defaults to "{DEFAULT_QUESTION}".
 @policy_options
 @max_visual_tokens_option
 @question_limit_option
+@image_options
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the answer text.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
 def ask(image, question, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, as_json,
-        max_new_tokens, **model_kw):
+        max_new_tokens, image_options, **model_kw):
     """``m3 ask``; its help text is ASK_HELP (it names the default question)."""
     from m3cli.answering.core import ask_images, make_policy
     from m3cli.backends import open_backend
     from m3cli.fileio import text_safe
     from m3cli.matryoshka.scales import budget_note
-    from m3cli.media import load_image
+    from m3cli.media import ImageNotes, open_image
     from m3cli.output import round_confidences
 
     check_policy_flags(auto_scale, threshold, ladder)
@@ -59,18 +62,19 @@ def ask(image, question, tokens, auto_scale, threshold, ladder, max_visual_token
     elif not question.strip():
         raise click.UsageError("QUESTION is empty (leave it out to ask the default question)")
     check_run_question(question, max_question_chars)
-    picture = load_image(image)
+    picture = open_image(image, image_options)
+    ImageNotes(lambda note: click.echo(f"m3: note: {note}", err=True)).see(picture.fields(), image)
     backend = open_backend(**model_kw)
     policy = make_policy(backend.grid_side, tokens, auto_scale, threshold, ladder, max_visual_tokens)
     note = budget_note(tokens, backend.grid_side)
     if note is not None:
         click.echo(f"m3: note: {note}", err=True)
-    result = ask_images(backend, [picture], [question], [policy], max_new_tokens,
+    result = ask_images(backend, [picture.image], [question], [policy], max_new_tokens,
                         max_question_chars=max_question_chars)[0]
     if as_json:
         row = {"image": image, "question": question, **round_confidences(result.to_dict()), "note": result.note,
                "requested_tokens": tokens, "max_visual_tokens": max_visual_tokens, "model": backend.model_id,
-               "backend": backend.name}
+               "backend": backend.name, **picture.fields()}
         click.echo(json.dumps(text_safe(row), ensure_ascii=False))
     else:
         click.echo(result.answer)

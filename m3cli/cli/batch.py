@@ -12,6 +12,7 @@ from m3cli.cli.options import (
     SHARD,
     check_policy_flags,
     check_run_question,
+    image_options,
     max_visual_tokens_option,
     model_options,
     policy_options,
@@ -112,13 +113,15 @@ def _engine_options(fn):
 @policy_options
 @max_visual_tokens_option
 @question_limit_option
+@image_options
 @model_options
 @_run_options
 @_engine_options
 def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, output,
           fmt, resume,
           retry_errors, force, batch_size, fps, every, max_frames, video_mode, collage_frames, collage_layout,
-          encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, **model_kw):
+          encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, image_options,
+          **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item and question.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
@@ -142,6 +145,7 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_t
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
         max_question_chars=max_question_chars, video_mode=video_mode, collage_frames=collage_frames,
         collage_layout=collage_layout, encode_cache=encode_cache, max_visual_tokens=max_visual_tokens,
+        image=image_options,
     )
     result = run_job(BatchJob(
         list(inputs), opts, model=model_kw, output=output, fmt=fmt, resume=resume, retry_errors=retry_errors,

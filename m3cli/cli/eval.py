@@ -8,7 +8,7 @@ import sys
 import click
 
 from m3cli.cli.app import command
-from m3cli.cli.options import INT_LIST, NumberList, model_options
+from m3cli.cli.options import INT_LIST, NumberList, image_options, model_options
 from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, SHORT_ANSWER_SUFFIX
 
 
@@ -47,6 +47,7 @@ def _data_options(fn):
 
 @command("eval")
 @model_options
+@image_options
 @click.option("--tokens", "scales", type=INT_LIST, default=None,
               help="Scales to evaluate, e.g. 1,9,36,144,576 (default: all).")
 @click.option("-n", "--n", "count", type=click.IntRange(1, 10_000_000), default=None,
@@ -68,7 +69,7 @@ def _data_options(fn):
 @_data_options
 def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tune, batch_size, json_path,
              plot_path, data, metric, prompt_suffix, question_suffix, short_answer, max_new_tokens, samples_path,
-             resume, retry_errors, encode_cache, export_dir, progress, **model_kw):
+             resume, retry_errors, encode_cache, export_dir, progress, image_options, **model_kw):
     """Accuracy per question family and scale, with the oracle, on the synthetic scenes or --data rows.
 
     \b
@@ -85,6 +86,8 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
         raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
     _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
                  samples_path, resume, retry_errors)
+    if not image_options.exact and not data:  # the scenes are drawn in memory: no file, no EXIF, no alpha
+        raise click.UsageError("--upright, --alpha-background and --fast-decode need --data")
     if export_dir:
         from m3cli.eval.synthetic import export_scenes
 
@@ -114,8 +117,9 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
                                question_suffix=SHORT_ANSWER_SUFFIX if short_answer else question_suffix or None,
                                batch_size=batch_size, max_new_tokens=max_new_tokens or 16, measure=measure,
                                samples=samples_path, resume=resume, retry_errors=retry_errors,
-                               encode_cache=encode_cache)
-            result = evaluate_data(backend, rows, opts, data, progress=bar)
+                               encode_cache=encode_cache, image=image_options)
+            result = evaluate_data(backend, rows, opts, data, progress=bar,
+                                   notes=lambda note: click.echo(f"m3: note: {note}", err=True))
             report = result.report
     finally:
         if bar is not None:

@@ -7,6 +7,7 @@ has a range type, and float options reject ``nan`` and ``inf`` (click's FloatRan
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -106,6 +107,22 @@ class ShardSpec(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class Colour(click.ParamType):
+    """A colour name (``white``, ``black``, ...) or ``#rrggbb``, as ``(r, g, b)``."""
+
+    name = "COLOUR"
+
+    def convert(self, value, param, ctx) -> tuple[int, int, int]:
+        if isinstance(value, tuple):
+            return value
+        from m3cli.media.image import parse_colour  # Pillow's colour names; only when the option is given
+
+        try:
+            return parse_colour(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 TOKENS = TokenBudget()
 INT_LIST = NumberList(int)
 SHARD = ShardSpec()
@@ -114,6 +131,7 @@ POSITIVE = FiniteFloat(0.0, min_open=True)            # e.g. --fps
 NON_NEGATIVE = FiniteFloat(0.0)                       # e.g. --gpus-per-actor
 THREADS = click.IntRange(1, 4096)
 DEVICE = DeviceName()
+COLOUR = Colour()
 DTYPE = click.Choice(["auto", *DTYPES])
 
 
@@ -147,6 +165,33 @@ def model_options(fn):
     fn = click.option("-m", "--model", default=None,
                       help="Registry name, model directory, .gguf file or hub id (default: the shipped m3-shapes).")(fn)
     return fn
+
+
+def image_options(fn):
+    """--upright, --alpha-background, --fast-decode: how a user's images become pixels, gathered into one
+    ``image_options`` keyword argument (an :class:`m3cli.media.ImageOptions`; all off: the model's recipe)."""
+
+    @functools.wraps(fn)
+    def with_image_options(*args, upright, alpha_background, fast_decode, **kwargs):
+        from m3cli.media.image import ImageOptions
+
+        return fn(*args, image_options=ImageOptions(upright, alpha_background, fast_decode), **kwargs)
+
+    options = [
+        click.option("--upright", is_flag=True,
+                     help="Turn each image by its EXIF orientation first (default: as stored, as the model's "
+                          "original code feeds it; a note says when an image has one)."),
+        click.option("--alpha-background", type=COLOUR, default=None,
+                     help="Composite transparent pixels onto COLOUR first, a name (white, black, ...) or #rrggbb "
+                          "(default: alpha dropped, as the model's original code does; a note says when an "
+                          "image has transparency)."),
+        click.option("--fast-decode", is_flag=True,
+                     help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (the short side kept >= 1008 px): faster, "
+                          "but the pixels differ from the model's recipe (rows record decode_scale)."),
+    ]
+    for option in reversed(options):
+        with_image_options = option(with_image_options)
+    return with_image_options
 
 
 def policy_options(fn):

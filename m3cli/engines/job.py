@@ -22,6 +22,7 @@ from typing import Any
 from m3cli.engines import EngineRunError
 from m3cli.engines.units import BatchOptions
 from m3cli.errors import UsageError
+from m3cli.media.image import ImageNotes
 from m3cli.output import OrderedWriter, OutputTarget, OutputWriteError, RowSink, Summary, is_stdout
 
 ENGINES = ("local", "ray")
@@ -120,7 +121,8 @@ class JobResult:
 def run_record(job: BatchJob) -> dict[str, Any]:
     """What the run's rows are made with, written in each row as ``run`` and compared by ``--resume``: the
     model (resolved: a path made absolute), the question of items without their own (the list, when there
-    are several), the budget, the answer length, and a collage's frame count and layout. Device, dtype,
+    are several), the budget, the answer length, the image options given (``--upright``,
+    ``--alpha-background``, ``--fast-decode``: other pixels) and a collage's frame count and layout. Device, dtype,
     batch size and frame sampling are left out: they may change between a run and its resumption without
     changing what is asked."""
     from m3cli.models.registry import resolve_model
@@ -137,6 +139,7 @@ def run_record(job: BatchJob) -> dict[str, Any]:
     record["max_new_tokens"] = opts.max_new_tokens
     if opts.max_visual_tokens is not None:  # absent otherwise, so earlier runs' records still match
         record["max_visual_tokens"] = opts.max_visual_tokens
+    record.update(opts.image.record())  # --upright / --alpha-background / --fast-decode: only those given
     if opts.video_mode == "collage":  # a video's row is another picture: a frames run's rows are not its rows
         layout = opts.collage_layout
         record.update(video_mode="collage", collage_frames=opts.collage_frames,
@@ -180,7 +183,13 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
     writer = OrderedWriter(sink)
     result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt == "jsonl")
     bar = _progress_bar(job.progress)
-    on_row = (lambda row: bar.update(1)) if bar is not None else None
+    pixel_notes = ImageNotes(notes)  # once per run: an EXIF orientation or a transparency the recipe ignores
+
+    def on_row(row: dict) -> None:
+        pixel_notes.see(row, row.get("source"))
+        if bar is not None:
+            bar.update(1)
+
     try:
         _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes)
     except (EngineRunError, OutputWriteError) as exc:  # rows written so far are kept

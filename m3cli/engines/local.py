@@ -29,11 +29,11 @@ def iter_units(inputs: Iterable[Item | BadInput], opts: BatchOptions) -> Iterato
     sampling = opts.sampling
     recent = RecentKeys(opts.encode_cache)
     for item in inputs:
-        for dec in decode_input(item, done_for(item, opts), sampling, recent):
+        for dec in decode_input(item, done_for(item, opts), sampling, recent, opts.image):
             for row_id, question in unit_questions(dec.item, opts):
                 skip = dec.skip or row_id in opts.done_ids
                 yield Unit(seq, dec.item, None if skip else dec.image, dec.error, skip, id=row_id,
-                           question=question, key=dec.key, load=dec.load, frames=dec.frames)
+                           question=question, key=dec.key, load=dec.load, frames=dec.frames, pixels=dec.pixels)
                 seq += 1
 
 

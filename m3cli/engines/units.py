@@ -35,7 +35,7 @@ from m3cli.engines.decode import VIDEO_MODES, AllDone, Decoded, RecentKeys, Samp
 from m3cli.errors import M3Error
 from m3cli.matryoshka.confidence import DEFAULT_MEASURE
 from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Policy
-from m3cli.media import BadInput, Item, MediaError
+from m3cli.media import BadInput, ImageOptions, Item, MediaError
 from m3cli.media.inputs import question_ids
 from m3cli.output import make_row
 
@@ -82,6 +82,7 @@ class BatchOptions:
     collage_layout: tuple[int, int] | None = None
     encode_cache: int = DEFAULT_BATCH_CACHE
     max_visual_tokens: int | None = None  # --max-visual-tokens: a cap on each image's total (answering.VisualCap)
+    image: ImageOptions = ImageOptions()  # --upright / --alpha-background / --fast-decode (default: the recipe)
 
     @property
     def run_question(self) -> str:
@@ -120,6 +121,7 @@ class Unit:
     key: Hashable | None = None
     load: Callable[[], Any] | None = None
     frames: list[int] | None = None
+    pixels: dict[str, Any] | None = None  # what was done to an image file's pixels (its rows' fields)
 
     @property
     def row_id(self) -> str:
@@ -277,6 +279,8 @@ def _row(unit: Unit, backend: Backend, opts: BatchOptions, question: str, result
     }
     if unit.frames is not None:
         fields["frames"] = list(unit.frames)
+    if unit.pixels is not None:
+        fields.update(unit.pixels)
     if result is not None:
         fields.update(result.to_dict())
         fields["note"] = result.note

@@ -26,6 +26,7 @@ from m3cli.eval.report import EvalReport
 from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, build_choice_prompt, metric_for
 from m3cli.fileio import dumps_row
 from m3cli.matryoshka.confidence import DEFAULT_MEASURE
+from m3cli.media.image import ImageNotes, ImageOptions
 
 Progress = Callable[[int, int], None]
 
@@ -52,6 +53,7 @@ class DataOptions:
     retry_errors: bool = False
     encode_cache: int = DEFAULT_CACHE
     share: bool = True  # False: encode every row's image afresh (for measuring the saving)
+    image: ImageOptions = ImageOptions()  # --upright / --alpha-background / --fast-decode (default: the recipe)
 
 
 @dataclass
@@ -102,15 +104,29 @@ def _identity(path: str) -> tuple[str, int, int] | None:
     return image_key(path), st.st_size, st.st_mtime_ns
 
 
-def _load(path: str):
-    from m3cli.media import load_image
+class _Loader:
+    """Decodes rows' images with the run's options, keeping what was done to each one's pixels (by image
+    identity, for the samples of every row about it) and telling ``notes`` once about what the recipe ignores."""
 
-    return load_image(path)
+    def __init__(self, options: ImageOptions, notes: Callable[[str], None] | None) -> None:
+        self.options = options
+        self.notes = ImageNotes(notes)
+        self.pixels: dict[Any, dict[str, Any]] = {}
 
+    def load(self, path: str, key: Any):
+        from m3cli.media import open_image
 
-def _items(rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
-    for row in rows:  # lazily: each image is looked at just before its batch runs
-        yield EvalItem(row.id, _identity(row.image), lambda p=row.image: _load(p), prompt_for(row, options), row)
+        picture = open_image(path, self.options)
+        fields = picture.fields()
+        self.notes.see(fields, path)
+        if key is not None and any(v is not None for v in fields.values()):
+            self.pixels[key] = fields
+        return picture.image
+
+    def items(self, rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
+        for row in rows:  # lazily: each image is looked at just before its batch runs
+            key = _identity(row.image)
+            yield EvalItem(row.id, key, lambda p=row.image, k=key: self.load(p, k), prompt_for(row, options), row)
 
 
 def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, dict[str, Any]]:
@@ -127,7 +143,8 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
         if sample is None or (sample.get("error") is not None and options.retry_errors):
             continue
         if sample.get("error") is None and isinstance(row, EvalRow):
-            why = sm.mismatch(sample, prompt_for(row, options), metric_of(row, options), options.scales)
+            why = sm.mismatch(sample, prompt_for(row, options), metric_of(row, options), options.scales,
+                              options.image.record())
             if why:
                 raise UsageError(f"{options.samples}: row {row.id} was evaluated with {why}; resume with the "
                                  "same options or write a new --samples file")
@@ -161,8 +178,11 @@ def _bad_metric(row: EvalRow, options: DataOptions) -> str | None:
 
 
 def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: DataOptions, label: str,
-                  progress: Progress | None = None) -> DataResult:
+                  progress: Progress | None = None, notes: Callable[[str], None] | None = None) -> DataResult:
     """Evaluate ``rows`` (from :func:`m3cli.eval.data.read_eval_data`) at ``options.scales``.
+
+    ``notes`` receives one-line remarks for the user (once per run: an image whose EXIF orientation or
+    transparency its recipe ignores).
 
     Raises :class:`NothingEvaluated` when no row could be evaluated (after writing their error samples).
     """
@@ -182,6 +202,7 @@ def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: D
         else:
             todo.append(row)
     cache = EncodeCache(options.encode_cache)
+    loader = _Loader(options.image, notes)
     start = time.perf_counter()
     out = _open_samples(options)
     try:
@@ -189,9 +210,10 @@ def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: D
         done = 0
         if progress and todo:
             progress(0, len(todo))
-        for batch in answer_items(backend, _items(todo, options), scales, options.batch_size,
+        for batch in answer_items(backend, loader.items(todo, options), scales, options.batch_size,
                                   options.max_new_tokens, cache, options.share):
-            lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure)
+            lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure,
+                                      loader.pixels.get(r.item.key), options.image.record())
                      for r in batch]
             _write(out, lines, options.samples)
             new.update((s["id"], s) for s in lines)

@@ -13,6 +13,9 @@ one uninterrupted run would. Row fields:
   ``visual_tokens`` (what the LM received at that per-crop scale, all crops and newlines);
 - ``oracle_tokens``: the fewest tokens reaching the row's best score (None when every scale scores 0);
 - ``encode_ms`` (this row's share of its image's encode; 0 when the encoding was reused), ``encode_reused``;
+- ``upright``, ``alpha``, ``decode_scale``: what was done to the image's pixels, as in ``m3 batch`` rows, and
+  ``image_options`` (only when ``--upright`` / ``--alpha-background`` / ``--fast-decode`` was given: ``--resume``
+  then checks it);
 - ``error``: None, or one line saying why the row was not evaluated (then ``scales`` is empty).
 """
 
@@ -38,8 +41,12 @@ def _row_fields(row: EvalRow, prompt: str | None, metric: str | None) -> dict[st
             "gold_kind": row.gold_kind, "gold": list(row.gold), "choices": list(row.choices), "metric": metric}
 
 
-def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str) -> dict[str, Any]:
-    """The sample line of an answered row (or of one whose answering failed: ``res.error``)."""
+def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str, pixels: dict[str, Any] | None = None,
+                  image_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sample line of an answered row (or of one whose answering failed: ``res.error``).
+
+    ``pixels``: what was done to its image's pixels (``Picture.fields``); ``image_options``: the options on.
+    """
     if res.error is not None:
         return error_sample(row, res.error, res.item.prompt, metric)
     per_scale = []
@@ -53,9 +60,12 @@ def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str) -> d
             per_scale[-1]["visual_tokens"] = gen.visual_tokens
     best = max(s["score"] for s in per_scale)
     oracle = min(s["tokens"] for s in per_scale if s["score"] == best) if best > 0 else None
+    extra: dict[str, Any] = {"upright": None, "alpha": None, "decode_scale": None} | (pixels or {})
+    if image_options:
+        extra["image_options"] = dict(image_options)
     return _row_fields(row, res.item.prompt, metric) | {
         "scales": per_scale, "oracle_tokens": oracle, "encode_ms": round(res.encode_ms, 3),
-        "encode_reused": res.reused, "error": None}
+        "encode_reused": res.reused} | extra | {"error": None}
 
 
 def error_sample(row: EvalRow | BadRow, message: str, prompt: str | None = None,
@@ -102,8 +112,13 @@ def read_samples(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def mismatch(sample: dict[str, Any], prompt: str, metric: str, scales: Sequence[int]) -> str | None:
-    """Why an evaluated sample cannot be reused for this run (other prompt, metric or scales), or None."""
+def mismatch(sample: dict[str, Any], prompt: str, metric: str, scales: Sequence[int],
+             image_options: dict[str, Any] | None = None) -> str | None:
+    """Why an evaluated sample cannot be reused for this run (other prompt, metric, scales or image options), or
+    None."""
+    if (sample.get("image_options") or {}) != (image_options or {}):
+        return f"other image options ({_options_text(sample.get('image_options'))}; this run: " \
+               f"{_options_text(image_options)})"
     if sample.get("prompt") != prompt:
         return "another prompt (question or --prompt-suffix/--question-suffix changed)"
     if sample.get("metric") != metric:
@@ -113,3 +128,14 @@ def mismatch(sample: dict[str, Any], prompt: str, metric: str, scales: Sequence[
     if missing:
         return f"no answers at {', '.join(map(str, missing))} tokens"
     return None
+
+
+def _options_text(options: Any) -> str:
+    """``--upright --alpha-background #ffffff`` for an options record, ``none`` for none."""
+    if not isinstance(options, dict) or not options:
+        return "none"
+    words = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        words.append(flag if value is True else f"{flag} {value}")
+    return " ".join(words)

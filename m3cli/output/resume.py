@@ -99,6 +99,9 @@ _RUN_LABELS = {
     "ladder": "--ladder",
     "max_new_tokens": "--max-new-tokens",
     "max_visual_tokens": "--max-visual-tokens",
+    "upright": "--upright",
+    "alpha_background": "--alpha-background",
+    "fast_decode": "--fast-decode",
 }
 
 

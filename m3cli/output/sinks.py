@@ -40,6 +40,10 @@ ROW_KEYS: tuple[str, ...] = (
     "run",  # what the row was made with (model, run question, budget): --resume checks it
     "source_b64",  # the exact bytes of a source that is not valid UTF-8 (base64), else None
     "frames",  # a video collage's frame indices (m3 batch --video-mode collage), else None
+    # what was done to an image file's pixels (m3cli.media.Picture.fields; None for video frames and errors):
+    "upright",  # True: turned by its EXIF orientation (--upright); False: it has one, fed as stored; else None
+    "alpha",  # "dropped" (as the recipe does) or the "#rrggbb" transparency was composited onto; None: opaque
+    "decode_scale",  # --fast-decode: the JPEG's reduced decode scale (0.5, 0.25, 0.125), else None
 )
 
 _NESTED_KEYS = frozenset({"scales_tried", "timings", "run"})
