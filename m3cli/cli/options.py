@@ -147,6 +147,10 @@ def model_options(fn):
     fn = click.option("--chat-template", default=None, metavar="FILE|NAME",
                       help="The prompt: a jinja / chat_template.json file or a recipe (vicuna_v1, "
                            "mistral_instruct, chatml_direct); also for a model without a template.")(fn)
+    fn = click.option("--prefix-after-special/--no-prefix-after-special", default=None,
+                      help="GGUF: whether the source tokenizer puts a '▁' before text that follows a special token "
+                           "(default: the pair's m3cli.prefix_after_special key, else yes for a SentencePiece "
+                           "vocabulary); for pairs that do not record it, see docs/gguf.md.")(fn)
     fn = click.option("--ctx", type=click.IntRange(64, 1 << 24), default=None,
                       help="GGUF: context length (default 2048; 4096 for LLaVA-1.6 pairs).")(fn)
     fn = click.option("--mmproj-offload/--no-mmproj-offload", default=None,

@@ -73,13 +73,16 @@ class LlamaCppBackend:
     ``chat_template`` is ``--chat-template FILE|NAME`` (a jinja / ``chat_template.json`` file or a recipe
     name such as ``vicuna_v1``); without it the GGUF's own recipe or template is used, and a GGUF without
     either gets LLaVA-1.5's ``vicuna_v1`` with a one-line notice (:attr:`notice`, logged as a warning).
+    ``prefix_after_special`` states whether the source tokenizer put a "▁" after special tokens, for a pair
+    that does not record it (None: the pair's ``m3cli.prefix_after_special`` key, else yes for SentencePiece).
     """
 
     name = "llamacpp"
 
     def __init__(self, model: str, mmproj: str | None = None, n_gpu_layers: int | None = None,
                  mmproj_offload: bool = True, threads: int | None = None, ctx: int | None = None,
-                 verbose: bool = False, patch0: str = "auto", chat_template: str | None = None):
+                 verbose: bool = False, patch0: str = "auto", chat_template: str | None = None,
+                 prefix_after_special: bool | None = None):
         if patch0 not in PATCH0_MODES:
             raise ModelLoadError(f"unknown patch0 mode {patch0!r} (one of {', '.join(PATCH0_MODES)})")
         self._closed = False
@@ -99,7 +102,8 @@ class LlamaCppBackend:
             raise ModelLoadError(f"{model} is an mmproj, not a language model (pass it as --mmproj)")
         mm_path = check_gguf_file(mmproj, "mmproj file") if mmproj else find_mmproj(lm_path)
         # the family (recipe, preprocessing) before any weights load: anything m3 cannot run is refused here
-        self.family, self.notice = gguf_family(lm_path, lm_meta, gguf_metadata(mm_path), chat_template=chat_template)
+        self.family, self.notice = gguf_family(lm_path, lm_meta, gguf_metadata(mm_path), chat_template=chat_template,
+                                               prefix_after_special=prefix_after_special)
         self.spec = self.family.spec
         self.recipe = self.family.recipe
         self.next = self.spec.family == "llavanext"
