@@ -29,6 +29,7 @@ Examples:
   jq -c '{image: .path, question: .q}' todo.jsonl | m3 batch - -o out.jsonl --resume
   m3 batch ./photos -q "what is the main object?" -q "is it indoors?" -o answers.jsonl
   m3 batch clip.mp4 --video-mode collage -q "what happens in this video?"
+  m3 batch ./phone-photos --upright --alpha-background white -o answers.jsonl
 """
 
 
