@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from m3cli.backends.base import Backend
 from m3cli.errors import M3Error, OutputError, UsageError, describe
@@ -28,6 +28,14 @@ from m3cli.fileio import dumps_row
 from m3cli.matryoshka.confidence import DEFAULT_MEASURE
 
 Progress = Callable[[int, int], None]
+
+
+class SamplesLayout(Protocol):
+    """Another layout of the samples file (lmms-eval's): the lines of one sample, and the file read back."""
+
+    def lines(self, sample: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def read(self, path: str) -> dict[str, dict[str, Any]]: ...
 
 
 class NothingEvaluated(M3Error):
@@ -52,6 +60,7 @@ class DataOptions:
     retry_errors: bool = False
     encode_cache: int = DEFAULT_CACHE
     share: bool = True  # False: encode every row's image afresh (for measuring the saving)
+    samples_layout: SamplesLayout | None = None  # None: one m3 sample line per row
 
 
 @dataclass
@@ -67,6 +76,8 @@ class DataResult:
     encodes: int  # images the backend encoded in this run
     metrics: dict[str, int] = field(default_factory=dict)  # evaluated rows per metric
     seconds: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)  # every row's sample, in data order
+    unscored: int = 0  # rows answered without a gold answer (in no accuracy)
 
     @property
     def ms_per_row(self) -> float:
@@ -82,15 +93,21 @@ class DataResult:
 
 
 def prompt_for(row: EvalRow, options: DataOptions) -> str:
-    """The text the model sees: the choice prompt (options + suffix) or the question (+ suffix)."""
-    if row.gold_kind == "choice":
-        return build_choice_prompt(row.question, row.choices, options.prompt_suffix)
-    return f"{row.question}\n{options.question_suffix}" if options.question_suffix else row.question
+    """The text the model sees: the choice prompt (options + suffix) or the question (+ suffix); a row whose
+    layout fixes its text (``row.prompt``) gets only the suffix."""
+    suffix = options.prompt_suffix if row.choices else options.question_suffix
+    if row.prompt is None and row.choices:
+        return build_choice_prompt(row.question, row.choices, suffix)
+    text = row.question if row.prompt is None else row.prompt
+    return f"{text}\n{suffix}" if suffix else text
 
 
-def metric_of(row: EvalRow, options: DataOptions) -> str:
-    """The row's metric: the chosen one, else the one its gold's form calls for."""
-    return options.metric or metric_for(row)
+def metric_of(row: EvalRow, options: DataOptions) -> str | None:
+    """The row's metric: the chosen one, else its layout's, else the one its gold's form calls for; None for a
+    row without a gold answer."""
+    if row.gold_kind == "none":
+        return None
+    return options.metric or row.metric or metric_for(row)
 
 
 def _identity(path: str) -> tuple[str, int, int] | None:
@@ -110,7 +127,11 @@ def _load(path: str):
 
 def _items(rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
     for row in rows:  # lazily: each image is looked at just before its batch runs
-        yield EvalItem(row.id, _identity(row.image), lambda p=row.image: _load(p), prompt_for(row, options), row)
+        if row.image_source is not None:  # pixels inside the data file (MMBench TSV)
+            key, load = row.image_source.key, row.image_source.load
+        else:
+            key, load = _identity(row.image), (lambda p=row.image: _load(p))
+        yield EvalItem(row.id, key, load, prompt_for(row, options), row)
 
 
 def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, dict[str, Any]]:
@@ -118,7 +139,7 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
     if not (options.resume and options.samples):
         return {}
     try:
-        found = sm.read_samples(options.samples)
+        found = (options.samples_layout.read if options.samples_layout else sm.read_samples)(options.samples)
     except OSError as exc:
         raise OutputError(f"{options.samples}: cannot read the samples to resume ({describe(exc)})") from None
     done = {}
@@ -144,9 +165,12 @@ def _open_samples(options: DataOptions) -> IO[str] | None:
         raise OutputError(f"{options.samples}: cannot write the samples ({describe(exc)})") from None
 
 
-def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None) -> None:
+def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None,
+           layout: SamplesLayout | None = None) -> None:
     if out is None or not lines:
         return
+    if layout is not None:
+        lines = [line for s in lines for line in layout.lines(s)]
     try:
         out.write("".join(dumps_row(s) + "\n" for s in lines))
         out.flush()  # a checkpoint: what is written stays done if the run stops
@@ -155,8 +179,9 @@ def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None) -
 
 
 def _bad_metric(row: EvalRow, options: DataOptions) -> str | None:
-    if metric_of(row, options) == "choice" and row.gold_kind != "choice":
-        return "metric 'choice' needs a row with 'choices'"
+    metric = metric_of(row, options)
+    if metric in ("choice", "mmbench") and row.gold_kind != "choice":
+        return f"metric {metric!r} needs a row with 'choices'"
     return None
 
 
@@ -185,7 +210,7 @@ def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: D
     start = time.perf_counter()
     out = _open_samples(options)
     try:
-        _write(out, [new[r.id] for r in rows if r.id in new], options.samples)
+        _write(out, [new[r.id] for r in rows if r.id in new], options.samples, options.samples_layout)
         done = 0
         if progress and todo:
             progress(0, len(todo))
@@ -193,7 +218,7 @@ def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: D
                                   options.max_new_tokens, cache, options.share):
             lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure)
                      for r in batch]
-            _write(out, lines, options.samples)
+            _write(out, lines, options.samples, options.samples_layout)
             new.update((s["id"], s) for s in lines)
             done += len(batch)
             if progress:
@@ -209,9 +234,10 @@ def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: li
             seconds: float, encodes: int) -> DataResult:
     """The report from every sample of ``rows`` (resumed or new), in data order."""
     every = [s for r in rows if (s := new.get(r.id) or prior.get(r.id)) is not None]
-    good = [s for s in every if s.get("error") is None]
+    answered_rows = [s for s in every if s.get("error") is None]
+    good = [s for s in answered_rows if s.get("metric") is not None]  # scored: rows with a gold answer
     errors = [s for s in every if s.get("error") is not None]
-    if not good:
+    if not answered_rows:
         first = errors[0]["error"] if errors else "the data has no rows"
         raise NothingEvaluated(f"no row could be evaluated ({len(errors)} errors; the first: {first})")
     records = [sm.record(s, scales) for s in good]
@@ -220,5 +246,6 @@ def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: li
     report = EvalReport(None, scales, records, seconds, families, data=label)
     answered = sum(s.get("error") is None for s in new.values())
     return DataResult(report, errors, computed=len(new), answered=answered, resumed=len(prior),
-                      images=len({image_key(s["image"]) for s in good}), encodes=encodes,
-                      metrics=dict(Counter(s["metric"] for s in good)), seconds=seconds)
+                      images=len({image_key(s["image"]) for s in answered_rows}), encodes=encodes,
+                      metrics=dict(Counter(s["metric"] for s in good)), seconds=seconds, samples=every,
+                      unscored=len(answered_rows) - len(good))
