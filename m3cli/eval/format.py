@@ -136,14 +136,17 @@ def data_header(result: DataResult, counted: str | None = None) -> str:
     cost = (f"{result.answered} answered in {result.seconds:.1f} s ({result.ms_per_row:.1f} ms/row, "
             f"{result.encodes} images encoded)" if result.answered else "nothing new to answer")
     counted = counted or f"{len(r.records)} questions"
-    return (f"{r.label}: {counted} on {result.images} images{errors}{resumed}; "
-            f"scored by {metrics}; {cost}")
+    scored = f"scored by {metrics}" if metrics else "nothing to score"
+    return f"{r.label}: {counted} on {result.images} images{errors}{resumed}; {scored}; {cost}"
 
 
 def benchmark_header(bench: BenchResult) -> str:
     """The first lines of a benchmark run's report: the run's header, then what CircularEval counted."""
     g = bench.grouped
-    counted = f"{len(g.questions)} questions asked {g.asked} times" if g is not None else None
+    if g is not None and g.questions:
+        counted = f"{len(g.questions)} questions asked {g.asked} times"
+    else:
+        counted = f"{len(bench.data.report.records) + bench.data.unscored} questions"
     head = data_header(bench.data, counted)
     if bench.data.unscored:
         head += f"; {bench.data.unscored} without a gold answer (answered, not scored)"
