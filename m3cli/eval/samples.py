@@ -7,7 +7,7 @@ one uninterrupted run would. Row fields:
 - ``id``, ``image``, ``question``, ``prompt`` (the text the model saw), ``family``; ``meta`` only for a row whose
   layout has fields of its own (MMBench: ``index``, ``hint``, ``l2-category``, the options as asked, the
   CircularEval ``group`` and ``round``; LLaVA question files: ``question_id``);
-- ``gold_kind`` (answer / answers / choice), ``gold`` (list; a choice row's gold letter), ``choices``;
+- ``gold_kind`` (answer / answers / choice / none), ``gold`` (list; a choice row's gold letter), ``choices``;
 - ``metric`` (exact / vqa / choice / contains / mmbench; None for a row without a gold answer, whose
   ``score`` and ``correct`` are None too);
 - ``scales``: one entry per scale, ascending: ``tokens``, ``answer``, ``confidence`` (the run's measure),
