@@ -4,9 +4,12 @@ The file is also the checkpoint of ``--resume``: a row whose id already has a li
 (its last line counts), and the report is computed from the lines, so a resumed run reports exactly what
 one uninterrupted run would. Row fields:
 
-- ``id``, ``image``, ``question``, ``prompt`` (the text the model saw), ``family``;
-- ``gold_kind`` (answer / answers / choice), ``gold`` (list; a choice row's gold letter), ``choices``;
-- ``metric`` (exact / vqa / choice / contains);
+- ``id``, ``image``, ``question``, ``prompt`` (the text the model saw), ``family``; ``meta`` only for a row whose
+  layout has fields of its own (MMBench: ``index``, ``hint``, ``l2-category``, the options as asked, the
+  CircularEval ``group`` and ``round``; LLaVA question files: ``question_id``);
+- ``gold_kind`` (answer / answers / choice / none), ``gold`` (list; a choice row's gold letter), ``choices``;
+- ``metric`` (exact / vqa / choice / contains / mmbench; None for a row without a gold answer, whose
+  ``score`` and ``correct`` are None too);
 - ``scales``: one entry per scale, ascending: ``tokens``, ``answer``, ``confidence`` (the run's measure),
   ``score`` (the metric's value in [0, 1]), ``correct`` (``score == 1``), ``logprobs`` (per generated
   token, so every confidence measure can be recomputed), ``prefill_ms``, ``decode_ms``, and for LLaVA-NeXT
@@ -37,11 +40,12 @@ NO_FAMILY = "(none)"
 
 
 def _row_fields(row: EvalRow, prompt: str | None, metric: str | None) -> dict[str, Any]:
-    return {"id": row.id, "image": row.image, "question": row.question, "prompt": prompt, "family": row.family,
-            "gold_kind": row.gold_kind, "gold": list(row.gold), "choices": list(row.choices), "metric": metric}
+    fields = {"id": row.id, "image": row.image, "question": row.question, "prompt": prompt, "family": row.family,
+              "gold_kind": row.gold_kind, "gold": list(row.gold), "choices": list(row.choices), "metric": metric}
+    return fields | {"meta": dict(row.meta)} if row.meta else fields
 
 
-def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str, pixels: dict[str, Any] | None = None,
+def result_sample(row: EvalRow, res: ItemResult, metric: str | None, measure: str, pixels: dict[str, Any] | None = None,
                   image_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sample line of an answered row (or of one whose answering failed: ``res.error``).
 
@@ -52,13 +56,14 @@ def result_sample(row: EvalRow, res: ItemResult, metric: str, measure: str, pixe
     per_scale = []
     for tokens in sorted(res.generations):
         gen = res.generations[tokens]
-        value = score(metric, gen.text, row)
+        value = score(metric, gen.text, row) if metric is not None else None
         per_scale.append({"tokens": tokens, "answer": gen.text, "confidence": MEASURES[measure](gen.logprobs),
-                          "score": value, "correct": value >= 1.0, "logprobs": list(gen.logprobs),
+                          "score": value, "correct": value >= 1.0 if value is not None else None,
+                          "logprobs": list(gen.logprobs),
                           "prefill_ms": round(gen.prefill_ms, 3), "decode_ms": round(gen.decode_ms, 3)})
         if gen.visual_tokens not in (None, tokens):  # LLaVA-NeXT only: a LLaVA-1.5 sample line is unchanged
             per_scale[-1]["visual_tokens"] = gen.visual_tokens
-    best = max(s["score"] for s in per_scale)
+    best = max(s["score"] for s in per_scale) if metric is not None else 0
     oracle = min(s["tokens"] for s in per_scale if s["score"] == best) if best > 0 else None
     extra: dict[str, Any] = {"upright": None, "alpha": None, "decode_scale": None} | (pixels or {})
     if image_options:
