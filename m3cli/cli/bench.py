@@ -247,7 +247,7 @@ def bench_memory(model, small, large, workdir):
 
 
 @bench.command("decode")
-@click.option("--sizes", type=SIZES, default="4032x3024,6000x4000,8000x6000", show_default=True,
+@click.option("--sizes", type=SIZES, default="4032x3024,6000x4000,8000x6000", show_default=True, metavar="WxH,...",
               help="JPEG sizes to generate and time, comma-separated WxH.")
 @click.option("--repeat", type=click.IntRange(1, 1000), default=5, show_default=True,
               help="Timed runs of each path, per size and preprocessing.")
