@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from m3cli.cli.app import group
-from m3cli.cli.options import INT_LIST, THREADS, THRESHOLD, NumberList, model_options
+from m3cli.cli.options import INT_LIST, SIZES, THREADS, THRESHOLD, NumberList, model_options
 
 WORKDIR_HELP = "Where the scene PNGs are written."
 SHAPE_HELP = ("Time a paper-scale architecture with RANDOM weights made in memory instead of --model: "
@@ -244,6 +244,21 @@ def bench_memory(model, small, large, workdir):
     from m3cli.bench.report import format_memory
 
     click.echo(format_memory(memory_growth(model, workdir, small, large)))
+
+
+@bench.command("decode")
+@click.option("--sizes", type=SIZES, default="4032x3024,6000x4000,8000x6000", show_default=True, metavar="WxH,...",
+              help="JPEG sizes to generate and time, comma-separated WxH.")
+@click.option("--repeat", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="Timed runs of each path, per size and preprocessing.")
+@click.option("--warm-up", type=click.IntRange(0, 100), default=1, show_default=True,
+              help="Untimed runs of each path first.")
+def bench_decode(sizes, repeat, warm_up):
+    """What --fast-decode buys: decode + crops at 336 px (LLaVA-1.5 pad and crop, NeXT), and how the pixels move."""
+    from m3cli.bench.decode import decode_comparison
+    from m3cli.bench.report import format_decode
+
+    click.echo(format_decode(decode_comparison(sizes, repeat=repeat, warm_up=warm_up)))
 
 
 @bench.command("profile")

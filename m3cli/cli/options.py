@@ -91,6 +91,28 @@ class NumberList(click.ParamType):
         return numbers
 
 
+class SizeList(click.ParamType):
+    """Comma-separated image sizes ``WxH``, e.g. ``4032x3024,8000x6000`` -> ``[(4032, 3024), (8000, 6000)]``."""
+
+    name = "WxH,..."
+    PATTERN = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+
+    def convert(self, value, param, ctx) -> list[tuple[int, int]]:
+        if isinstance(value, list):
+            return value
+        sizes = []
+        for piece in str(value).split(","):
+            if not piece.strip():
+                continue
+            m = self.PATTERN.fullmatch(piece)
+            if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+                self.fail(f"needs sizes WxH (e.g. 4032x3024), got {piece.strip()!r}", param, ctx)
+            sizes.append((int(m.group(1)), int(m.group(2))))
+        if not sizes:
+            self.fail(f"needs at least one size WxH, got {value!r}", param, ctx)
+        return sizes
+
+
 class ShardSpec(click.ParamType):
     """``K/N``: shard K of N, 0 <= K < N."""
 
@@ -126,6 +148,7 @@ class Colour(click.ParamType):
 TOKENS = TokenBudget()
 INT_LIST = NumberList(int)
 SHARD = ShardSpec()
+SIZES = SizeList()
 THRESHOLD = FiniteFloat(0.0, 1.0)                     # a confidence
 POSITIVE = FiniteFloat(0.0, min_open=True)            # e.g. --fps
 NON_NEGATIVE = FiniteFloat(0.0)                       # e.g. --gpus-per-actor
