@@ -136,6 +136,18 @@ class ChatAsk:
     budget: dict[str, Any] = field(default_factory=dict)  # what the request asked for (its m3 object, or detail)
 
 
+def model_names(model_id: str, chosen: str | None = None) -> tuple[str, frozenset[str]]:
+    """The model name responses carry and every name a request may use for it: ``chosen`` (``m3 serve
+    --served-model-name``; then only it), else the model as given, its folder or file name, and its real path."""
+    if chosen:
+        return chosen, frozenset({chosen})
+    base = os.path.basename(os.path.normpath(model_id)) or model_id
+    names = {model_id, base, os.path.normpath(model_id)}
+    if os.path.exists(model_id):
+        names.add(os.path.realpath(model_id))
+    return base, frozenset(names)
+
+
 def parse_chat_request(
     body: bytes | str | dict,
     grid_side: int,

@@ -8,7 +8,6 @@ included: the worker keeps answering) before :func:`serve` returns; a second SIG
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -45,24 +44,13 @@ def url_of(sock: socket.socket, host: str) -> str:
     return f"http://{shown}:{port}"
 
 
-def served_names(model_id: str, chosen: str | None) -> tuple[str, frozenset[str]]:
-    """The model name responses carry and every name a request may use for it: ``--served-model-name`` (when
-    given, only it), else the ``--model`` value as given, its folder or file name, and its resolved path."""
-    if chosen:
-        return chosen, frozenset({chosen})
-    base = os.path.basename(os.path.normpath(model_id)) or model_id
-    names = {model_id, base, os.path.normpath(model_id)}
-    if os.path.exists(model_id):
-        names.add(os.path.realpath(model_id))
-    return base, frozenset(names)
-
-
 def serve(settings: ServerSettings, model: dict[str, Any], on_ready: Callable[[str, Any], None] | None = None,
           verbose: bool = False) -> int:
     """Serve ``model`` (``open_backend``'s keyword arguments) until a signal; returns the exit code (0).
 
     ``on_ready(url, backend)`` is called once requests are accepted.
     """
+    from m3cli.answering.chat_request import model_names
     from m3cli.backends import open_backend
     from m3cli.server.app import ServerState, create_app
     from m3cli.server.worker import ModelWorker
@@ -80,7 +68,7 @@ def serve(settings: ServerSettings, model: dict[str, Any], on_ready: Callable[[s
                                  settings.max_question_chars)
             worker.warm_up()
             worker.start()
-            name, names = served_names(backend.model_id, settings.served_name)
+            name, names = model_names(backend.model_id, settings.served_name)
             url = url_of(sock, settings.host)
             state = ServerState(settings, worker, backend, name, names, settings.media_access(),
                                 on_ready=(lambda: on_ready(url, backend)) if on_ready else None)
