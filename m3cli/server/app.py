@@ -101,7 +101,7 @@ def create_app(state: ServerState):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": state.name, "queued": state.worker.queued,
-                "max_queue": state.settings.max_queue}
+                "in_flight": state.worker.in_flight, "max_queue": state.settings.max_queue}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -60,6 +60,8 @@ class ModelWorker:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
         self._thread = threading.Thread(target=self._loop, name="m3-model", daemon=True)
         self._seconds_per_item = 1.0   # running estimate, for Retry-After
+        self._open = 0                 # submitted and not yet answered or dropped
+        self._lock = threading.Lock()
         self.batches = 0               # model batches run (the tests read it)
         self.answered = 0
 
@@ -83,7 +85,17 @@ class ModelWorker:
 
     @property
     def queued(self) -> int:
+        """Requests waiting for the model."""
         return self._queue.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet answered or dropped (waiting or in the running batch)."""
+        return self._open
+
+    def _closed(self, _future: Future) -> None:
+        with self._lock:
+            self._open -= 1
 
     def submit(self, ask: Ask) -> Job:
         """Queue ``ask``; raises :class:`QueueFull` when the queue is full."""
@@ -92,6 +104,9 @@ class ModelWorker:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(self._retry_after()) from None
+        with self._lock:
+            self._open += 1
+        job.future.add_done_callback(self._closed)
         return job
 
     def _retry_after(self) -> int:
