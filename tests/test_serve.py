@@ -287,3 +287,16 @@ def test_ask_server_prints_what_local_ask_prints(live, monkeypatch):
     monkeypatch.setenv("M3_API_KEY", "wrong")
     denied = CliRunner().invoke(cli, ["ask", image, "--server", live.url])
     assert denied.exit_code == 2 and "API key" in denied.stderr
+
+
+def test_bench_load_generator_and_table(live):
+    from m3cli.bench.report import format_serve
+    from m3cli.bench.serve import M3, ServeReport, _bodies, load_series
+
+    paths = [str(EXAMPLES / f"scene-{i}.png") for i in range(4)]
+    runs = load_series(M3, live.url, _bodies(paths, "m3-shapes", {"tokens": 9}, 2), "9", [1, 4], 2, api_key=KEY)
+    cells = [(r.concurrency, len(r.rates), len(r.latencies_ms), r.failures) for r in runs]
+    assert cells == [(1, 2, 8, 0), (4, 2, 8, 0)]
+    assert runs[0].answers[0] == "brown" and runs[0].latency(0.5) <= runs[0].latency(0.99)
+    table = format_serve(ServeReport(runs, "m3-shapes", "torch", 4, 2, 2, 8, None), "test machine")
+    assert "| m3 serve | 9 | 4 |" in table and "p99 ms" in table

@@ -90,26 +90,41 @@ def ask_server(url: str, image: str, question: str, budget: dict[str, Any], max_
     return ServedAnswer(row, int((card.get("m3") or {}).get("grid_side") or 24), wall)
 
 
-def _call(base: str, method: str, path: str, body: dict | None, api_key: str | None, image: str = "") -> dict:
+def request_json(base: str, method: str, path: str, body: dict | None = None, api_key: str | None = None,
+                 timeout: float = TIMEOUT_S) -> tuple[int, dict, dict]:
+    """One HTTP call to an OpenAI-compatible server: ``(status, JSON body, headers)``; an HTTP error status is
+    returned, not raised. Raises :class:`ServerError` when the server cannot be reached or answers no JSON.
+    (``m3 bench serve`` drives m3 serve and its peer with it too.)"""
     data = None if body is None else json.dumps(body).encode("utf-8")
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    for attempt in range(RETRIES_WHEN_BUSY + 1):
-        request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, _json(response.read(), base), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-                return _json(response.read(), base)
-        except urllib.error.HTTPError as exc:
-            payload = exc.read()
-            if exc.code == 429 and attempt < RETRIES_WHEN_BUSY:
-                time.sleep(min(30.0, float(exc.headers.get("Retry-After") or 1)))
-                continue
-            raise _error_of(exc.code, payload, base, image) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ServerError(f"cannot reach the m3 server at {base} ({reason}); start it with m3 serve, or "
-                              f"unset ${SERVER_ENV}") from None
+            value = json.loads(payload)
+        except ValueError:
+            value = {}
+        return exc.code, value if isinstance(value, dict) else {}, dict(exc.headers)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServerError(f"cannot reach the m3 server at {base} ({reason}); start it with m3 serve, or "
+                          f"unset ${SERVER_ENV}") from None
+
+
+def _call(base: str, method: str, path: str, body: dict | None, api_key: str | None, image: str = "") -> dict:
+    for attempt in range(RETRIES_WHEN_BUSY + 1):
+        status, value, headers = request_json(base, method, path, body, api_key)
+        if status == 200:
+            return value
+        if status == 429 and attempt < RETRIES_WHEN_BUSY:
+            time.sleep(min(30.0, float(headers.get("Retry-After") or 1)))
+            continue
+        raise _error_of(status, value, base, image)
     raise AssertionError("unreachable")
 
 
@@ -123,13 +138,12 @@ def _json(payload: bytes, base: str) -> dict:
     return value
 
 
-def _error_of(status: int, payload: bytes, base: str, image: str) -> M3Error:
+def _error_of(status: int, value: dict, base: str, image: str) -> M3Error:
     """The local error a server's error response stands for (see the module doc)."""
-    try:
-        error = json.loads(payload)["error"]
-        message, code = str(error.get("message") or f"HTTP {status}"), error.get("code")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    error = value.get("error")
+    if not isinstance(error, dict):
         return ServerError(f"{base} answered HTTP {status} without an OpenAI error body")
+    message, code = str(error.get("message") or f"HTTP {status}"), error.get("code")
     if status == 401:
         return ServerError(f"{base}: {message} (set $M3_API_KEY to the server's --api-key)")
     if code == "invalid_image":
