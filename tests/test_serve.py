@@ -300,3 +300,27 @@ def test_bench_load_generator_and_table(live):
     assert runs[0].answers[0] == "brown" and runs[0].latency(0.5) <= runs[0].latency(0.99)
     table = format_serve(ServeReport(runs, "m3-shapes", "torch", 4, 2, 2, 8, None), "test machine")
     assert "| m3 serve | 9 | 4 |" in table and "p99 ms" in table
+
+
+def test_ask_server_imports_no_model_or_server_library(live):
+    """``m3 ask --server`` stays a light process: no torch, transformers, FastAPI, uvicorn, pydantic or httpx (it
+    checks the file as a local ``m3 ask`` does, through ``m3cli.media``, which brings Pillow and NumPy)."""
+    import os
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "fastapi", "uvicorn", "pydantic", "httpx", "starlette", "llama_cpp")
+    code = "\n".join([
+        "import sys",
+        "from m3cli.cli import main",
+        "sys.argv = ['m3', 'ask', sys.argv[1], 'what colour is the background?', '--tokens', '1', '--server', "
+        "sys.argv[2]]",
+        "try:",
+        "    main()",
+        "except SystemExit:",
+        "    pass",
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "scene-0.png"), live.url], capture_output=True,
+                         text=True, env={**os.environ, "M3_API_KEY": KEY}, timeout=120)
+    assert out.stdout.splitlines() == ["brown", "[]"], out.stderr

@@ -5,10 +5,10 @@ OpenAI Batch file, so both accept and refuse exactly the same requests. Nothing 
 m3 cannot answer raises :class:`RequestError`, which carries the status code and the OpenAI error fields
 (``message``, ``type``, ``param``, ``code``) a server returns and a Batch output line records.
 
-The image is decoded here, through the same :func:`m3cli.media.load_image` as ``m3 batch`` (formats, EXIF,
-decompression-bomb limit, one-line errors). Where it may come from is the caller's :class:`MediaAccess`:
-``data:`` URLs always; local paths (``file://`` or plain) only under allowed folders; ``http(s)://`` only
-through a fetcher the caller supplies (``m3 serve --allow-remote-media``).
+The image is decoded here (:mod:`m3cli.answering.chat_media`), through the same :func:`m3cli.media.load_image`
+as ``m3 batch`` (formats, EXIF, decompression-bomb limit, one-line errors). Where it may come from is the
+caller's :class:`MediaAccess`: ``data:`` URLs always; local paths (``file://`` or plain) only under allowed
+folders; ``http(s)://`` only through a fetcher the caller supplies (``m3 serve --allow-remote-media``).
 
 The budget comes from the ``m3`` extension object (``{"tokens": 9}``, ``{"auto_scale": true, "threshold":
 0.5}``, ``{"max_visual_tokens": 200}``: ``m3 ask``'s flags, same defaults), else from the image part's
@@ -21,16 +21,13 @@ deterministic; any other value is refused (400) rather than silently ignored.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
-import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from m3cli.answering.chat_media import MediaAccess, load_picture
 from m3cli.answering.core import make_policy
 from m3cli.answering.defaults import DEFAULT_QUESTION
 from m3cli.errors import M3Error, one_line
@@ -59,9 +56,11 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "web_search_options": (None,),
 }
 
+__all__ = ["ChatAsk", "ChatDefaults", "MediaAccess", "RequestError", "load_picture", "model_names",
+           "parse_chat_request"]
+
 _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list"})
 _PART_TAGS = frozenset({"text", "image_url"})
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 class RequestError(M3Error):
@@ -89,22 +88,6 @@ def error_type(status: int) -> str:
     if status == 429:
         return "rate_limit_error"
     return "invalid_request_error" if status < 500 else "server_error"
-
-
-@dataclass(frozen=True)
-class MediaAccess:
-    """Where a request's image may come from besides ``data:`` URLs.
-
-    ``local_dirs``: folders a local path must lie in, after every symlink is resolved (None: any path, as
-    ``m3 batch`` reads the user's own files; empty: none). A relative path is taken from the first folder
-    (None: the working directory). ``fetch``: reads an ``http(s)`` URL into bytes, raising
-    :class:`RequestError` (None: remote images are refused). The hints say how to turn either on.
-    """
-
-    local_dirs: tuple[str, ...] | None = ()
-    fetch: Callable[[str], bytes] | None = None
-    local_hint: str = "start m3 serve with --allowed-media-dir DIR"
-    remote_hint: str = "start m3 serve with --allow-remote-media"
 
 
 @dataclass(frozen=True)
@@ -362,90 +345,3 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if any(not s for s in stops):
         raise RequestError("an empty stop sequence", param="stop", code="invalid_value")
     return tuple(stops)
-
-
-def load_picture(url: str, access: MediaAccess, param: str = "image_url.url") -> tuple[Any, str]:
-    """Decode the image ``url`` names: a ``data:`` URL, an ``http(s)`` URL (through ``access.fetch``) or a local
-    path (``file://`` or plain, within ``access.local_dirs``). Returns ``(RGB image, source for the row)``."""
-    from m3cli.media import load_image
-
-    url = url.strip()
-    scheme = _SCHEME.match(url)
-    kind = scheme.group(1).lower() if scheme else None
-    if kind == "data":
-        data, source = _data_url(url, param)
-        return _decoded(load_image, data, source, param), source
-    if kind in ("http", "https"):
-        if access.fetch is None:
-            raise RequestError(f"remote image URLs are off ({access.remote_hint}); send the image as a data: URL",
-                               param=param, code="remote_media_disabled")
-        return _decoded(load_image, access.fetch(url), url, param), url
-    if kind == "file":
-        parts = urlsplit(url)
-        if parts.netloc not in ("", "localhost"):
-            raise RequestError("a file:// URL must name a local file (file:///path)", param=param,
-                               code="invalid_image_url")
-        path = unquote(parts.path)
-    elif kind is not None and len(kind) > 1:  # one letter: a Windows drive
-        raise RequestError(f"unsupported image URL scheme {kind!r} (use data:, a file path or http(s))",
-                           param=param, code="invalid_image_url")
-    else:
-        path = url
-    resolved = _allowed_path(path, access, param)
-    return _decoded(load_image, resolved, path, param), path
-
-
-def _decoded(load_image, what, source: str, param: str):
-    try:
-        return load_image(what)
-    except M3Error as exc:  # MediaError: one line naming the file (or <bytes>)
-        text = str(exc)
-        if text.startswith("<bytes>: "):
-            text = text[len("<bytes>: "):]
-        raise RequestError(f"the image cannot be used: {text}", param=param, code="invalid_image") from None
-
-
-def _data_url(url: str, param: str) -> tuple[bytes, str]:
-    head, comma, payload = url.partition(",")
-    if not comma:
-        raise RequestError("a data: URL needs a comma before its data", param=param, code="invalid_image_url")
-    meta = head[len("data:"):].split(";")
-    mime = meta[0].strip().lower()
-    if "base64" not in [m.strip().lower() for m in meta[1:]]:
-        raise RequestError("a data: URL image must be base64 (data:image/png;base64,...)", param=param,
-                           code="invalid_image_url")
-    if mime and not (mime.startswith("image/") or mime == "application/octet-stream"):
-        raise RequestError(f"a data: URL of type {mime!r} is not an image", param=param, code="invalid_image")
-    text = re.sub(r"\s+", "", payload)
-    if "=" not in text:  # padding left out, as some encoders do
-        text += "=" * (-len(text) % 4)
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError("the data: URL is not valid base64", param=param, code="invalid_image") from None
-    if not data:
-        raise RequestError("the data: URL holds no data", param=param, code="invalid_image")
-    return data, f"data:{mime or 'image'};base64 ({len(data)} bytes)"
-
-
-def _allowed_path(path: str, access: MediaAccess, param: str) -> str:
-    """``path`` resolved, when local paths are allowed and it lies in an allowed folder (checked before the file
-    is touched, so a refusal says nothing of whether it exists)."""
-    if access.local_dirs is not None and not access.local_dirs:
-        raise RequestError(f"local image paths are off ({access.local_hint}); send the image as a data: URL",
-                           param=param, code="local_media_disabled")
-    if not path or "\x00" in path:
-        raise RequestError("an empty or invalid image path", param=param, code="invalid_image_url")
-    if access.local_dirs is None:
-        return path
-    roots = [os.path.realpath(d) for d in access.local_dirs]
-    full = os.path.realpath(os.path.join(roots[0], os.path.expanduser(path)))
-    for root in roots:
-        try:
-            inside = os.path.commonpath([root, full]) == root
-        except ValueError:  # another drive
-            inside = False
-        if inside:
-            return full
-    raise RequestError("the image path is outside the allowed media folders", param=param,
-                       code="media_path_not_allowed")
