@@ -17,7 +17,6 @@ and ``error`` for a line that is no request. The row travels in it as ``m3``, wh
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,12 +58,6 @@ class OpenAIBatchInput:
         self.defaults = defaults
         self.model_name, self.names = model_names(model_id)
         self.lines: dict[str, _Line] = {}
-
-    def check(self) -> None:
-        """Every named file readable (one usage error before the model runs, not a row per line)."""
-        for path in self.paths:
-            if path != "-" and not os.path.isfile(path):
-                raise UsageError(f"{escape_surrogates(path)}: no such OpenAI Batch file")
 
     def units(self, opts: BatchOptions) -> Iterator[Unit]:
         """One unit per non-blank line, in order; those whose id ``opts.done_ids`` holds are skipped undecoded."""

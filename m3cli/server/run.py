@@ -72,10 +72,11 @@ def serve(settings: ServerSettings, model: dict[str, Any], on_ready: Callable[[s
             url = url_of(sock, settings.host)
             state = ServerState(settings, worker, backend, name, names, settings.media_access(),
                                 on_ready=(lambda: on_ready(url, backend)) if on_ready else None)
+            forced = True
             try:
-                _run_uvicorn(create_app(state), sock, verbose)
+                forced = _run_uvicorn(create_app(state), sock, verbose)
             finally:
-                worker.stop()
+                worker.stop(timeout=1.0 if forced else None)  # a second Ctrl-C does not wait for the queue
         finally:
             backend.close()
     finally:
@@ -83,7 +84,8 @@ def serve(settings: ServerSettings, model: dict[str, Any], on_ready: Callable[[s
     return 0
 
 
-def _run_uvicorn(app, sock: socket.socket, verbose: bool) -> None:
+def _run_uvicorn(app, sock: socket.socket, verbose: bool) -> bool:
+    """Serve until a signal; True when a second Ctrl-C forced the exit."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -97,4 +99,6 @@ def _run_uvicorn(app, sock: socket.socket, verbose: bool) -> None:
 
     config = uvicorn.Config(app, log_config=None, access_log=verbose, lifespan="on", timeout_keep_alive=5,
                             server_header=False)
-    Server(config).run(sockets=[sock])
+    server = Server(config)
+    server.run(sockets=[sock])
+    return bool(server.force_exit)
