@@ -36,6 +36,7 @@ BUDGETS: dict[str, dict] = {"9": {"tokens": 9}, "576": {"tokens": 576}, "auto": 
 PEER = "llama_cpp.server"
 M3 = "m3 serve"
 START_TIMEOUT_S = 900.0   # a 7B pair loads in minutes on a slow disk
+REQUEST_TIMEOUT_S = 86400.0
 
 
 @dataclass
@@ -199,7 +200,7 @@ def drive(url: str, bodies: Sequence[dict], concurrency: int, run: LoadRun, time
             start = time.perf_counter()
             try:
                 status, reply, _ = request_json(url, "POST", "/v1/chat/completions", bodies[i], api_key,
-                                                 timeout=3600)
+                                                 timeout=REQUEST_TIMEOUT_S)
             except ServerError:
                 status, reply = 0, {}
             elapsed = (time.perf_counter() - start) * 1000
@@ -244,8 +245,10 @@ def load_series(server: str, url: str, bodies: Sequence[dict], budget: str, conc
 
 def m3_command(model: str, mmproj: str | None, backend: str, device: str, threads: int | None, max_batch: int,
                max_queue: int) -> list[str]:
+    # no request timeout: at concurrency 32 on a 7B CPU run a request may rightly wait many minutes
     cmd = [sys.executable, "-m", "m3cli", "serve", "--port", "0", "--model", model, "--backend", backend,
-           "--device", device, "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+           "--device", device, "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+           "--request-timeout", str(REQUEST_TIMEOUT_S)]
     if mmproj:
         cmd += ["--mmproj", mmproj]
     if threads:
