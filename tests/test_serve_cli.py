@@ -87,7 +87,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_model_dir):
     proc, url, log = _start(["--model", str(tiny_model_dir), "--max-batch", "4"])
     try:
         body = {"model": tiny_model_dir.name, "messages": messages("What is this?", data_url(EXAMPLES / "scene-0.png")),
-                "max_tokens": 40, "m3": {"tokens": 1}}
+                "max_tokens": 200, "m3": {"tokens": 1}}  # random weights: ~200 tokens, seconds of decoding
         replies: list = [None] * 4
 
         def send(i):
@@ -97,7 +97,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_model_dir):
         for t in threads:
             t.start()
         deadline = time.monotonic() + 60
-        while httpx.get(url + "/health").json()["in_flight"] < 4:
+        while httpx.get(url + "/health").json()["in_flight"] < 4:  # all four received, none answered yet
             assert time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
