@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the measurement modules import the engines; the tables need
     from m3cli.bench.memory import MemoryGrowth
     from m3cli.bench.profile import LayerTiming, MatmulRate
     from m3cli.bench.ray import ScaleOutReport
+    from m3cli.bench.serve import LoadRun, ServeReport
     from m3cli.bench.shape_bench import ShapeBatchReport, ShapeGgufReport, ShapeRun
     from m3cli.bench.throughput import ScaleRun, ThroughputRow
 
@@ -246,4 +247,49 @@ def format_profile(run: ShapeRun, rates: Sequence[MatmulRate], timings: Sequence
                      f"| {t.gflops:.0f} | {t.gbps:.1f} |")
     lines += ["", f"Copy bandwidth (read + write) of a 512 MiB tensor: {bandwidth:.1f} GB/s (a decode step reads "
               "every weight once: GB/s near this is memory-bound)."]
+    return "\n".join(lines)
+
+
+def format_serve_cell(run: LoadRun) -> str:
+    """One row of the load table (also printed as each cell finishes)."""
+    spread = f"{min(run.rates):.2f}-{max(run.rates):.2f}" if run.rates else "-"
+    tokens = f"{run.mean_completion:.1f}" if run.mean_completion is not None else "-"
+    return (f"| {run.server} | {run.budget} | {run.concurrency} | {run.rate:.2f} ({spread}) | {run.latency(0.5):.0f} "
+            f"| {run.latency(0.9):.0f} | {run.latency(0.99):.0f} | {tokens} | {run.failures} |")
+
+
+SERVE_HEADER = ("| server | budget | concurrency | req/s median (min-max over passes) | p50 ms | p90 ms | p99 ms "
+                "| new tokens | failed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_serve(report: ServeReport, machine: str) -> str:
+    """The load table, then the comparison: in-process m3 batch (torch) or llama-cpp-python's server (GGUF)."""
+    from m3cli.bench.serve import M3, PEER
+
+    lines = [f"m3 bench serve: model `{report.model}` ({report.backend}); {report.items} distinct scenes x "
+             f"{report.repeat} timed passes per cell after a warm-up; max_tokens {report.max_new_tokens}; m3 serve "
+             f"--max-batch {report.max_batch}; {machine}", *report.notes, "", SERVE_HEADER]
+    lines += [format_serve_cell(r) for r in report.runs]
+    c8 = 8 if any(r.concurrency == 8 for r in report.runs) else max(r.concurrency for r in report.runs)
+    if report.batch_rows:
+        lines += ["", f"HTTP overhead: m3 serve at concurrency {c8} against m3 batch's engine in-process on the same "
+                  f"items (--batch-size {report.max_batch}):", "",
+                  "| budget | m3 batch items/s | m3 serve req/s | serve / batch |", "|---|---:|---:|---:|"]
+        for budget, row in report.batch_rows:
+            cell = report.cell(M3, budget, c8)
+            if cell is not None:
+                lines.append(f"| {budget} | {row.items_per_s:.2f} | {cell.rate:.2f} | "
+                             f"{cell.rate / row.items_per_s:.2f}x |")
+    peer = report.cell(PEER, "576", c8)
+    if peer is not None:
+        lines += ["", f"Against {PEER} (llama-cpp-python's own server, the same GGUF pair, 576 tokens: its only "
+                  f"setting), concurrency {c8}:", "", f"| m3 serve budget | m3 serve req/s | {PEER} req/s | ratio |",
+                  "|---|---:|---:|---:|"]
+        for r in report.runs:
+            if r.server == M3 and r.concurrency == c8:
+                lines.append(f"| {r.budget} | {r.rate:.2f} | {peer.rate:.2f} | {r.rate / peer.rate:.2f}x |")
+        if report.agreement is not None:
+            lines += ["", f"Answers at 576 that agree word for word with {PEER}'s: {100 * report.agreement:.0f}% "
+                      "(its stock LLaVA encoder differs from m3's corrected one, docs/gguf.md; a speed comparison, "
+                      "not equal answers)."]
     return "\n".join(lines)

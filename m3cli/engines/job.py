@@ -26,6 +26,7 @@ from m3cli.media.image import ImageNotes
 from m3cli.output import OrderedWriter, OutputTarget, OutputWriteError, RowSink, Summary, is_stdout
 
 ENGINES = ("local", "ray")
+INPUT_FORMATS = ("media", "openai")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class BatchJob:
     actors: int = 1
     gpus_per_actor: float = 0.0
     progress: bool | None = None  # None: when stderr is a terminal
+    input_format: str = "media"  # media: files, folders, videos, stdin; openai: OpenAI Batch request files
 
     def check(self) -> None:
         """Raise :class:`UsageError` for options that cannot go together."""
@@ -57,9 +59,10 @@ class BatchJob:
         if opts.fps is not None and opts.every is not None:
             raise UsageError("--fps and --every cannot be combined")
         _check_video_mode(opts)
-        to_jsonl_file = not is_stdout(self.output) and self.fmt == "jsonl"
+        _check_openai(self)
+        to_jsonl_file = not is_stdout(self.output) and self.fmt in ("jsonl", "openai")
         if self.resume and not to_jsonl_file:
-            raise UsageError("--resume needs -o FILE in jsonl format")
+            raise UsageError("--resume needs -o FILE in jsonl (or openai) format")
         if self.shard is not None and not to_jsonl_file:
             raise UsageError("--shard needs -o FILE in jsonl format (not stdout: the shard's sidecar goes beside it)")
         if self.retry_errors and not self.resume:
@@ -70,6 +73,26 @@ class BatchJob:
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine != "ray" and (self.ray_address is not None or self.actors != 1 or self.gpus_per_actor):
             raise UsageError("--ray-address, --actors and --gpus-per-actor go with --engine ray")
+
+
+def _check_openai(job: BatchJob) -> None:
+    """What ``--input-format openai`` and ``--format openai`` need: the requests bring their own questions and
+    budgets; the Ray engine and shards read media inputs only."""
+    from m3cli.answering.defaults import DEFAULT_QUESTION
+
+    if job.input_format not in INPUT_FORMATS:
+        raise UsageError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {job.input_format!r}")
+    if job.input_format != "openai":
+        if job.fmt == "openai":
+            raise UsageError("--format openai writes OpenAI Batch output lines: it goes with --input-format openai")
+        return
+    if job.options.questions or (job.options.question or DEFAULT_QUESTION) != DEFAULT_QUESTION:
+        raise UsageError("-q does not go with --input-format openai: each request brings its question")
+    if job.engine != "local" or job.shard is not None:
+        raise UsageError("--input-format openai runs on --engine local, without --shard")
+    for path in job.inputs:
+        if path != "-" and not os.path.isfile(path):
+            raise UsageError(f"{path}: no such OpenAI Batch file")
 
 
 def _check_video_mode(opts: BatchOptions) -> None:
@@ -140,6 +163,10 @@ def run_record(job: BatchJob) -> dict[str, Any]:
     if opts.max_visual_tokens is not None:  # absent otherwise, so earlier runs' records still match
         record["max_visual_tokens"] = opts.max_visual_tokens
     record.update(opts.image.record())  # --upright / --alpha-background / --fast-decode: only those given
+    if job.input_format == "openai":  # absent otherwise, so earlier runs' records still match
+        record["input_format"] = "openai"
+        if job.fmt == "openai":
+            record["format"] = "openai"
     if opts.video_mode == "collage":  # a video's row is another picture: a frames run's rows are not its rows
         layout = opts.collage_layout
         record.update(video_mode="collage", collage_frames=opts.collage_frames,
@@ -160,8 +187,12 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
 
         preflight(job.model, job.ray_address)  # EngineError (exit 2) before the output file is touched
     run = run_record(job)
-    target = OutputTarget.open(job.output, job.fmt, resume=job.resume, run=run, force=job.force,
-                               retry_errors=job.retry_errors)
+    openai_out = job.fmt == "openai"
+    row_of = None
+    if openai_out:
+        from m3cli.engines.openai_batch import row_of_batch_line as row_of
+    target = OutputTarget.open(job.output, "jsonl" if openai_out else job.fmt, resume=job.resume, run=run,
+                               force=job.force, retry_errors=job.retry_errors, row_of=row_of)
     try:
         opts = replace(job.options, run=run, done_ids=target.state.done_ids, failed_ids=target.state.failed_ids)
         backend = _open_local_backend(job, opts, notes) if job.engine == "local" else None
@@ -170,13 +201,30 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
         target.close(abandon=True)
         raise
     try:
+        if job.input_format == "openai":
+            sink, units = _openai_units(job, backend, opts, sink)
+            return _run_started(job, backend, opts, sink, [], notes, units)
         return _run_started(job, backend, opts, sink, iter_inputs(list(job.inputs)), notes)
     finally:
         target.close()
 
 
+def _openai_units(job: BatchJob, backend, opts: BatchOptions, sink: RowSink):
+    """The units of OpenAI Batch files, and the sink (written as Batch output lines with ``--format openai``)."""
+    from m3cli.answering.chat_request import ChatDefaults
+    from m3cli.engines.openai_batch import OpenAIBatchInput, OpenAIBatchSink
+
+    defaults = ChatDefaults(tokens=opts.tokens, auto_scale=opts.auto_scale, threshold=opts.threshold,
+                            ladder=opts.ladder, max_visual_tokens=opts.max_visual_tokens,
+                            max_new_tokens=opts.max_new_tokens, image=opts.image)
+    source = OpenAIBatchInput(job.inputs, backend.grid_side, defaults, backend.model_id)
+    if job.fmt == "openai":
+        sink = OpenAIBatchSink(sink, source)
+    return sink, source.units(opts)
+
+
 def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, items: Iterable,
-                 notes: Callable[[str], None] | None = None) -> JobResult:
+                 notes: Callable[[str], None] | None = None, units=None) -> JobResult:
     selector = None
     if job.shard is not None:
         items, sink, selector = _select_shard(job, items, sink)
@@ -191,7 +239,7 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
             bar.update(1)
 
     try:
-        _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes)
+        _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes, units)
     except (EngineRunError, OutputWriteError) as exc:  # rows written so far are kept
         result.incomplete = str(exc)
     except KeyboardInterrupt:
@@ -271,7 +319,8 @@ def _progress_bar(progress: bool | None):
 
 
 def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: OrderedWriter, summary: Summary,
-                on_row: Callable[[dict], None] | None, notes: Callable[[str], None] | None = None) -> None:
+                on_row: Callable[[dict], None] | None, notes: Callable[[str], None] | None = None,
+                units=None) -> None:
     if job.engine == "ray":
         from m3cli.engines.ray import run_ray
 
@@ -280,4 +329,4 @@ def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: Order
     else:
         from m3cli.engines.local import run_batch
 
-        run_batch(backend, items, opts, writer, summary, on_row=on_row)
+        run_batch(backend, items, opts, writer, summary, on_row=on_row, units=units)

@@ -91,12 +91,15 @@ def run_batch(
     writer: OrderedWriter,
     summary: Summary,
     on_row: Callable[[dict], None] | None = None,
+    units: Iterator[Unit] | None = None,
 ) -> None:
     """Answer every input and write its row; returns when all are written (or raises KeyboardInterrupt).
 
+    ``units``: the work already numbered (an OpenAI Batch file's requests) instead of ``iter_units(inputs)``.
     Rows already written when interrupted stay written and flushed; nothing computed is lost.
     """
-    prefetch = Prefetcher(iter_units(inputs, opts), opts.prefetch or 2 * opts.batch_size)
+    prefetch = Prefetcher(units if units is not None else iter_units(inputs, opts),
+                          opts.prefetch or 2 * opts.batch_size)
     cache = EncodeCache(opts.encode_cache)
     pending: list[Unit] = []
     try:

@@ -174,6 +174,7 @@ def prepare_resume(
     run: dict[str, Any] | None = None,
     force: bool = False,
     retry_errors: bool = False,
+    row_of: Callable[[Any], Any] | None = None,
 ) -> ResumeState:
     """Check that ``path`` can be resumed, cut a half-written last line, and return what it holds.
 
@@ -181,7 +182,8 @@ def prepare_resume(
     an unterminated last line is a row cut by a kill when it starts like one (``{"id"``), and is then
     removed. A missing or empty file is fine. With ``run`` (the record of this run), every row must carry
     the same record unless ``force``. Anything else raises :class:`OutputError` (one line) and leaves the
-    file exactly as it was. With ``retry_errors`` ids whose last row is an error are not done.
+    file exactly as it was. With ``retry_errors`` ids whose last row is an error are not done. ``row_of`` reads
+    the row out of a line that wraps it (an OpenAI Batch output line), before the checks.
     """
     path = os.fspath(path)
     try:
@@ -210,6 +212,8 @@ def prepare_resume(
                 break  # a row cut by a kill: removed below
             if row is None:  # blank line
                 continue
+            if row_of is not None:
+                row = row_of(row)
             ident = _check_row_line(path, lineno, row)
             if run is not None and not force and mismatch is None and row.get(RUN_KEY) != run:
                 mismatch = _run_difference(path, row.get(RUN_KEY), run)

@@ -35,6 +35,9 @@ ROW_KEYS: tuple[str, ...] = (
     "model",
     "backend",
     "timings",
+    "finish_reason",  # the final answer's: "stop" (end of sequence or a stop sequence) or "length" (cut short)
+    "prompt_tokens",  # positions the LM prefilled (text + visual), summed over every rung tried
+    "completion_tokens",  # tokens the LM generated, summed over every rung tried
     "error",
     "note",  # a remark on an answer that looks like none (an empty generation), else None
     "run",  # what the row was made with (model, run question, budget): --resume checks it

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from m3cli.backends import visual_counts
-from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
+from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, finish, stop_index, stops_early
 from m3cli.backends.llamacpp import native
 from m3cli.backends.llamacpp.family import crop_arrays, gguf_family, tower_array
 from m3cli.backends.llamacpp.files import check_gguf_file, find_mmproj, gguf_metadata
@@ -388,23 +388,28 @@ class LlamaCppBackend:
         start = time.perf_counter()
         tokens: list[int] = []
         logprobs: list[float] = []
-        stopped = False
+        stopped = ended = False
         for _ in range(req.max_new_tokens):
             lp = native.last_logprobs(L, self.lctx, self.n_vocab)
             tok = int(lp.argmax())
             if L.llama_vocab_is_eog(self.vocab, tok):
+                ended = True
                 break
             tokens.append(tok)
             logprobs.append(float(lp[tok]))
             stopped = stops_early(req, logprobs)
             if stopped or len(tokens) >= req.max_new_tokens:
                 break
+            if req.stop and stop_index(self.detokenize(tokens), req.stop) is not None:
+                ended = True
+                break
             self._decode_tokens([tok], pos, want_logits=True)
             pos += 1
         decode_ms = (time.perf_counter() - start) * 1000
-        return Generation(text=self.detokenize(tokens).strip(), token_ids=tokens, logprobs=logprobs,
-                          prefill_ms=prefill_ms, decode_ms=decode_ms, stopped_early=stopped,
-                          visual_tokens=int(visual.shape[0]))
+        text, reason = finish(self.detokenize(tokens), req.stop, len(tokens), req.max_new_tokens, ended)
+        return Generation(text=text, token_ids=tokens, logprobs=logprobs, prefill_ms=prefill_ms, decode_ms=decode_ms,
+                          stopped_early=stopped, visual_tokens=int(visual.shape[0]), finish_reason=reason,
+                          prompt_tokens=len(pre) + len(visual) + len(post), completion_tokens=len(tokens))
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
         """One request at a time (KV of the shared text prefix is kept between requests)."""
