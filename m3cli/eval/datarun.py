@@ -11,12 +11,13 @@ counted, never a crash; the question check is the one ``m3 batch`` makes (:func:
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from m3cli.answering.core import DEFAULT_MAX_QUESTION_CHARS, check_question
 from m3cli.backends.base import Backend
@@ -28,9 +29,21 @@ from m3cli.eval.report import EvalReport
 from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, build_choice_prompt, metric_for
 from m3cli.matryoshka.confidence import DEFAULT_MEASURE
 from m3cli.matryoshka.policy import Fixed
-from m3cli.output import OutputTarget, RowSink
+from m3cli.media.image import ImageNotes, ImageOptions
+from m3cli.output import OutputTarget, RowSchema, RowSink
 
 Progress = Callable[[int, int], None]
+
+
+class SamplesLayout(Protocol):
+    """Another layout of the samples file (lmms-eval's): what its lines hold (for the output guard and
+    ``--resume``), the lines of one sample, and the file read back (samples by content key)."""
+
+    schema: RowSchema
+
+    def lines(self, sample: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def read(self, path: str) -> dict[str, dict[str, Any]]: ...
 
 
 class NothingEvaluated(M3Error):
@@ -57,6 +70,8 @@ class DataOptions:
     share: bool = True  # False: encode every row's image afresh (for measuring the saving)
     overwrite: bool = False  # replace an existing samples file (else it must be empty, or resumed)
     max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS
+    image: ImageOptions = ImageOptions()  # --upright / --alpha-background / --fast-decode (default: the recipe)
+    samples_layout: SamplesLayout | None = None  # None: one m3 sample line per row
 
 
 @dataclass
@@ -72,6 +87,8 @@ class DataResult:
     encodes: int  # images the backend encoded in this run
     metrics: dict[str, int] = field(default_factory=dict)  # evaluated rows per metric
     seconds: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)  # every row's sample, in data order
+    unscored: int = 0  # rows answered without a gold answer (in no accuracy)
 
     @property
     def ms_per_row(self) -> float:
@@ -87,15 +104,21 @@ class DataResult:
 
 
 def prompt_for(row: EvalRow, options: DataOptions) -> str:
-    """The text the model sees: the choice prompt (options + suffix) or the question (+ suffix)."""
-    if row.gold_kind == "choice":
-        return build_choice_prompt(row.question, row.choices, options.prompt_suffix)
-    return f"{row.question}\n{options.question_suffix}" if options.question_suffix else row.question
+    """The text the model sees: the choice prompt (options + suffix) or the question (+ suffix); a row whose
+    layout fixes its text (``row.prompt``) gets only the suffix."""
+    suffix = options.prompt_suffix if row.choices else options.question_suffix
+    if row.prompt is None and row.choices:
+        return build_choice_prompt(row.question, row.choices, suffix)
+    text = row.question if row.prompt is None else row.prompt
+    return f"{text}\n{suffix}" if suffix else text
 
 
-def metric_of(row: EvalRow, options: DataOptions) -> str:
-    """The row's metric: the chosen one, else the one its gold's form calls for."""
-    return options.metric or metric_for(row)
+def metric_of(row: EvalRow, options: DataOptions) -> str | None:
+    """The row's metric: the chosen one, else its layout's, else the one its gold's form calls for; None for a
+    row without a gold answer."""
+    if row.gold_kind == "none":
+        return None
+    return options.metric or row.metric or metric_for(row)
 
 
 def _identity(path: str) -> tuple[str, int, int] | None:
@@ -107,25 +130,50 @@ def _identity(path: str) -> tuple[str, int, int] | None:
     return image_key(path), st.st_size, st.st_mtime_ns
 
 
-def _load(path: str):
-    from m3cli.media import load_image
+class _Loader:
+    """Decodes rows' images with the run's options, keeping what was done to each one's pixels (by image
+    identity, for the samples of every row about it) and telling ``notes`` once about what the recipe ignores."""
 
-    return load_image(path)
+    def __init__(self, options: ImageOptions, notes: Callable[[str], None] | None) -> None:
+        self.options = options
+        self.notes = ImageNotes(notes)
+        self.pixels: dict[Any, dict[str, Any]] = {}
+
+    def load(self, src: Any, key: Any):
+        from m3cli.media import open_image
+
+        picture = open_image(src, self.options)
+        fields = picture.fields()
+        self.notes.see(fields, getattr(src, "name", src))
+        if key is not None and any(v is not None for v in fields.values()):
+            self.pixels[key] = fields
+        return picture.image
+
+    def items(self, rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
+        for row in rows:  # lazily: each image is looked at just before its batch runs
+            if row.image_source is not None:  # pixels inside the data file (MMBench TSV)
+                key, opened = row.image_source.key, row.image_source.open
+            else:
+                key, opened = _identity(row.image), functools.partial(str, row.image)
+            yield EvalItem(row.id, key, functools.partial(self._load_opened, opened, key), prompt_for(row, options),
+                           row)
+
+    def _load_opened(self, opened: Callable[[], Any], key: Any):
+        return self.load(opened(), key)
 
 
-def _items(rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
-    for row in rows:  # lazily: each image is looked at just before its batch runs
-        yield EvalItem(row.id, _identity(row.image), lambda p=row.image: _load(p), prompt_for(row, options), row)
-
-
-def open_samples(options: DataOptions, inputs: Sequence[str] = (), folders: Sequence = ()) -> OutputTarget | None:
-    """The guarded samples file (:class:`m3cli.output.OutputTarget` with :data:`~m3cli.eval.samples.SAMPLES`):
-    checked, created and locked now, before any work; None without ``options.samples``. ``inputs`` and
-    ``folders`` are what the run reads (the data files; a data folder and the files it picks)."""
+def open_samples(options: DataOptions, inputs: Sequence[str] = (), folders: Sequence = (),
+                 schema: RowSchema | None = None) -> OutputTarget | None:
+    """The guarded samples file (:class:`m3cli.output.OutputTarget` with ``schema``: by default
+    :data:`~m3cli.eval.samples.SAMPLES`, or the layout's): checked, created and locked now, before any work; None
+    without ``options.samples``. ``inputs`` and ``folders`` are what the run reads (the data files; a data
+    folder and the files it picks)."""
     if not options.samples:
         return None
+    if schema is None:
+        schema = options.samples_layout.schema if options.samples_layout is not None else sm.SAMPLES
     return OutputTarget.open(options.samples, "jsonl", resume=options.resume, overwrite=options.overwrite,
-                             inputs=inputs, folders=folders, schema=sm.SAMPLES, what="--samples")
+                             inputs=inputs, folders=folders, schema=schema, what="--samples")
 
 
 def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, dict[str, Any]]:
@@ -133,7 +181,7 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
     if not (options.resume and options.samples):
         return {}
     try:
-        found = sm.read_samples(options.samples)
+        found = (options.samples_layout.read if options.samples_layout else sm.read_samples)(options.samples)
     except OSError as exc:
         raise OutputError(f"{options.samples}: cannot read the samples to resume ({describe(exc)})") from None
     done = {}
@@ -142,7 +190,8 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
         if sample is None or (sample.get("error") is not None and options.retry_errors):
             continue
         if sample.get("error") is None and isinstance(row, EvalRow):
-            why = sm.mismatch(sample, prompt_for(row, options), metric_of(row, options), options.scales)
+            why = sm.mismatch(sample, prompt_for(row, options), metric_of(row, options), options.scales,
+                              options.image.record())
             if why:
                 raise UsageError(f"{options.samples}: row {row.id} was evaluated with {why}; resume with the "
                                  "same options or write a new --samples file")
@@ -150,11 +199,14 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
     return done
 
 
-def _write(out: RowSink | None, lines: list[dict[str, Any]]) -> None:
-    """Append ``lines`` in order and flush: a checkpoint, what is written stays done if the run stops. A full
-    disk is :class:`~m3cli.output.OutputWriteError` (one line, exit code 1); what was written stays."""
+def _write(out: RowSink | None, lines: list[dict[str, Any]], layout: SamplesLayout | None = None) -> None:
+    """Append ``lines`` (in ``layout``: lmms-eval's gives several per sample) in order and flush: a checkpoint,
+    what is written stays done if the run stops. A full disk is :class:`~m3cli.output.OutputWriteError` (one
+    line, exit code 1); what was written stays."""
     if out is None or not lines:
         return
+    if layout is not None:
+        lines = [line for s in lines for line in layout.lines(s)]
     for line in lines:
         out.write(line)
     out.flush()
@@ -162,19 +214,22 @@ def _write(out: RowSink | None, lines: list[dict[str, Any]]) -> None:
 
 def _refused(row: EvalRow, options: DataOptions, backend: Backend, top: int) -> str | None:
     """Why ``row`` cannot be asked (metric, question length, the model's context), or None."""
-    if metric_of(row, options) == "choice" and row.gold_kind != "choice":
-        return "metric 'choice' needs a row with 'choices'"
+    metric = metric_of(row, options)
+    if metric in ("choice", "mmbench") and row.gold_kind != "choice":
+        return f"metric {metric!r} needs a row with 'choices'"
     return check_question(backend, row.question, Fixed(top), options.max_new_tokens, options.max_question_chars,
                           prompt=prompt_for(row, options))
 
 
 def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: DataOptions, label: str,
-                  progress: Progress | None = None, target: OutputTarget | None = None) -> DataResult:
+                  progress: Progress | None = None, target: OutputTarget | None = None,
+                  notes: Callable[[str], None] | None = None) -> DataResult:
     """Evaluate ``rows`` (from :func:`m3cli.eval.data.read_eval_data`) at ``options.scales``.
 
     ``target`` is the samples file opened with :func:`open_samples` (before the model loaded); without it,
-    ``options.samples`` is opened here. Raises :class:`NothingEvaluated` when no row could be evaluated
-    (after writing their error samples).
+    ``options.samples`` is opened here. ``notes`` receives one-line remarks for the user (once per run: an
+    image whose EXIF orientation or transparency its recipe ignores). Raises :class:`NothingEvaluated` when no
+    row could be evaluated (after writing their error samples).
     """
     if options.metric is not None and options.metric not in METRICS:
         raise UsageError(f"unknown metric {options.metric!r} (choose from {', '.join(METRICS)})")
@@ -196,18 +251,21 @@ def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: D
             else:
                 todo.append(row)
         cache = EncodeCache(options.encode_cache)
+        loader = _Loader(options.image, notes)
+        layout = options.samples_layout
         start = time.perf_counter()
         out = target.sink() if target is not None else None
         try:
-            _write(out, [new[r.key] for r in rows if r.key in new])
+            _write(out, [new[r.key] for r in rows if r.key in new], layout)
             done = 0
             if progress and todo:
                 progress(0, len(todo))
-            for batch in answer_items(backend, _items(todo, options), scales, options.batch_size,
+            for batch in answer_items(backend, loader.items(todo, options), scales, options.batch_size,
                                       options.max_new_tokens, cache, options.share):
-                lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure)
+                lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure,
+                                          loader.pixels.get(r.item.key), options.image.record())
                          for r in batch]
-                _write(out, lines)
+                _write(out, lines, layout)
                 new.update((s["key"], s) for s in lines)
                 done += len(batch)
                 if progress:
@@ -228,9 +286,10 @@ def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: li
     row's id in this run (a default id follows the row's line)."""
     every = [s if s.get("id") == r.id else {**s, "id": r.id}
              for r in rows if (s := new.get(r.key) or prior.get(r.key)) is not None]
-    good = [s for s in every if s.get("error") is None]
+    answered_rows = [s for s in every if s.get("error") is None]
+    good = [s for s in answered_rows if s.get("metric") is not None]  # scored: rows with a gold answer
     errors = [s for s in every if s.get("error") is not None]
-    if not good:
+    if not answered_rows:
         first = errors[0]["error"] if errors else "the data has no rows"
         raise NothingEvaluated(f"no row could be evaluated ({len(errors)} errors; the first: {first})")
     records = [sm.record(s, scales) for s in good]
@@ -239,5 +298,6 @@ def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: li
     report = EvalReport(None, scales, records, seconds, families, data=label)
     answered = sum(s.get("error") is None for s in new.values())
     return DataResult(report, errors, computed=len(new), answered=answered, resumed=len(prior),
-                      images=len({image_key(s["image"]) for s in good}), encodes=encodes,
-                      metrics=dict(Counter(s["metric"] for s in good)), seconds=seconds)
+                      images=len({image_key(s["image"]) for s in answered_rows}), encodes=encodes,
+                      metrics=dict(Counter(s["metric"] for s in good)), seconds=seconds, samples=every,
+                      unscored=len(answered_rows) - len(good))

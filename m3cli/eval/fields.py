@@ -15,7 +15,7 @@ from m3cli.fileio import input_problem, looks_like_url
 
 MAX_CHOICES = 26
 
-GoldKind = Literal["answer", "answers", "choice"]
+GoldKind = Literal["answer", "answers", "choice", "none"]  # none: answered, not scored (a test split)
 
 
 class Bad(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,16 +23,25 @@ from m3cli.fileio import LineTooLong, escape_surrogates, iter_jsonl
 log = logging.getLogger(__name__)
 
 
-def repair_jsonl(path: str | os.PathLike[str]) -> int:
+RowId = Callable[[dict[str, Any]], Any]
+
+
+def _top_id(row: dict[str, Any]) -> Any:
+    return row.get("id")
+
+
+def repair_jsonl(path: str | os.PathLike[str], row_id: RowId = _top_id) -> int:
     """Truncate a JSONL file to the end of its last complete, valid line; returns bytes removed.
 
-    See :func:`read_done_ids` for what counts as complete. A missing file removes nothing.
+    See :func:`read_done_ids` for what counts as complete; ``row_id`` finds a row's id (default: its ``id``
+    field; a layout that keeps it elsewhere says where). A missing file removes nothing.
     """
-    _, removed = _scan_jsonl(path, repair=True)
+    _, removed = _scan_jsonl(path, repair=True, row_id=row_id)
     return removed
 
 
-def _scan_jsonl(path: str | os.PathLike[str], repair: bool) -> tuple[dict[str, bool], int]:
+def _scan_jsonl(path: str | os.PathLike[str], repair: bool,
+                row_id: RowId = _top_id) -> tuple[dict[str, bool], int]:
     """Map id -> "last row for it is an error", and truncate trailing incomplete/invalid lines if asked."""
     try:
         f = open(path, "rb")  # closed by the with below
@@ -49,10 +59,10 @@ def _scan_jsonl(path: str | os.PathLike[str], repair: bool) -> tuple[dict[str, b
                 if isinstance(row, ValueError):  # not JSON, or a line cut inside a UTF-8 sequence
                     log.warning("%s:%d: not valid JSON, ignored", os.fspath(path), lineno)
                     continue
-                if not isinstance(row, dict) or row.get("id") is None:
+                if not isinstance(row, dict) or row_id(row) is None:
                     log.warning("%s:%d: not a result row, ignored", os.fspath(path), lineno)
                     continue
-                last_error[str(row["id"])] = row.get("error") is not None
+                last_error[str(row_id(row))] = row.get("error") is not None
                 good_end = end
         except LineTooLong as exc:
             raise OutputError(f"{escape_surrogates(os.fspath(path))}: {exc}") from None
@@ -109,6 +119,13 @@ class RowSchema:
     ident: str = "id"
     start: bytes = _ROW_START
     run_key: str | None = RUN_KEY
+    # a layout whose lines wrap the row (an OpenAI Batch output line carries it as "m3"): the row of a line
+    unwrap: Callable[[Any], Any] | None = None
+
+    def row_id(self, line: dict[str, Any]) -> Any:
+        """The id of the row a line holds (None: the line holds none), for :func:`repair_jsonl`."""
+        row = self.unwrap(line) if self.unwrap is not None else line
+        return row.get("id") if isinstance(row, dict) else None
 
 
 BATCH_ROWS = RowSchema("m3 batch JSONL output", "m3 batch", ROW_REQUIRED_KEYS)
@@ -122,6 +139,9 @@ _RUN_LABELS = {
     "ladder": "--ladder",
     "max_new_tokens": "--max-new-tokens",
     "max_visual_tokens": "--max-visual-tokens",
+    "upright": "--upright",
+    "alpha_background": "--alpha-background",
+    "fast_decode": "--fast-decode",
 }
 
 
@@ -166,6 +186,8 @@ def looks_like(path: str | os.PathLike[str], schema: RowSchema = BATCH_ROWS) -> 
             for _lineno, _end, raw, row in iter_jsonl(f, limit=1 << 20):
                 if row is None:
                     continue
+                if schema.unwrap is not None:
+                    row = schema.unwrap(row)
                 return raw.lstrip().startswith(schema.start) and isinstance(row, dict) \
                     and schema.required <= set(row)
     except (OSError, ValueError):
@@ -215,7 +237,8 @@ def prepare_resume(
     removed. A missing or empty file is fine. With ``run`` (the record of this run), every row must carry
     the same record unless ``force``. Anything else (a line over the reader's limit too) raises
     :class:`OutputError` (one line) and leaves the file exactly as it was. ``done_ids`` are the rows'
-    ``schema.ident`` values; with ``retry_errors`` those whose last row is an error are not done.
+    ``schema.ident`` values; with ``retry_errors`` those whose last row is an error are not done. A schema
+    whose lines wrap the row (an OpenAI Batch output line) reads it out with ``schema.unwrap`` before the checks.
     """
     path = os.fspath(path)
     try:
@@ -247,6 +270,8 @@ def prepare_resume(
                     break  # a row cut by a kill: removed below
                 if row is None:  # blank line
                     continue
+                if schema.unwrap is not None:
+                    row = schema.unwrap(row)
                 ident = _check_row_line(path, lineno, row, schema)
                 if run is not None and schema.run_key and not force and mismatch is None \
                         and row.get(schema.run_key) != run:

@@ -18,7 +18,7 @@ from typing import IO, Any, Literal, Protocol, runtime_checkable
 
 from m3cli.errors import OutputError, describe, one_line
 from m3cli.fileio import dumps_row, escape_surrogates, has_surrogates, path_bytes_b64, text_safe
-from m3cli.output.resume import repair_jsonl
+from m3cli.output.resume import RowId, repair_jsonl
 
 ROW_KEYS: tuple[str, ...] = (
     "id",
@@ -35,11 +35,18 @@ ROW_KEYS: tuple[str, ...] = (
     "model",
     "backend",
     "timings",
+    "finish_reason",  # the final answer's: "stop" (end of sequence or a stop sequence) or "length" (cut short)
+    "prompt_tokens",  # positions the LM prefilled (text + visual), summed over every rung tried
+    "completion_tokens",  # tokens the LM generated, summed over every rung tried
     "error",
     "note",  # a remark on an answer that looks like none (an empty generation), else None
     "run",  # what the row was made with (model, run question, budget): --resume checks it
     "source_b64",  # the exact bytes of a source that is not valid UTF-8 (base64), else None
     "frames",  # a video collage's frame indices (m3 batch --video-mode collage), else None
+    # what was done to an image file's pixels (m3cli.media.Picture.fields; None for video frames and errors):
+    "upright",  # True: turned by its EXIF orientation (--upright); False: it has one, fed as stored; else None
+    "alpha",  # "dropped" (as the recipe does) or the "#rrggbb" transparency was composited onto; None: opaque
+    "decode_scale",  # --fast-decode: the JPEG's reduced decode scale (0.5, 0.25, 0.125), else None
 )
 
 _NESTED_KEYS = frozenset({"scales_tried", "timings", "run"})
@@ -311,12 +318,14 @@ def _ends_with_newline(path: str) -> bool:
         return f.read(1) == b"\n"
 
 
-def open_sink(fmt: Format, path: str | os.PathLike[str] | None, append: bool = False) -> RowSink:
+def open_sink(fmt: Format, path: str | os.PathLike[str] | None, append: bool = False,
+              row_id: RowId | None = None) -> RowSink:
     """A sink for ``fmt`` writing to ``path`` (None or "-": stdout, which is never closed).
 
     With ``append`` an existing file is extended: a JSONL file is first repaired (a half-written last line
     would otherwise glue onto the next row), a CSV file that already has content gets no second header, and
-    a CSV/text file not ending in a newline gets one so new rows start on their own line.
+    a CSV/text file not ending in a newline gets one so new rows start on their own line. ``row_id`` finds the
+    id of a JSONL line's row for that repair (default: its ``id`` field; see :meth:`RowSchema.row_id`).
     """
     if fmt not in ("jsonl", "csv", "text"):
         raise ValueError(f"unknown output format {fmt!r} (expected jsonl, csv or text)")
@@ -330,7 +339,7 @@ def open_sink(fmt: Format, path: str | os.PathLike[str] | None, append: bool = F
         try:
             has_content = append and os.path.exists(path) and os.path.getsize(path) > 0
             if has_content and fmt == "jsonl":
-                repair_jsonl(path)
+                repair_jsonl(path, *(() if row_id is None else (row_id,)))
                 has_content = os.path.getsize(path) > 0
             needs_newline = has_content and fmt != "jsonl" and not _ends_with_newline(path)
             # newline="": we write "\n" ourselves and csv needs untranslated line ends.

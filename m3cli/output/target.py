@@ -190,8 +190,9 @@ class OutputTarget:
         """Check, create and lock the file, and for ``resume`` check it against ``run`` (see the module doc).
 
         An existing non-empty file is resumed (``resume``), replaced (``overwrite``) or refused. ``inputs`` and
-        ``folders`` are what the run reads (see :func:`check_inputs`); ``schema`` what the file's rows hold;
-        ``what`` names the option in messages.
+        ``folders`` are what the run reads (see :func:`check_inputs`); ``schema`` what the file's lines hold
+        (an OpenAI Batch output file's lines wrap the row: ``schema.unwrap``); ``what`` names the option in
+        messages.
         """
         target = cls(None if path is None else os.fspath(path), fmt, resume, schema, what)
         if target.path is None:
@@ -275,7 +276,7 @@ class OutputTarget:
     def sink(self) -> RowSink:
         """The sink for the rows: stdout, the file appended to (resume) or the file started afresh."""
         self._sink_opened = True
-        return open_sink(self.fmt, self.path, append=self.resume)
+        return open_sink(self.fmt, self.path, append=self.resume, row_id=self.schema.row_id)
 
     def close(self, abandon: bool = False) -> None:
         """Release the lock. With ``abandon`` (the run stopped before any work) a file this run created and
@@ -323,7 +324,8 @@ class OutputFile:
 
         An existing non-empty file is replaced only when ``overwrite``, or when ``ours`` recognises it as this
         command's own earlier output (a report written again) and it does not hold ``results`` (computed rows
-        are never replaced without ``overwrite``). A FIFO or device is refused: a rename would replace it.
+        are never replaced without ``overwrite``); a file ``ours`` does not recognise is said to be someone
+        else's. A FIFO or device is refused: a rename would replace it.
         """
         path = os.fspath(path)
         name = escape_path(path)
@@ -337,9 +339,11 @@ class OutputFile:
                               "place)")
         st = check_path(path, what, create_parent=create_parent, inputs=inputs, folders=folders)
         if st is not None and st.st_size > 0 and not overwrite:
+            if ours is not None and not ours(path):
+                raise OutputError(f"{what} {name} exists and was not written by m3; --overwrite replaces it")
             if results:
                 raise OutputError(f"{what} {name} already exists; --overwrite replaces it")
-            if ours is None or not ours(path):
+            if ours is None:
                 raise OutputError(f"{what} {name} exists and was not written by m3; --overwrite replaces it")
         return cls(path, what)
 
