@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import os
 
 import click
 
 from m3cli.answering.defaults import DEFAULT_QUESTION
 from m3cli.cli.app import command
 from m3cli.cli.options import (
-    check_policy_flags,
     check_run_question,
     max_visual_tokens_option,
     model_options,
     policy_options,
     question_limit_option,
+    resolve_policy,
 )
 
 ASK_EXAMPLE = """
@@ -41,37 +41,48 @@ QUESTION defaults to "{DEFAULT_QUESTION}".
 @max_visual_tokens_option
 @question_limit_option
 @model_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the answer text.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result row (the schema of m3 batch's rows, docs/rows.md) instead of the answer text; "
+                   "an item that fails is a row with its error (exit 1).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
-def ask(image, question, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, as_json,
-        max_new_tokens, **model_kw):
+def ask(image, question, tokens, auto_scale, threshold, ladder, measure, on_miss, max_visual_tokens,
+        max_question_chars, as_json, max_new_tokens, **model_kw):
     """``m3 ask``; its help text is ASK_HELP (it names the default question)."""
-    from m3cli.answering.core import ask_images, make_policy
+    from m3cli.answering.core import ask_images, policy_from_spec
     from m3cli.backends import open_backend
-    from m3cli.fileio import text_safe
+    from m3cli.engines.job import BatchJob, run_record
+    from m3cli.engines.units import BatchOptions
+    from m3cli.fileio import dumps_row
     from m3cli.matryoshka.scales import budget_note
     from m3cli.media import load_image
-    from m3cli.output import round_confidences
+    from m3cli.output import make_row
 
-    check_policy_flags(auto_scale, threshold, ladder)
     if question is None:
         question = DEFAULT_QUESTION
     elif not question.strip():
         raise click.UsageError("QUESTION is empty (leave it out to ask the default question)")
     check_run_question(question, max_question_chars)
+    spec, default = resolve_policy(model_kw.get("model"), tokens, auto_scale, threshold, ladder, measure, on_miss)
+    # the record m3 batch writes in each row's `run` for the same question, model and policy
+    opts = BatchOptions(question=question, tokens=tokens, auto_scale=auto_scale, threshold=threshold, ladder=ladder,
+                        measure=measure, on_miss=on_miss, default_policy=default, max_new_tokens=max_new_tokens,
+                        max_visual_tokens=max_visual_tokens)
+    record = run_record(BatchJob([image], opts, model=model_kw))
     picture = load_image(image)
     backend = open_backend(**model_kw)
-    policy = make_policy(backend.grid_side, tokens, auto_scale, threshold, ladder, max_visual_tokens)
+    policy = policy_from_spec(backend.grid_side, spec, max_visual_tokens, default)
     note = budget_note(tokens, backend.grid_side)
     if note is not None:
         click.echo(f"m3: note: {note}", err=True)
     result = ask_images(backend, [picture], [question], [policy], max_new_tokens,
-                        max_question_chars=max_question_chars)[0]
+                        max_question_chars=max_question_chars, raise_errors=not as_json)[0]
     if as_json:
-        row = {"image": image, "question": question, **round_confidences(result.to_dict()), "note": result.note,
-               "requested_tokens": tokens, "max_visual_tokens": max_visual_tokens, "model": backend.model_id,
-               "backend": backend.name}
-        click.echo(json.dumps(text_safe(row), ensure_ascii=False))
+        row = make_row(id=os.path.normpath(image), source=image, question=question, **result.to_dict(),
+                       note=result.note, model=backend.model_id, backend=backend.name, run=record)
+        click.echo(dumps_row(row))
+        if result.error is not None:
+            click.echo(f"m3: error: {row['error']}", err=True)
+            raise SystemExit(1)
     else:
         click.echo(result.answer)
         if result.note:  # an empty answer is never a silent blank line

@@ -10,12 +10,12 @@ from m3cli.cli.options import (
     NON_NEGATIVE,
     POSITIVE,
     SHARD,
-    check_policy_flags,
     check_run_question,
     max_visual_tokens_option,
     model_options,
     policy_options,
     question_limit_option,
+    resolve_policy,
 )
 
 BATCH_EXAMPLE = """
@@ -115,8 +115,8 @@ def _engine_options(fn):
 @model_options
 @_run_options
 @_engine_options
-def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, output,
-          fmt, resume,
+def batch(inputs, questions, tokens, auto_scale, threshold, ladder, measure, on_miss, max_visual_tokens,
+          max_question_chars, output, fmt, resume,
           retry_errors, force, batch_size, fps, every, max_frames, video_mode, collage_frames, collage_layout,
           encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item and question.
@@ -130,15 +130,14 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_t
     """
     from m3cli.engines.job import BatchJob, run_job
     from m3cli.engines.units import BatchOptions
-    from m3cli.matryoshka.policy import DEFAULT_THRESHOLD
 
-    check_policy_flags(auto_scale, threshold, ladder)
     for question in questions:
         check_run_question(question, max_question_chars)
+    _, default = resolve_policy(model_kw.get("model"), tokens, auto_scale, threshold, ladder, measure, on_miss)
     opts = BatchOptions(
         question=questions[0] if questions else DEFAULT_QUESTION, questions=tuple(questions) if len(questions) > 1
-        else (), tokens=tokens, auto_scale=auto_scale,
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=ladder,
+        else (), tokens=tokens, auto_scale=auto_scale, threshold=threshold, ladder=ladder, measure=measure,
+        on_miss=on_miss, default_policy=default,
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
         max_question_chars=max_question_chars, video_mode=video_mode, collage_frames=collage_frames,
         collage_layout=collage_layout, encode_cache=encode_cache, max_visual_tokens=max_visual_tokens,

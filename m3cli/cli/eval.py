@@ -56,7 +56,9 @@ def _data_options(fn):
 @click.option("--auto-scale", is_flag=True,
               help="Also replay confidence escalation at each --thresholds value (always on with --data).")
 @click.option("--thresholds", type=NumberList(float, 0.0, 1.0), default="0.5,0.8,0.9,0.95", show_default=True)
-@click.option("--measure", default=None, help="Confidence measure (default: the tuned one).")
+@click.option("--measure", default=None,
+              help="Confidence measure of the escalation replay and the samples (default: the model's tuned "
+                   "policy's, else sequence; m3 models lists them).")
 @click.option("--tune", is_flag=True,
               help="Try every confidence measure and threshold; print the pick (fewest tokens within 1 point of "
                    "full-grid accuracy). Needs --auto-scale on the scenes.")
@@ -80,7 +82,11 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
     """
     from m3cli.matryoshka.confidence import DEFAULT_MEASURE, MEASURES
 
-    measure = measure or DEFAULT_MEASURE
+    if measure is None:
+        from m3cli.answering.defaults import model_policy
+
+        tuned = model_policy(model_kw.get("model"))
+        measure = (tuned.measure if tuned is not None else None) or DEFAULT_MEASURE
     if measure not in MEASURES:
         raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
     _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
@@ -186,7 +192,8 @@ def _show(report, result, backend, measure: str, levels: list[float], tune: bool
     tuned = None
     if tune:
         rows, tuned = tune_escalation(report, list(MEASURES), levels)
-        click.echo(format_tuning(rows, tuned))
+        every = sorted(getattr(backend, "scales", report.scales))
+        click.echo(format_tuning(rows, tuned, None if sorted(report.scales) == every else report.scales))
     if json_path:
         extra = {"model": backend.model_id, "backend": backend.name}
         if result is not None:

@@ -131,9 +131,7 @@ def run_record(job: BatchJob) -> dict[str, Any]:
         model = os.path.realpath(model)
     questions = opts.run_questions
     question: str | list[str] = questions if len(questions) > 1 else opts.run_question
-    record: dict[str, Any] = {"model": model, "question": question, "tokens": opts.tokens}
-    if opts.auto_scale:
-        record.update(auto_scale=True, threshold=opts.threshold, ladder=opts.ladder)
+    record: dict[str, Any] = {"model": model, "question": question, **policy_record(opts.run_policy)}
     record["max_new_tokens"] = opts.max_new_tokens
     if opts.max_visual_tokens is not None:  # absent otherwise, so earlier runs' records still match
         record["max_visual_tokens"] = opts.max_visual_tokens
@@ -141,6 +139,24 @@ def run_record(job: BatchJob) -> dict[str, Any]:
         layout = opts.collage_layout
         record.update(video_mode="collage", collage_frames=opts.collage_frames,
                       collage_layout=f"{layout[0]}x{layout[1]}" if layout else None)
+    return record
+
+
+def policy_record(spec) -> dict[str, Any]:
+    """The run record's policy fields for a full :class:`~m3cli.matryoshka.policy.PolicySpec`: ``tokens``
+    (None: the full grid), and with auto-scale ``auto_scale``, ``threshold``, ``ladder``; ``measure`` and
+    ``on_miss`` only when they are not the defaults (``sequence``, ``last``), so records of runs made before
+    they existed still match."""
+    from m3cli.matryoshka.confidence import DEFAULT_MEASURE
+    from m3cli.matryoshka.policy import DEFAULT_ON_MISS
+
+    record: dict[str, Any] = {"tokens": spec.tokens}
+    if spec.auto_scale:
+        record.update(auto_scale=True, threshold=spec.threshold, ladder=list(spec.ladder) if spec.ladder else None)
+        if spec.on_miss not in (None, DEFAULT_ON_MISS):
+            record["on_miss"] = spec.on_miss
+    if spec.measure not in (None, DEFAULT_MEASURE):
+        record["measure"] = spec.measure
     return record
 
 
@@ -213,10 +229,11 @@ def _open_local_backend(job: BatchJob, opts: BatchOptions, notes: Callable[[str]
     from m3cli.matryoshka.scales import budget_note
 
     backend = open_backend(**job.model)
-    if opts.auto_scale:
+    policy = opts.run_policy
+    if policy.auto_scale:
         from m3cli.matryoshka.policy import make_ladder
 
-        make_ladder(backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
+        make_ladder(backend.grid_side, policy.ladder, policy.tokens)  # a bad ladder is a usage error up front
     note = budget_note(opts.tokens, backend.grid_side)
     if note is not None and notes is not None:
         notes(note)

@@ -40,6 +40,7 @@ ROW_KEYS: tuple[str, ...] = (
     "run",  # what the row was made with (model, run question, budget): --resume checks it
     "source_b64",  # the exact bytes of a source that is not valid UTF-8 (base64), else None
     "frames",  # a video collage's frame indices (m3 batch --video-mode collage), else None
+    "threshold_met",  # --auto-scale: whether the answer's rung reached the threshold; None for a fixed scale
 )
 
 _NESTED_KEYS = frozenset({"scales_tried", "timings", "run"})
