@@ -78,7 +78,9 @@ def _run_options(fn):
                           "stdin rows sharing an image); 0: shared within a batch only."),
         click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True),
         click.option("--progress/--no-progress", default=None,
-                     help="Progress bar on stderr (default: when stderr is a TTY)."),
+                     help="Progress on stderr, with a total and ETA when the inputs are files and folders (default: "
+                          "a bar on a terminal, else a line every $M3_PROGRESS_SECONDS seconds, 30; --progress: "
+                          "the bar anyway)."),
         click.option("--shard", type=SHARD, default=None,
                      help="Answer only shard K of N (stable hash of the item id: its frames and questions stay in "
                           "one shard); needs -o FILE. Merge with m3 merge."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -38,7 +37,9 @@ def _data_options(fn):
         click.option("--export-data", "export_dir", default=None, type=click.Path(file_okay=False),
                      help="Write the synthetic questions (--split, -n, --family) as DIR/<split>.jsonl + "
                           "DIR/images/*.png, for --data; loads no model."),
-        click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a TTY)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress on stderr (default: a bar on a terminal, else a line every $M3_PROGRESS_SECONDS "
+                          "seconds, 30; --progress: the bar anyway)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -231,25 +232,9 @@ def _nested_scales(picked: list[int] | None, valid: list[int]) -> list[int] | No
 
 
 def _progress_bar(progress: bool | None):
-    """A tqdm bar on stderr (rows done, rate, ETA) when stderr is a terminal or --progress; else None.
+    """The run's progress on stderr (:mod:`m3cli.output.progress`), or None with ``--no-progress``; the eval core
+    calls it as ``bar(done, total)``."""
+    from m3cli.output.progress import Progress, progress_mode
 
-    The core calls it as ``bar(done, total)``; ``bar.close()`` ends it.
-    """
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return None
-    from tqdm import tqdm
-
-    class _Bar:
-        def __init__(self) -> None:
-            self.bar = None
-
-        def __call__(self, done: int, total: int) -> None:
-            if self.bar is None:
-                self.bar = tqdm(total=total, desc="m3 eval", unit="row", file=sys.stderr, dynamic_ncols=True)
-            self.bar.update(done - self.bar.n)
-
-        def close(self) -> None:
-            if self.bar is not None:
-                self.bar.close()
-
-    return _Bar()
+    mode = progress_mode(progress)
+    return None if mode == "off" else Progress("m3 eval", unit="row", mode=mode)

@@ -13,8 +13,9 @@ no gap, so ``--resume`` completes it in order.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,6 +26,14 @@ from m3cli.errors import UsageError
 from m3cli.output import OrderedWriter, OutputTarget, OutputWriteError, RowSink, Summary, is_stdout
 
 ENGINES = ("local", "ray")
+COUNT_THREAD = "m3-count"  # lists the inputs a second time for the progress total; it logs nothing
+
+
+class _NotFromCounter(logging.Filter):
+    """Drops the log records of the counting thread (the real walk reports skipped files, once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != COUNT_THREAD
 
 
 @dataclass
@@ -44,7 +53,7 @@ class BatchJob:
     ray_address: str | None = None
     actors: int = 1
     gpus_per_actor: float = 0.0
-    progress: bool | None = None  # None: when stderr is a terminal
+    progress: bool | None = None  # None: a bar on a terminal, else periodic lines (m3cli.output.progress)
 
     def check(self) -> None:
         """Raise :class:`UsageError` for options that cannot go together."""
@@ -195,7 +204,7 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
         items, sink, selector = _select_shard(job, items, sink)
     writer = OrderedWriter(sink)
     result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt == "jsonl")
-    bar = _progress_bar(job.progress)
+    bar = _progress(job, opts)
     on_row = (lambda row: bar.update(1)) if bar is not None else None
     try:
         _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes)
@@ -269,13 +278,44 @@ class _QuestionRows:
             return self.selector.index_of({**row, "id": base})
 
 
-def _progress_bar(progress: bool | None):
-    """A tqdm bar on stderr counting rows, or None."""
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return None
-    from tqdm import tqdm
+def _progress(job: BatchJob, opts: BatchOptions):
+    """The run's progress on stderr (rows answered), or None with ``--no-progress``. Its total (the rows still
+    to answer) is counted in a background thread when it can be known: files and folders, not stdin."""
+    from m3cli.output.progress import Progress, progress_mode
 
-    return tqdm(desc="m3 batch", unit="item", file=sys.stderr, dynamic_ncols=True)
+    mode = progress_mode(job.progress)
+    if mode == "off":
+        return None
+    bar = Progress("m3 batch", unit="row", mode=mode)
+    if job.shard is None and "-" not in job.inputs:  # a shard answers an unknown share of the rows
+        for name in ("m3cli.media.files", "m3cli.media.inputs"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _NotFromCounter) for f in logger.filters):
+                logger.addFilter(_NotFromCounter())
+        threading.Thread(target=lambda: bar.set_total(count_rows(job.inputs, opts)), daemon=True,
+                         name=COUNT_THREAD).start()
+    return bar
+
+
+def count_rows(inputs: Iterable[str], opts: BatchOptions) -> int | None:
+    """The rows a run over ``inputs`` (paths; not ``-``) will answer: one per image and question, minus those
+    ``opts.done_ids`` holds (``--resume``). None when it cannot be known before decoding (a video sampled into
+    frames) or the inputs cannot be listed."""
+    from m3cli.engines.units import question_count
+    from m3cli.media import iter_inputs
+    from m3cli.media.inputs import question_ids
+
+    n_questions = len(opts.run_questions)
+    total = 0
+    try:
+        for item in iter_inputs(list(inputs)):
+            if getattr(item, "kind", None) == "video" and opts.video_mode != "collage":
+                return None
+            n = question_count(item, n_questions)
+            total += sum(row_id not in opts.done_ids for row_id in question_ids(item.id, n))
+    except (OSError, ValueError):
+        return None
+    return total
 
 
 def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: OrderedWriter, summary: Summary,
