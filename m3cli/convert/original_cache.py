@@ -51,14 +51,32 @@ def conversion_key(src: Path, tower_dir: Path | None, dtype: str = "auto") -> st
     return digest.hexdigest()[:16]
 
 
+def _folder_name(label: str) -> str:
+    """The readable part of a conversion's folder name: the hub id or path the user gave, made file-safe."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label.strip("/")).strip("-.")[-60:] or "model"
+
+
 def cache_folder(spec: FamilySpec, label: str, dtype: str = "auto", root: Path | None = None) -> Path:
     """Where the conversion of the original-layout ``spec`` lives in the cache (it may not exist yet)."""
     from m3cli.gguf.cache import cache_root
 
     tower_dir = spec.source.vision_tower_dir if spec.source else None
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", label.strip("/")).strip("-.")[-60:] or "model"
     base = Path(root).expanduser() if root is not None else cache_root()
-    return base / "converted" / f"{name}-{conversion_key(spec.model_dir, tower_dir, dtype)}"
+    return base / "converted" / f"{_folder_name(label)}-{conversion_key(spec.model_dir, tower_dir, dtype)}"
+
+
+def cached_conversions(label: str, root: Path | None = None) -> list[Path]:
+    """The finished conversions of ``label`` (a hub id or path as given to ``--model``) in the cache, newest
+    first; reading only folder names (``m3 models``)."""
+    from m3cli.gguf.cache import cache_root
+
+    base = (Path(root).expanduser() if root is not None else cache_root()) / "converted"
+    pattern = re.compile(re.escape(_folder_name(label)) + r"-[0-9a-f]{16}")
+    try:
+        found = [p for p in base.iterdir() if p.is_dir() and pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def cached_conversion(spec: FamilySpec, label: str, *, dtype: str = "auto",
