@@ -162,7 +162,7 @@ def test_model_error_before_work_exits_2(mixed, tmp_path):
 
 
 def test_missing_question_asks_the_default(mixed, tiny_model_dir):
-    # issue #16: without -q the documented default question is asked (it was an error row per item)
+    # without -q the documented default question is asked (it was an error row per item)
     res = _run(["batch", f"{mixed}/a.png", "--model", tiny_model_dir])
     assert res.exit_code == 0 and _rows(res.stdout)[0]["question"] == "What is this?"
 
