@@ -189,3 +189,11 @@ def test_escalation_of_one_item_shows_no_spread(tiny_model_dir):
     assert res.exit_code == 0, res.output
     row = next(ln for ln in res.stdout.splitlines() if ln.startswith("| 1 "))
     assert row.rstrip().endswith("| - |")
+
+
+def test_a_resumed_count_and_a_status_note():
+    out = io.StringIO()
+    bar = Progress("m3 train: vqa", total=10, unit="step", mode="log", stream=out, interval=0, initial=4)
+    bar.update(1, "144=0.310")
+    line = out.getvalue().splitlines()[0]
+    assert line.startswith("m3 train: vqa: 5/10 steps (50%)") and line.endswith("· 144=0.310")

@@ -53,18 +53,22 @@ def clock(seconds: float) -> str:
 class Progress:
     """Counts units of work done; shows them as the mode says (see the module doc).
 
-    ``update(n)`` adds done units, ``__call__(done, total)`` sets both (the callback form of the eval core),
-    ``set_total`` may be called from another thread (a count made in the background), ``close`` ends it.
+    ``update(n, note)`` adds done units (``note``: a short status shown beside the count, e.g. training
+    losses), ``__call__(done, total)`` sets both (the callback form of the eval core), ``set_total`` may be
+    called from another thread (a count made in the background), ``close`` ends it. ``initial``: units
+    already done before this run (a resumed one); the rate counts only this run's.
     """
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "item", mode: Mode | bool | None = None,
-                 stream: IO[str] | None = None, interval: float | None = None) -> None:
+                 stream: IO[str] | None = None, interval: float | None = None, initial: int = 0) -> None:
         self.desc = desc
         self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.mode: Mode = mode if isinstance(mode, str) else progress_mode(mode, self.stream)
         self.interval = log_interval() if interval is None else interval
-        self.done = 0
+        self.done = initial
+        self._initial = initial
+        self.note: str | None = None
         self.total = total
         self._pending_total: int | None = None
         self._lock = threading.Lock()
@@ -76,7 +80,8 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(desc=desc, total=total, unit=unit, file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(desc=desc, total=total, unit=unit, file=self.stream, dynamic_ncols=True,
+                             initial=initial)
 
     # -- counting ------------------------------------------------------------------------------------------------
     def set_total(self, total: int | None) -> None:
@@ -84,11 +89,15 @@ class Progress:
         with self._lock:
             self._pending_total = total
 
-    def update(self, n: int = 1) -> None:
-        """``n`` more units done."""
+    def update(self, n: int = 1, note: str | None = None) -> None:
+        """``n`` more units done (``note``: the status to show with them from now on)."""
         self._take_total()
         self.done += n
+        if note is not None:
+            self.note = note
         if self._bar is not None:
+            if note is not None:
+                self._bar.set_postfix_str(note, refresh=False)
             self._bar.update(n)
         elif self.mode == "log" and n > 0:
             now = time.monotonic()
@@ -117,14 +126,14 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         """The one-line report: done (of total, percent), rate, elapsed and ETA."""
         elapsed = (now if now is not None else time.monotonic()) - self._started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
         count = f"{self.done}/{self.total} {self.unit}s" if self.total else f"{self.done} {self.unit}s"
         if self.total:
             count += f" ({100 * self.done / self.total:.0f}%)"
         parts = [count, f"{rate:.2f} {self.unit}s/s", f"elapsed {clock(elapsed)}"]
         if self.total and rate > 0 and self.done < self.total:
             parts.append(f"ETA {clock((self.total - self.done) / rate)}")
-        return f"{self.desc}: {', '.join(parts)}"
+        return f"{self.desc}: {', '.join(parts)}" + (f" · {self.note}" if self.note else "")
 
     def _write(self, text: str) -> None:
         try:
