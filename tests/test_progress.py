@@ -90,8 +90,8 @@ def test_batch_logs_progress_with_a_total_for_a_folder(tiny_model_dir, tmp_path,
     res = CliRunner().invoke(cli, ["batch", str(folder), "-q", "q", "-q", "r", "--model", str(tiny_model_dir),
                                    "--tokens", "9", "--max-new-tokens", "1", "-b", "2"])
     assert res.exit_code == 0, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("m3 batch: ") and "rows" in ln]
-    assert lines[-1].startswith("m3 batch: 6/6 rows (100%)"), res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("m3 batch: ") and "items (" in ln]
+    assert lines[-1].startswith("m3 batch: 6/6 items (100%)"), res.stderr
     assert res.stderr.count("notes.txt") == 1  # the counting pass logs nothing
     assert len(res.stdout.splitlines()) == 6
 
@@ -100,7 +100,7 @@ def test_batch_from_stdin_has_no_total_and_no_progress_is_silent(tiny_model_dir,
     monkeypatch.setenv("M3_PROGRESS_SECONDS", "0")
     args = ["batch", "-", "-q", "q", "--model", str(tiny_model_dir), "--tokens", "9", "--max-new-tokens", "1"]
     res = CliRunner().invoke(cli, args, input=f"{scene_png}\n{scene_png}\n")
-    lines = [ln for ln in res.stderr.splitlines() if "rows" in ln and ln.startswith("m3 batch: ")]
+    lines = [ln for ln in res.stderr.splitlines() if "items, " in ln and ln.startswith("m3 batch: ")]
     assert lines and all("/" not in ln.split(",")[0] and "ETA" not in ln for ln in lines)
     res = CliRunner().invoke(cli, [*args, "--no-progress"], input=f"{scene_png}\n")
     lines = res.stderr.strip().splitlines()

@@ -286,7 +286,7 @@ def _progress(job: BatchJob, opts: BatchOptions):
     mode = progress_mode(job.progress)
     if mode == "off":
         return None
-    bar = Progress("m3 batch", unit="row", mode=mode)
+    bar = Progress("m3 batch", unit="item", mode=mode)  # one per row, as the closing summary counts them
     if job.shard is None and "-" not in job.inputs:  # a shard answers an unknown share of the rows
         for name in ("m3cli.media.files", "m3cli.media.inputs"):
             logger = logging.getLogger(name)
