@@ -8,8 +8,9 @@ from m3cli.models.build import ModelSpec, make_tiny_model
 
 # The slowest tests, marked ``slow`` so that ``python -m pytest -q -m "not slow"`` is a quick development subset;
 # CI and the README's test command run everything. Chosen with ``pytest --durations=40`` on an idle 2-core machine:
-# each takes over a second (Ray clusters, llama.cpp conversions, kill-and-resume loops, reference agreement), and
-# without them the suite takes well under two minutes there. A file name alone marks the whole file.
+# each takes over a second (Ray clusters, llama.cpp conversions, kill-and-resume loops, reference agreement, a
+# server stopped with requests in flight), and without them the suite takes well under two minutes there. A file
+# name alone marks the whole file.
 SLOW_TESTS: dict[str, frozenset[str] | None] = {
     "test_ray_engine.py": None,
     "test_real_gguf.py": None,
@@ -29,6 +30,15 @@ SLOW_TESTS: dict[str, frozenset[str] | None] = {
         "test_converted_directory_gives_plain_transformers_the_original_recipe",
         "test_original_checkpoint_converts_once_and_equals_the_original_recipe"}),
     "test_readme_commands.py": frozenset({"test_readme_m3_commands_run"}),
+    "test_serve_cli.py": frozenset({
+        "test_openai_batch_round_trip_killed_and_resumed", "test_sigterm_finishes_requests_in_flight_and_exits_0"}),
+    "test_serve.py": frozenset({"test_hostile_requests_are_4xx_json_and_the_server_keeps_serving"}),
+    "test_pixels_backends.py": frozenset({
+        "test_the_tower_gets_the_recipes_pixels_for_every_image_kind",
+        "test_prefix_after_special_can_be_stated_for_a_pair_that_does_not_record_it"}),
+    "test_pixels.py": frozenset({"test_large_images_are_not_resized_before_the_recipe"}),
+    "test_generation_counts.py": frozenset({"test_counts_finish_and_stop"}),
+    "test_eval_formats.py": frozenset({"test_one_encode_per_image_across_rotations_and_scales"}),
 }
 
 

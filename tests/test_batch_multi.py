@@ -138,8 +138,8 @@ def test_stdin_rows_sharing_an_image_are_decoded_and_encoded_once(shipped, tower
     import m3cli.engines.decode as decode
 
     loads = []
-    real = decode.load_image
-    monkeypatch.setattr(decode, "load_image", lambda path: loads.append(path) or real(path))
+    real = decode.open_image
+    monkeypatch.setattr(decode, "open_image", lambda path, options=None: loads.append(path) or real(path, options))
     a, b = _paths(scenes)[:2]
     lines = [{"image": a, "question": QS[0]}, {"image": b, "question": QS[0]}, {"image": a, "question": QS[1]},
              {"image": a}, {"image": str(scenes / "." / "scene-0.png"), "question": QS[2]}]

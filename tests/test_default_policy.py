@@ -194,8 +194,9 @@ def test_batch_rows_carry_the_policy_and_a_jsonl_budget_replaces_it(tuned_regist
     assert run_default["timings"]["batch_size"] == 2
 
 
-def test_ask_json_is_the_batch_row_of_the_same_item(tuned_registry, scene_png):
-    args = ["--model", "tuned", "--tokens", "36", "--max-new-tokens", "2"]
+@pytest.mark.parametrize("pixels", [[], ["--upright", "--alpha-background", "white"]])
+def test_ask_json_is_the_batch_row_of_the_same_item(tuned_registry, scene_png, pixels):
+    args = ["--model", "tuned", "--tokens", "36", "--max-new-tokens", "2", *pixels]
     asked = json.loads(_run("ask", scene_png, "what colour is the background?", *args, "--json").stdout)
     res = _run("batch", scene_png, "-q", "what colour is the background?", *args)
     batched = json.loads(res.stdout)
@@ -203,6 +204,7 @@ def test_ask_json_is_the_batch_row_of_the_same_item(tuned_registry, scene_png):
     strip = ("timings",)
     assert {k: v for k, v in asked.items() if k not in strip} == {k: v for k, v in batched.items() if k not in strip}
     assert asked["timings"]["batch_size"] == 1
+    assert ("alpha_background" in asked["run"]) == bool(pixels)  # the image options are part of the record
 
 
 def test_ask_json_prints_an_item_error_as_a_row(tuned_registry, scene_png):
@@ -225,3 +227,60 @@ def test_shipped_registry_policy_is_valid():
 
     spec = model_policy("m3-shapes")
     assert spec == PolicySpec(144, True, 0.7, "sequence", None, None)
+
+
+# -- the server's core and OpenAI Batch files: the same default policy as m3 ask and m3 batch --------------------
+def test_answer_asks_runs_each_policy_under_its_own_measure():
+    from m3cli.answering.core import Ask, answer_asks
+
+    script = {"q": {1: [0.9, 0.5], 9: [0.9, 0.9], 36: [0.99]}}
+    seq, mean, fixed = answer_asks(Scripted(script), [Ask(None, "q", make_policy(24, 36, True, 0.6)),
+                                                      Ask(None, "q", make_policy(24, 36, True, 0.6, measure="mean")),
+                                                      Ask(None, "q", make_policy(24, 1, measure="min"))])
+    assert [r.scale for r in seq.scales_tried] == [1, 9] and seq.threshold_met is True
+    assert [r.scale for r in mean.scales_tried] == [1] and mean.confidence == pytest.approx(math.sqrt(0.45))
+    assert fixed.confidence == pytest.approx(0.5) and fixed.threshold_met is None
+
+
+def test_the_returned_rungs_finish_reason_and_visual_tokens():
+    class Cut(Scripted):
+        def answer(self, requests):
+            out = super().answer(requests)
+            for r, gen in zip(requests, out, strict=True):  # the 1-token rung ran out of length, the others ended
+                gen.finish_reason = "length" if r.scale == 1 else "stop"
+            return out
+
+    res = _ask(Cut(SCRIPT), "hard", Escalate((1, 9, 36, 144, 576), 0.9, on_miss="best"))
+    assert res.tokens == 1 and res.finish_reason == "length" and res.visual_tokens == 1
+
+
+def test_serve_help_names_the_default_models_policy():
+    text = " ".join(_run("serve", "--help").stdout.split())
+    assert "m3-shapes: --tokens 144 --auto-scale --threshold 0.7" in text and "--measure" in text
+
+
+def test_openai_batch_requests_without_a_budget_get_the_models_policy(tuned_registry, scene_png, tmp_path):
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(scene_png.read_bytes()).decode()
+
+    def line(custom_id, m3=None, detail=None):
+        image = {"url": url} | ({"detail": detail} if detail else {})
+        body = {"model": "tuned", "max_tokens": 2, "messages": [{"role": "user", "content": [  # --model's name
+            {"type": "text", "text": "q"}, {"type": "image_url", "image_url": image}]}]}
+        if m3 is not None:
+            body["m3"] = m3
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([line("plain"), line("low", detail="low"), line("auto", {"auto_scale": True}),
+                                   line("knobs", {"auto_scale": True, "measure": "min", "on_miss": "best"})]) + "\n")
+    res = CliRunner().invoke(cli, ["batch", str(requests), "--input-format", "openai", "--model", "tuned"])
+    assert res.exit_code == 0, res.output
+    rows = {r["id"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert rows["plain"]["scales_tried"][0]["tokens"] == 1 and rows["plain"]["tokens"] <= 36  # the tuned ladder
+    assert isinstance(rows["plain"]["threshold_met"], bool)
+    assert rows["plain"]["run"]["threshold"] == 0.25 and rows["plain"]["run"]["measure"] == "mean"
+    assert [r["tokens"] for r in rows["low"]["scales_tried"]] == [9] and rows["low"]["threshold_met"] is None
+    assert rows["auto"]["scales_tried"][0]["tokens"] == 1 and isinstance(rows["auto"]["threshold_met"], bool)
+    assert len(rows["knobs"]["scales_tried"]) == 5 or rows["knobs"]["threshold_met"]  # best: decoded in full

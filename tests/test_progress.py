@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from click.testing import CliRunner
@@ -122,6 +123,19 @@ def test_count_rows_leaves_out_resumed_rows_and_videos(tmp_path):
     assert count_rows([str(tmp_path)], BatchOptions(video_mode="collage")) == 3
 
 
+def test_count_requests_of_openai_batch_files(tmp_path):
+    from m3cli.engines.job import count_requests
+    from m3cli.engines.units import BatchOptions
+
+    lines = [json.dumps({"custom_id": c, "method": "POST", "url": "/v1/chat/completions", "body": {}})
+             for c in ("a", "b", "a")] + ["not json", ""]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert count_requests([str(path)], BatchOptions()) == 4  # one row per non-blank line, a bad one included
+    assert count_requests([str(path)], BatchOptions(done_ids={"a", "a~2"})) == 2
+    assert count_requests([str(tmp_path / "absent.jsonl")], BatchOptions()) is None
+
+
 def test_eval_logs_progress_when_not_on_a_terminal(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("M3_PROGRESS_SECONDS", "0")
     res = CliRunner().invoke(cli, ["eval", "--model", str(tiny_model_dir), "-n", "6", "--tokens", "1,9",
@@ -175,6 +189,22 @@ def test_bench_workdir_is_kept_and_named(tiny_model_dir, tmp_path):
                                    "--max-new-tokens", "1", "--skip-naive", "--workdir", str(keep)])
     assert res.exit_code == 0, res.output
     assert f"m3 bench: scenes in {keep}" in res.stderr and len(list(keep.glob("*.png"))) == 2
+
+
+def test_bench_decode_and_serve_name_the_machine():
+    from m3cli.bench.serve import machine_line
+
+    res = CliRunner().invoke(cli, ["bench", "decode", "--sizes", "64x48", "--repeat", "1", "--warm-up", "0"])
+    assert res.exit_code == 0, res.output
+    first = res.stdout.splitlines()[0]
+    assert "CPU " in first and "cores" in first and "1 decode thread" in first and "device cpu" in first
+    line = machine_line(2)
+    assert "CPU " in line and "2 threads per server" in line and "device cpu" in line
+
+
+def test_bench_serve_works_in_a_temporary_folder_unless_told():
+    text = " ".join(CliRunner().invoke(cli, ["bench", "serve", "--help"]).stdout.split())
+    assert "default: a temporary folder, removed at the end" in text and "runs/bench-serve" not in text
 
 
 def test_bench_help_says_where_results_go():

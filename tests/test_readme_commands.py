@@ -12,7 +12,9 @@ Skipped, by rule:
 - its ``--model`` is a hub id or a registry name of a hub model (it needs the network);
 - its input comes through a pipe from another program (``find data ... | m3 batch -``);
 - it is long work that the other tests cover on tiny models: ``m3 bench`` (it times the machine for minutes),
-  ``m3 train``, and ``m3 eval`` over the built-in scenes (600 questions at five scales).
+  ``m3 train``, and ``m3 eval`` over the built-in scenes (600 questions at five scales);
+- it is a server or needs one: ``m3 serve`` runs until it is stopped (tests/test_serve.py and
+  tests/test_serve_cli.py start and stop it), and ``--server URL`` asks a running ``m3 serve``.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ def skip_reason(path: list[str], params: dict, piped: bool, cwd: Path) -> str | 
         return "long work, covered on tiny models by other tests"
     if piped:
         return "its input comes from another program"
+    if path[0] == "serve":
+        return "a server runs until stopped: its own tests start and stop it"
+    if params.get("server"):
+        return "it asks a running m3 serve"
     model = params.get("model")
     if model and not (cwd / model).exists():
         entry = load_registry().get(model)
@@ -118,6 +124,13 @@ def test_readme_commands_are_extracted():
     assert "models" in argv
 
 
+def test_servers_and_their_clients_are_skipped_by_rule(tmp_path):
+    for argv, reason in ((["serve", "--auto-scale"], "runs until stopped"),
+                         (["ask", "models/examples/scene-0.png", "--server", "http://127.0.0.1:8000"], "m3 serve")):
+        path, params = parse(argv)
+        assert reason in skip_reason(path, params, False, REPO)
+
+
 def test_readme_m3_commands_parse():
     for argv, _ in readme_commands((REPO / "README.md").read_text(encoding="utf-8")):
         parse(list(argv))  # a click usage error names the command and option
@@ -129,6 +142,7 @@ def test_readme_m3_commands_run(tmp_path):
     (cwd / "models").symlink_to(REPO / "models")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "M3_PROGRESS_SECONDS": "3600"}
+    env.pop("M3_SERVER", None)  # a local m3 ask, whatever the developer's shell points at
     ran, skipped = [], []
     for argv, piped in readme_commands((REPO / "README.md").read_text(encoding="utf-8")):
         shown = "m3 " + shlex.join(argv)

@@ -43,6 +43,11 @@ MODEL_ERRORS = (RuntimeError, ValueError, MemoryError, M3Error)
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Result.failure: whose the problem is. A refused item (its question, its budget for this image) would fail
+# again as it is; a model failure is the model's run on it (an HTTP server answers 400 and 500 for them).
+REFUSED = "refused"
+MODEL_FAILURE = "model"
+
 
 @dataclass
 class Result:
@@ -57,6 +62,10 @@ class Result:
     visual_tokens: int | None = None  # what the LM received at that scale (LLaVA-NeXT: all crops and newlines)
     crops: int | None = None          # crops the vision tower encoded (1 for LLaVA-1.5)
     threshold_met: bool | None = None  # --auto-scale: the answer's rung reached the threshold; None: fixed scale
+    finish_reason: str | None = None  # the final rung's: "stop" (end of sequence, stop sequence) or "length"
+    prompt_tokens: int | None = None  # positions the LM prefilled, text + visual, summed over every rung tried
+    completion_tokens: int | None = None  # tokens generated, summed over every rung tried
+    failure: str | None = None        # with ``error``: REFUSED or MODEL_FAILURE (not a row field)
 
     @property
     def empty(self) -> bool:
@@ -83,6 +92,9 @@ class Result:
                 "visual_tokens": None,
                 "crops": None,
                 "threshold_met": None,
+                "finish_reason": None,
+                "prompt_tokens": None,
+                "completion_tokens": None,
             }
         return {
             "answer": self.answer,
@@ -93,6 +105,9 @@ class Result:
             "scales_tried": [r.to_dict() for r in self.scales_tried],
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "threshold_met": self.threshold_met,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
         }
 
 
@@ -104,6 +119,18 @@ class Query:
     question: str
     policy: Policy = field(default_factory=lambda: Fixed(576))
     max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()  # stop sequences: decoding ends at the first, which the answer leaves out
+
+
+@dataclass
+class Ask:
+    """One question about one picture (not yet encoded), under a policy: what :func:`answer_asks` answers."""
+
+    image: Any
+    question: str
+    policy: Policy
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -320,13 +347,15 @@ def stop_below(policy: Policy, scale: int, measure: str | None = None) -> float 
 
 
 def _run_policies(backend: Backend, queries: Sequence[Query], measure: str | None, errors: dict[int, str],
-                  early_exit: bool = True) -> list[Result]:
-    """Every query's policy to the end (queries whose index is in ``errors`` are not run).
+                  early_exit: bool = True, refused: set[int] | None = None) -> list[Result]:
+    """Every query's policy to the end (queries whose index is in ``errors`` are not run; those in ``refused``
+    failed for what they asked, the others' errors are the model's).
 
     ``measure`` None: each policy's own confidence measure; a name overrides them all. Each row's timings
     are its share of the batched model calls it took part in; ``batch_size`` says how many queries were
     answered together.
     """
+    refused = set() if refused is None else refused
     rungs: list[list[Rung]] = [[] for _ in queries]
     visual: list[list[int]] = [[] for _ in queries]  # visual tokens the LM received at each rung
     timings = [{"encode_ms": q.encoded.encode_ms, "prefill_ms": 0.0, "decode_ms": 0.0} for q in queries]
@@ -338,14 +367,18 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str | Non
             policies[i] = fit_policy(q.policy, backend, q.encoded)
         except (M3Error, ValueError) as exc:
             errors[i] = str(exc)
+            refused.add(i)
     measures = {i: measure or policy_measure(p) for i, p in policies.items()}
     batch_size = len(policies)
+    counts: dict[int, list] = {i: [0, 0] for i in policies}  # prompt, completion tokens over the rungs
+    finished: list[list[str]] = [[] for _ in queries]  # each rung's finish reason
     next_scale = {i: p.first() for i, p in policies.items()}
     while next_scale:
         order = sorted(next_scale)
         requests = [
             AnswerRequest(queries[i].encoded, next_scale[i], queries[i].question, queries[i].max_new_tokens,
-                          stop_below(policies[i], next_scale[i], measures[i]) if early_exit else None, measures[i])
+                          stop_below(policies[i], next_scale[i], measures[i]) if early_exit else None, measures[i],
+                          queries[i].stop)
             for i in order
         ]
         outcomes = each_alone(backend.answer, requests, "answering a batch")
@@ -360,6 +393,7 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str | Non
             visual[i].append(gen.visual_tokens if gen.visual_tokens is not None else next_scale[i])
             timings[i]["prefill_ms"] += gen.prefill_ms
             timings[i]["decode_ms"] += gen.decode_ms
+            _count(counts[i], finished[i], gen, queries[i].max_new_tokens)
             nxt = _next_scale(policies[i], rungs[i])
             if nxt is not None:
                 following[i] = nxt
@@ -368,14 +402,25 @@ def _run_policies(backend: Backend, queries: Sequence[Query], measure: str | Non
     for i, (tried, t) in enumerate(zip(rungs, timings, strict=True)):
         t["total_ms"] = t["encode_ms"] + t["prefill_ms"] + t["decode_ms"]
         if i in errors:
-            results.append(Result("", 0.0, None, tried, t, error=errors[i]))
+            results.append(Result("", 0.0, None, tried, t, error=errors[i],
+                                  failure=REFUSED if i in refused else MODEL_FAILURE))
         else:
             t["batch_size"] = batch_size
             final = final_rung(policies[i], tried)
+            at = tried.index(final)
             results.append(Result(final.answer, final.confidence, final.scale, tried, t,
-                                  visual_tokens=visual[i][tried.index(final)], crops=queries[i].encoded.crops,
-                                  threshold_met=threshold_met(policies[i], final)))
+                                  visual_tokens=visual[i][at], crops=queries[i].encoded.crops,
+                                  threshold_met=threshold_met(policies[i], final), finish_reason=finished[i][at],
+                                  prompt_tokens=counts[i][0], completion_tokens=counts[i][1]))
     return results
+
+
+def _count(count: list, finished: list[str], gen, max_new_tokens: int) -> None:
+    """Add one rung's prompt and completion tokens to ``count`` (a prompt length the backend does not report
+    leaves the sum unknown: None) and record its finish reason in ``finished``."""
+    count[0] = None if count[0] is None or gen.prompt_tokens is None else count[0] + gen.prompt_tokens
+    count[1] += gen.completion_tokens if gen.completion_tokens is not None else len(gen.token_ids)
+    finished.append(gen.finish_reason or ("length" if len(gen.token_ids) >= max_new_tokens else "stop"))
 
 
 def _question_errors(backend: Backend, asked: Sequence[tuple[str, Policy, int]],
@@ -405,7 +450,7 @@ def answer_queries(
     """
     errors = _question_errors(backend, [(q.question, q.policy, q.max_new_tokens) for q in queries],
                               max_question_chars)
-    return _run_policies(backend, queries, measure, errors, early_exit)
+    return _run_policies(backend, queries, measure, errors, early_exit, refused=set(errors))
 
 
 def answer_images(
@@ -425,18 +470,36 @@ def answer_images(
     n = len(images)
     if not len(questions) == len(policies) == n:
         raise ValueError(f"{n} images, {len(questions)} questions and {len(policies)} policies")
-    errors = _question_errors(backend, [(q, pol, max_new_tokens) for q, pol in zip(questions, policies, strict=True)],
-                              max_question_chars)
-    todo = [i for i in range(n) if i not in errors]
+    asks = [Ask(image, q, pol, max_new_tokens) for image, q, pol in zip(images, questions, policies, strict=True)]
+    return answer_asks(backend, asks, measure, max_question_chars)
+
+
+def answer_asks(
+    backend: Backend,
+    asks: Sequence[Ask],
+    measure: str | None = None,
+    max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS,
+) -> list[Result]:
+    """:func:`answer_images` for questions that each bring their own answer length and stop sequences (an HTTP
+    server's queued requests): every answerable picture encoded once, all policies run rung by rung together.
+
+    One result per ask, in order; a failed one carries ``error`` and ``failure`` (:data:`REFUSED`: its question
+    or its budget for this image; :data:`MODEL_FAILURE`: the model's run on it), never its neighbours' problem.
+    """
+    errors = _question_errors(backend, [(a.question, a.policy, a.max_new_tokens) for a in asks], max_question_chars)
+    refused = set(errors)
+    todo = [i for i in range(len(asks)) if i not in errors]
     encoded: dict[int, Encoded] = {}
-    for i, enc in zip(todo, each_alone(backend.encode, [images[i] for i in todo], "encoding a batch"), strict=True):
+    for i, enc in zip(todo, each_alone(backend.encode, [asks[i].image for i in todo], "encoding a batch"),
+                      strict=True):
         if isinstance(enc, str):
             errors[i] = enc
         else:
             encoded[i] = enc
     placeholder = Encoded(grid=None, side=0, encode_ms=0.0)  # never answered: the item already has its error
-    queries = [Query(encoded.get(i, placeholder), questions[i], policies[i], max_new_tokens) for i in range(n)]
-    return _run_policies(backend, queries, measure, errors)
+    queries = [Query(encoded.get(i, placeholder), a.question, a.policy, a.max_new_tokens, a.stop)
+               for i, a in enumerate(asks)]
+    return _run_policies(backend, queries, measure, errors, refused=refused)
 
 
 def ask_images(

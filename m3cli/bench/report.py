@@ -9,12 +9,14 @@ from m3cli.backends.base import Backend
 from m3cli.bench.stats import spread_cell, spread_note
 
 if TYPE_CHECKING:  # the measurement modules import the engines; the tables need only their row types
+    from m3cli.bench.decode import DecodeReport, Spread
     from m3cli.bench.escalation import EscalationTiming
     from m3cli.bench.gguf import GgufComparison
     from m3cli.bench.latency import LatencyRow
     from m3cli.bench.memory import MemoryGrowth
     from m3cli.bench.profile import LayerTiming, MatmulRate
     from m3cli.bench.ray import ScaleOutReport
+    from m3cli.bench.serve import LoadRun, ServeReport
     from m3cli.bench.shape_bench import ShapeBatchReport, ShapeGgufReport, ShapeRun
     from m3cli.bench.throughput import ScaleRun, ThroughputRow
 
@@ -154,6 +156,45 @@ def format_scale_out(report: ScaleOutReport, backend: Backend, tokens: int, batc
 
 
 
+def _spread(s: Spread) -> str:
+    digits = 1 if s.high < 100 else 0
+    return f"{s.median:.{digits}f} [{s.low:.{digits}f}-{s.high:.{digits}f}]"
+
+
+def _fraction(scale: float | None) -> str:
+    return "1" if scale is None else f"1/{round(1 / scale)}"
+
+
+def format_decode(report: DecodeReport) -> str:
+    """Default decoding against --fast-decode per JPEG and preprocessing: median [min-max] ms, speed-up, and
+    how far the normalised pixels moved."""
+    import PIL
+    from PIL import features
+
+    turbo = features.version("libjpeg_turbo") if features.check_feature("libjpeg_turbo") else None
+    jpeg = f"libjpeg-turbo {turbo}" if turbo else "libjpeg"
+
+    def load(avg: tuple[float, float, float] | None) -> str:
+        return "unknown" if avg is None else " / ".join(f"{x:.1f}" for x in avg)
+
+    lines = [f"Pillow {PIL.__version__} ({jpeg}); {report.machine}; load average (1 / 5 / 15 min) "
+             f"{load(report.load_before)} at the start, {load(report.load_after)} at the end",
+             "",
+             "| JPEG | MB | preprocessing | crops | decode scale | default ms | `--fast-decode` ms | speed-up "
+             "| max / mean abs difference | values changed |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report.rows:
+        lines.append(f"| {r.width} x {r.height} | {r.file_bytes / 1e6:.2f} | {r.preprocessing} | {r.crops} "
+                     f"| {_fraction(r.decode_scale)} | {_spread(r.exact)} | {_spread(r.fast)} | {r.speedup:.1f}x "
+                     f"| {r.max_abs:.3f} / {r.mean_abs:.4f} | {100 * r.changed:.1f}% |")
+    lines += ["", f"ms per image: `open_image` + the family's crops (CLIP ViT-L/14 at 336 px; NeXT with "
+              f"LLaVA-1.6's pinpoints), median [min-max] of {report.repeat} timed run(s) after {report.warm_up} "
+              "warm-up run(s) of each path, default and --fast-decode interleaved; speed-up of the medians. "
+              "Differences over the normalised pixels of every crop (one uint8 level is about 0.015 there). "
+              "JPEGs: synthetic, quality 90, written for the run."]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # --shape runs (random-weight paper-scale models)
 # ---------------------------------------------------------------------------------------------
@@ -237,4 +278,49 @@ def format_profile(run: ShapeRun, rates: Sequence[MatmulRate], timings: Sequence
                      f"| {t.gflops:.0f} | {t.gbps:.1f} |")
     lines += ["", f"Copy bandwidth (read + write) of a 512 MiB tensor: {bandwidth:.1f} GB/s (a decode step reads "
               "every weight once: GB/s near this is memory-bound)."]
+    return "\n".join(lines)
+
+
+def format_serve_cell(run: LoadRun) -> str:
+    """One row of the load table (also printed as each cell finishes)."""
+    spread = f"{min(run.rates):.2f}-{max(run.rates):.2f}" if run.rates else "-"
+    tokens = f"{run.mean_completion:.1f}" if run.mean_completion is not None else "-"
+    return (f"| {run.server} | {run.budget} | {run.concurrency} | {run.rate:.2f} ({spread}) | {run.latency(0.5):.0f} "
+            f"| {run.latency(0.9):.0f} | {run.latency(0.99):.0f} | {tokens} | {run.failures} |")
+
+
+SERVE_HEADER = ("| server | budget | concurrency | req/s median (min-max over passes) | p50 ms | p90 ms | p99 ms "
+                "| new tokens | failed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_serve(report: ServeReport, machine: str) -> str:
+    """The load table, then the comparison: in-process m3 batch (torch) or llama-cpp-python's server (GGUF)."""
+    from m3cli.bench.serve import M3, PEER
+
+    lines = [f"m3 bench serve: model `{report.model}` ({report.backend}); {report.items} distinct scenes x "
+             f"{report.repeat} timed passes per cell after a warm-up; max_tokens {report.max_new_tokens}; m3 serve "
+             f"--max-batch {report.max_batch}; {machine}", *report.notes, "", SERVE_HEADER]
+    lines += [format_serve_cell(r) for r in report.runs]
+    c8 = 8 if any(r.concurrency == 8 for r in report.runs) else max(r.concurrency for r in report.runs)
+    if report.batch_rows:
+        lines += ["", f"HTTP overhead: m3 serve at concurrency {c8} against m3 batch's engine in-process on the same "
+                  f"items (--batch-size {report.max_batch}):", "",
+                  "| budget | m3 batch items/s | m3 serve req/s | serve / batch |", "|---|---:|---:|---:|"]
+        for budget, row in report.batch_rows:
+            cell = report.cell(M3, budget, c8)
+            if cell is not None:
+                lines.append(f"| {budget} | {row.items_per_s:.2f} | {cell.rate:.2f} | "
+                             f"{cell.rate / row.items_per_s:.2f}x |")
+    peer = report.cell(PEER, "576", c8)
+    if peer is not None:
+        lines += ["", f"Against {PEER} (llama-cpp-python's own server, the same GGUF pair, 576 tokens: its only "
+                  f"setting), concurrency {c8}:", "", f"| m3 serve budget | m3 serve req/s | {PEER} req/s | ratio |",
+                  "|---|---:|---:|---:|"]
+        for r in report.runs:
+            if r.server == M3 and r.concurrency == c8:
+                lines.append(f"| {r.budget} | {r.rate:.2f} | {peer.rate:.2f} | {r.rate / peer.rate:.2f}x |")
+        if report.agreement is not None:
+            lines += ["", f"Answers at 576 that agree word for word with {PEER}'s: {100 * report.agreement:.0f}% "
+                      "(its stock LLaVA encoder differs from m3's corrected one, docs/gguf.md; a speed comparison, "
+                      "not equal answers)."]
     return "\n".join(lines)

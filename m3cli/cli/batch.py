@@ -11,6 +11,7 @@ from m3cli.cli.options import (
     POSITIVE,
     SHARD,
     check_run_question,
+    image_options,
     max_visual_tokens_option,
     model_options,
     policy_options,
@@ -28,6 +29,8 @@ Examples:
   jq -c '{image: .path, question: .q}' todo.jsonl | m3 batch - -o out.jsonl --resume
   m3 batch ./photos -q "what is the main object?" -q "is it indoors?" -o answers.jsonl
   m3 batch clip.mp4 --video-mode collage -q "what happens in this video?"
+  m3 batch ./phone-photos --upright --alpha-background white -o answers.jsonl
+  m3 batch requests.jsonl --input-format openai --format openai -o results.jsonl --resume
 """
 
 
@@ -46,8 +49,13 @@ def _run_options(fn):
     options = [
         click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
                      help="Write rows here (default: stdout)."),
-        click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text"]), default="jsonl",
-                     show_default=True),
+        click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "text", "openai"]), default="jsonl",
+                     show_default=True,
+                     help="openai: OpenAI Batch output lines (with --input-format openai; resumable)."),
+        click.option("--input-format", type=click.Choice(["media", "openai"]), default="media", show_default=True,
+                     help="media: files, folders, videos, stdin paths or JSONL rows; openai: OpenAI Batch request "
+                          "files (JSONL lines {custom_id, method, url: /v1/chat/completions, body}), each request "
+                          "with its own question and budget, as m3 serve takes them (see docs/serve.md)."),
         click.option("--resume", is_flag=True,
                      help="Skip items whose id already has a row in -o FILE (JSONL written by m3 batch with the "
                           "same model, question and budget)."),
@@ -114,13 +122,15 @@ def _engine_options(fn):
 @policy_options
 @max_visual_tokens_option
 @question_limit_option
+@image_options
 @model_options
 @_run_options
 @_engine_options
 def batch(inputs, questions, tokens, auto_scale, threshold, ladder, measure, on_miss, max_visual_tokens,
-          max_question_chars, output, fmt, resume,
+          max_question_chars, output, fmt, input_format, resume,
           retry_errors, force, batch_size, fps, every, max_frames, video_mode, collage_frames, collage_layout,
-          encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, **model_kw):
+          encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors, gpus_per_actor, image_options,
+          **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item and question.
 
     INPUTS are files, folders (walked recursively, sorted) and videos; - reads stdin (paths, or JSONL
@@ -143,11 +153,12 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, measure, on_
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
         max_question_chars=max_question_chars, video_mode=video_mode, collage_frames=collage_frames,
         collage_layout=collage_layout, encode_cache=encode_cache, max_visual_tokens=max_visual_tokens,
+        image=image_options,
     )
     result = run_job(BatchJob(
         list(inputs), opts, model=model_kw, output=output, fmt=fmt, resume=resume, retry_errors=retry_errors,
         force=force, shard=shard, engine=engine, ray_address=ray_address, actors=actors,
-        gpus_per_actor=gpus_per_actor, progress=progress,
+        gpus_per_actor=gpus_per_actor, progress=progress, input_format=input_format,
     ), notes=lambda note: click.echo(f"m3: note: {note}", err=True))
     for line in result.report():
         click.echo(f"m3 batch: {line}", err=True)

@@ -8,7 +8,7 @@ import tempfile
 import click
 
 from m3cli.cli.app import group
-from m3cli.cli.options import INT_LIST, THREADS, THRESHOLD, NumberList, model_options
+from m3cli.cli.options import INT_LIST, SIZES, THREADS, THRESHOLD, NumberList, model_options
 
 WORKDIR_HELP = ("Keep the generated scene PNGs in DIR (reused by later runs; default: a temporary folder, removed "
                 "at the end).")
@@ -306,6 +306,74 @@ def bench_gguf(model, gguf_path, mmproj, outtype, quant, count, tokens, batch_si
     click.echo(format_gguf(report))
 
 
+@bench.command("serve")
+@click.option("-m", "--model", default=None,
+              help="Registry name, HF model directory or GGUF language model (default: the shipped model).")
+@click.option("--mmproj", type=click.Path(dir_okay=False), default=None, help="A GGUF pair's mmproj.")
+@shape_options
+@click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_0"]), default="q4_0", show_default=True,
+              help="With --shape: the LM's type of the GGUF pair written for it.")
+@click.option("-n", "--n", "count", type=click.IntRange(1, 100_000), default=None,
+              help="Distinct scenes per pass (default 200; 16 with --shape).")
+@click.option("--concurrency", "concurrencies", type=NumberList(int, low=1, high=1024), default="1,8,32",
+              show_default=True, help="Client threads, comma-separated.")
+@click.option("--budgets", default="9,576,auto", show_default=True,
+              help="m3 serve's budgets to time: 9, 576 and/or auto (--auto-scale).")
+@click.option("--repeat", type=click.IntRange(1, 100), default=None, help="Timed passes per cell (default 3; 1 with "
+              "--shape); their spread is reported.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 512), default=8, show_default=True,
+              help="m3 serve --max-batch (and the in-process m3 batch's --batch-size).")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads of every server (default: all cores).")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="GGUF: also time llama-cpp-python's own server on the same pair at 576.")
+@click.option("--workdir", default=None, metavar="DIR",
+              help="Keep the generated scenes (and --shape's GGUF pair) in DIR, reused by later runs (default: a "
+                   "temporary folder, removed at the end).")
+def bench_serve(model, mmproj, shape, layers, quant, count, concurrencies, budgets, repeat, max_new_tokens, max_batch,
+                threads, peer, workdir):
+    """Requests/s and p50/p90/p99 latency of m3 serve at each concurrency and budget, against llama-cpp-python's
+    server on the same GGUF pair (576 tokens), or m3 batch in-process on the same items (torch)."""
+    from m3cli.bench.report import SERVE_HEADER, format_serve, format_serve_cell
+    from m3cli.bench.serve import machine_line, serve_bench
+    from m3cli.errors import UsageError
+
+    notes = []
+    if shape is None and layers is not None:
+        raise UsageError("--layers needs --shape")
+    if shape and (model or mmproj):
+        raise UsageError("--shape writes its own GGUF pair: drop --model and --mmproj")
+    if not shape:
+        from m3cli.models.registry import resolve_model
+
+        model = resolve_model(model)
+        gguf = model.lower().endswith(".gguf")
+        if mmproj and not gguf:
+            raise UsageError("--mmproj goes with a GGUF --model")
+    count = _pick(count, 200, 16, shape)
+    repeat = _pick(repeat, 3, 1, shape)
+    chosen = [b.strip() for b in budgets.split(",") if b.strip()]
+    machine = machine_line(threads)  # the load before the servers start
+
+    def progress(cell) -> None:
+        click.echo(format_serve_cell(cell), err=True)
+
+    with _workdir(workdir, "scenes and GGUF files" if shape else "scenes") as where:
+        if shape:
+            from m3cli.bench.shape_bench import prepare_gguf
+            from m3cli.bench.shape_gguf import shape_gguf_pair
+
+            run = prepare_gguf(shape, layers, quant, max_new_tokens, threads)
+            lm, mm, made = shape_gguf_pair(run.shape, where, quant, threads)
+            model, mmproj, gguf = str(lm), str(mm), True
+            notes.append(f"{run.heading()}; {'; '.join(made)} (random weights: answers run until an end token or "
+                         "max_tokens, counted in 'new tokens')")
+        click.echo(SERVE_HEADER, err=True)
+        report = serve_bench(model, mmproj, gguf, count, concurrencies, chosen, repeat, max_new_tokens, max_batch,
+                             threads, where, peer=peer, notes=notes, on_cell=progress)
+    click.echo(format_serve(report, machine))
+
+
 @bench.command("memory")
 @click.option("-m", "--model", default=None)
 @click.option("--small", type=click.IntRange(1), default=50, show_default=True)
@@ -319,6 +387,21 @@ def bench_memory(model, small, large, workdir):
     with _workdir(workdir) as where:
         growth = memory_growth(model, where, small, large)
     click.echo(format_memory(growth))
+
+
+@bench.command("decode")
+@click.option("--sizes", type=SIZES, default="4032x3024,6000x4000,8000x6000", show_default=True, metavar="WxH,...",
+              help="JPEG sizes to generate and time, comma-separated WxH.")
+@click.option("--repeat", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="Timed runs of each path, per size and preprocessing.")
+@click.option("--warm-up", type=click.IntRange(0, 100), default=1, show_default=True,
+              help="Untimed runs of each path first.")
+def bench_decode(sizes, repeat, warm_up):
+    """What --fast-decode buys: decode + crops at 336 px (LLaVA-1.5 pad and crop, NeXT), and how the pixels move."""
+    from m3cli.bench.decode import decode_comparison
+    from m3cli.bench.report import format_decode
+
+    click.echo(format_decode(decode_comparison(sizes, repeat=repeat, warm_up=warm_up)))
 
 
 @bench.command("profile")

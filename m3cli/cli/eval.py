@@ -7,7 +7,7 @@ import json
 import click
 
 from m3cli.cli.app import command
-from m3cli.cli.options import INT_LIST, NumberList, model_options
+from m3cli.cli.options import INT_LIST, NumberList, image_options, model_options
 from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, SHORT_ANSWER_SUFFIX
 
 
@@ -30,6 +30,19 @@ def _data_options(fn):
                      help="Answer length cap (default: 4 on the scenes, 16 with --data)."),
         click.option("--samples", "samples_path", default=None, type=click.Path(dir_okay=False),
                      help="--data: write each row's answer, confidence and score at every scale (JSONL)."),
+        click.option("--samples-format", type=click.Choice(["m3", "lmms-eval"]), default="m3", show_default=True,
+                     help="--samples layout: m3's (one line per row) or lmms-eval's --log_samples (one line per "
+                          "row and scale, 'tokens' naming the scale)."),
+        click.option("--circular", is_flag=True,
+                     help="--data: MMBench's CircularEval: ask each multiple-choice question once per rotation of "
+                          "its options; it counts only when every rotation is right (the single pass is "
+                          "reported too)."),
+        click.option("--image-folder", default=None, type=click.Path(file_okay=False),
+                     help="--data: relative image paths are under this folder (LLaVA's --image-folder) instead of "
+                          "the data file's."),
+        click.option("--answers-out", default=None, type=click.Path(dir_okay=False),
+                     help="--data: write LLaVA answer files for LLaVA's scoring scripts, one per scale: FILE with "
+                          "{tokens} replaced, else FILE-<tokens>.jsonl."),
         click.option("--resume", is_flag=True, help="--data: keep the rows --samples FILE already holds."),
         click.option("--retry-errors", is_flag=True, help="With --resume: evaluate the error rows again."),
         click.option("--encode-cache", type=click.IntRange(0, 100_000), default=64, show_default=True,
@@ -37,6 +50,10 @@ def _data_options(fn):
         click.option("--export-data", "export_dir", default=None, type=click.Path(file_okay=False),
                      help="Write the synthetic questions (--split, -n, --family) as DIR/<split>.jsonl + "
                           "DIR/images/*.png, for --data; loads no model."),
+        click.option("--export-format", type=click.Choice(["jsonl", "mmbench", "llava"]), default="jsonl",
+                     show_default=True,
+                     help="--export-data layout: m3's JSONL, an MMBench TSV (DIR/<split>.tsv, images inside), or a "
+                          "LLaVA question file (DIR/llava_<split>.jsonl + DIR/images)."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress on stderr (default: a bar on a terminal, else a line every $M3_PROGRESS_SECONDS "
                           "seconds, 30; --progress: the bar anyway)."),
@@ -48,6 +65,7 @@ def _data_options(fn):
 
 @command("eval")
 @model_options
+@image_options
 @click.option("--tokens", "scales", type=INT_LIST, default=None,
               help="Scales to evaluate, e.g. 1,9,36,144,576 (default: all).")
 @click.option("-n", "--n", "count", type=click.IntRange(1, 10_000_000), default=None,
@@ -71,7 +89,8 @@ def _data_options(fn):
 @_data_options
 def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tune, batch_size, json_path,
              plot_path, data, metric, prompt_suffix, question_suffix, short_answer, max_new_tokens, samples_path,
-             resume, retry_errors, encode_cache, export_dir, progress, **model_kw):
+             samples_format, circular, image_folder, answers_out, resume, retry_errors, encode_cache, export_dir,
+             export_format, progress, image_options, **model_kw):
     """Accuracy per question family and scale, with the oracle, on the synthetic scenes or --data rows.
 
     \b
@@ -80,6 +99,7 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
       m3 eval --auto-scale --thresholds 0.5,0.8,0.9,0.95 --split val
       m3 eval --export-data demo -n 60
       m3 eval --data demo/test.jsonl --plot acc.png --samples s.jsonl
+      m3 eval --data mmbench_dev.tsv --model llava-v1.5-7b-m3 --circular --plot mmbench.png
     """
     from m3cli.matryoshka.confidence import DEFAULT_MEASURE, MEASURES
 
@@ -92,13 +112,19 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
         raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
     _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
                  samples_path, resume, retry_errors)
+    if not image_options.exact and not data:  # the scenes are drawn in memory: no file, no EXIF, no alpha
+        raise click.UsageError("--upright, --alpha-background and --fast-decode need --data")
+    _check_format_flags(data, export_dir, export_format, samples_path, samples_format, circular, image_folder,
+                        answers_out)
     if export_dir:
         from m3cli.eval.synthetic import export_scenes
 
-        path, n_rows, n_images = export_scenes(export_dir, split or "test", count or 600, list(families) or None)
+        path, n_rows, n_images = export_scenes(export_dir, split or "test", count or 600, list(families) or None,
+                                               export_format)
         click.echo(f"wrote {n_rows} questions on {n_images} images: {path}")
         return
-    rows = _read_rows(data, count, families) if data else None  # a bad source fails before the model loads
+    # a bad source fails before the model loads
+    rows = _read_rows(data, count, families, image_folder) if data else None
     if plot_path:
         _need_matplotlib()
     from m3cli.backends import open_backend
@@ -115,14 +141,17 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
                               families=list(families) or None, batch_size=batch_size,
                               max_new_tokens=max_new_tokens or 4, progress=bar)
         else:
-            from m3cli.eval.datarun import DataOptions, evaluate_data
+            from m3cli.eval.benchmark import BenchOptions, evaluate_benchmark
+            from m3cli.eval.datarun import DataOptions
 
             opts = DataOptions(picked, metric=metric, prompt_suffix=prompt_suffix or None,
                                question_suffix=SHORT_ANSWER_SUFFIX if short_answer else question_suffix or None,
                                batch_size=batch_size, max_new_tokens=max_new_tokens or 16, measure=measure,
                                samples=samples_path, resume=resume, retry_errors=retry_errors,
-                               encode_cache=encode_cache)
-            result = evaluate_data(backend, rows, opts, data, progress=bar)
+                               encode_cache=encode_cache, image=image_options)
+            bench = BenchOptions(circular=circular, answers_out=answers_out, samples_format=samples_format)
+            result = evaluate_benchmark(backend, rows, opts, bench, data, progress=bar,
+                                        notes=lambda note: click.echo(f"m3: note: {note}", err=True))
             report = result.report
     finally:
         if bar is not None:
@@ -154,12 +183,26 @@ def _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffi
         raise click.UsageError("--tune goes with --auto-scale")
 
 
-def _read_rows(source: str, count: int | None, families: tuple[str, ...]) -> list:
+def _check_format_flags(data, export_dir, export_format, samples_path, samples_format, circular, image_folder,
+                        answers_out) -> None:
+    """The benchmark-layout flags: each needs --data (or --export-data) and what it works on."""
+    data_only = {"--circular": circular, "--image-folder": image_folder is not None,
+                 "--answers-out": answers_out is not None}
+    used = [name for name, on in data_only.items() if on]
+    if used and not data:
+        raise click.UsageError(f"{', '.join(used)} need(s) --data")
+    if samples_format != "m3" and not samples_path:
+        raise click.UsageError("--samples-format needs --samples FILE")
+    if export_format != "jsonl" and not export_dir:
+        raise click.UsageError("--export-format goes with --export-data")
+
+
+def _read_rows(source: str, count: int | None, families: tuple[str, ...], image_folder: str | None = None) -> list:
     """The data rows (first ``count``; only ``families`` if given)."""
     from m3cli.eval.data import EvalRow, read_eval_data
 
     rows = []
-    for row in read_eval_data(source):
+    for row in read_eval_data(source, image_folder=image_folder):
         if families and not (isinstance(row, EvalRow) and row.family in families):
             continue
         rows.append(row)
@@ -171,9 +214,10 @@ def _read_rows(source: str, count: int | None, families: tuple[str, ...]) -> lis
 
 
 def _show(report, result, backend, measure: str, levels: list[float], tune: bool, json_path, plot_path) -> None:
-    """Print the tables; write --json and --plot."""
+    """Print the tables; write --json and --plot (``result``: the --data run's BenchResult, else None)."""
     from m3cli.eval.format import (
-        data_header,
+        benchmark_header,
+        format_benchmark,
         format_calibration,
         format_errors,
         format_report,
@@ -184,12 +228,20 @@ def _show(report, result, backend, measure: str, levels: list[float], tune: bool
     from m3cli.eval.report import tune_escalation
     from m3cli.matryoshka.confidence import MEASURES
 
+    if result is not None and not report.records:
+        _show_unscored(result, backend, json_path, plot_path)
+        return
     escalations = [report.escalation(t, measure) for t in levels]
-    click.echo(format_report(report, escalations, data_header(result) if result else None))
+    column = result.column if result is not None else "family"
+    click.echo(format_report(report, escalations, benchmark_header(result) if result else None, column))
     if result is not None:
+        if extra := format_benchmark(result, column):
+            click.echo(extra)
         click.echo(format_calibration(report, list(MEASURES)))
-        if result.errors:
-            click.echo(format_errors(result.errors))
+        if result.data.errors:
+            click.echo(format_errors(result.data.errors))
+        if result.answers:
+            click.echo("\nanswers: " + ", ".join(result.answers))
     tuned = None
     if tune:
         rows, tuned = tune_escalation(report, list(MEASURES), levels)
@@ -198,10 +250,28 @@ def _show(report, result, backend, measure: str, levels: list[float], tune: bool
     if json_path:
         extra = {"model": backend.model_id, "backend": backend.name}
         if result is not None:
-            extra |= result.summary()
+            extra |= result.data.summary() | result.summary()
         _write_json(json_path, report_dict(report, escalations, tuned, measure, list(MEASURES), **extra))
     if plot_path:
-        plot(report, plot_path, escalations)
+        others = [("single pass", result.single)] if result is not None and result.single is not None else []
+        plot(report, plot_path, escalations, others)
+
+
+def _show_unscored(result, backend, json_path, plot_path) -> None:
+    """A run whose rows have no gold answers (a test split): what was answered and written, no accuracy."""
+    from m3cli.eval.format import benchmark_header, format_errors
+
+    click.echo(benchmark_header(result))
+    click.echo("\nno row has a gold answer: nothing to score (score the answers with the benchmark's own tools)")
+    if result.data.errors:
+        click.echo(format_errors(result.data.errors))
+    if result.answers:
+        click.echo("\nanswers: " + ", ".join(result.answers))
+    if json_path:
+        _write_json(json_path, {"model": backend.model_id, "backend": backend.name, "data": result.report.data,
+                                "n": 0, "scales": result.report.scales} | result.data.summary() | result.summary())
+    if plot_path:
+        click.echo(f"m3 eval: --plot {plot_path} not written: no scored rows", err=True)
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -7,6 +7,7 @@ has a range type, and float options reject ``nan`` and ``inf`` (click's FloatRan
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -91,6 +92,28 @@ class NumberList(click.ParamType):
         return numbers
 
 
+class SizeList(click.ParamType):
+    """Comma-separated image sizes ``WxH``, e.g. ``4032x3024,8000x6000`` -> ``[(4032, 3024), (8000, 6000)]``."""
+
+    name = "WxH,..."
+    PATTERN = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+
+    def convert(self, value, param, ctx) -> list[tuple[int, int]]:
+        if isinstance(value, list):
+            return value
+        sizes = []
+        for piece in str(value).split(","):
+            if not piece.strip():
+                continue
+            m = self.PATTERN.fullmatch(piece)
+            if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+                self.fail(f"needs sizes WxH (e.g. 4032x3024), got {piece.strip()!r}", param, ctx)
+            sizes.append((int(m.group(1)), int(m.group(2))))
+        if not sizes:
+            self.fail(f"needs at least one size WxH, got {value!r}", param, ctx)
+        return sizes
+
+
 class ShardSpec(click.ParamType):
     """``K/N``: shard K of N, 0 <= K < N."""
 
@@ -107,14 +130,32 @@ class ShardSpec(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class Colour(click.ParamType):
+    """A colour name (``white``, ``black``, ...) or ``#rrggbb``, as ``(r, g, b)``."""
+
+    name = "COLOUR"
+
+    def convert(self, value, param, ctx) -> tuple[int, int, int]:
+        if isinstance(value, tuple):
+            return value
+        from m3cli.media.image import parse_colour  # Pillow's colour names; only when the option is given
+
+        try:
+            return parse_colour(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 TOKENS = TokenBudget()
 INT_LIST = NumberList(int)
 SHARD = ShardSpec()
+SIZES = SizeList()
 THRESHOLD = FiniteFloat(0.0, 1.0)                     # a confidence
 POSITIVE = FiniteFloat(0.0, min_open=True)            # e.g. --fps
 NON_NEGATIVE = FiniteFloat(0.0)                       # e.g. --gpus-per-actor
 THREADS = click.IntRange(1, 4096)
 DEVICE = DeviceName()
+COLOUR = Colour()
 DTYPE = click.Choice(["auto", *DTYPES])
 
 
@@ -130,6 +171,10 @@ def model_options(fn):
     fn = click.option("--chat-template", default=None, metavar="FILE|NAME",
                       help="The prompt: a jinja / chat_template.json file or a recipe (vicuna_v1, "
                            "mistral_instruct, chatml_direct); also for a model without a template.")(fn)
+    fn = click.option("--prefix-after-special/--no-prefix-after-special", default=None,
+                      help="GGUF: whether the source tokenizer puts a '▁' before text that follows a special token "
+                           "(default: the pair's m3cli.prefix_after_special key, else yes for a SentencePiece "
+                           "vocabulary); for pairs that do not record it, see docs/gguf.md.")(fn)
     fn = click.option("--ctx", type=click.IntRange(64, 1 << 24), default=None,
                       help="GGUF: context length (default 2048; 4096 for LLaVA-1.6 pairs).")(fn)
     fn = click.option("--mmproj-offload/--no-mmproj-offload", default=None,
@@ -181,6 +226,31 @@ def _default_policy_words() -> dict[str, str]:
         shown = spec.over(None)
         words.update(policy=f"{DEFAULT_MODEL}: {shown.flags()}", threshold=f"{DEFAULT_MODEL}: {shown.threshold:g}")
     return words
+def image_options(fn):
+    """--upright, --alpha-background, --fast-decode: how a user's images become pixels, gathered into one
+    ``image_options`` keyword argument (an :class:`m3cli.media.ImageOptions`; all off: the model's recipe)."""
+
+    @functools.wraps(fn)
+    def with_image_options(*args, upright, alpha_background, fast_decode, **kwargs):
+        from m3cli.media.image import ImageOptions
+
+        return fn(*args, image_options=ImageOptions(upright, alpha_background, fast_decode), **kwargs)
+
+    options = [
+        click.option("--upright", is_flag=True,
+                     help="Turn each image by its EXIF orientation first (default: as stored, as the model's "
+                          "original code feeds it; a note says when an image has one)."),
+        click.option("--alpha-background", type=COLOUR, default=None,
+                     help="Composite transparent pixels onto COLOUR first, a name (white, black, ...) or #rrggbb "
+                          "(default: alpha dropped, as the model's original code does; a note says when an "
+                          "image has transparency)."),
+        click.option("--fast-decode", is_flag=True,
+                     help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (the short side kept >= 1008 px): faster, "
+                          "but the pixels differ from the model's recipe (rows record decode_scale)."),
+    ]
+    for option in reversed(options):
+        with_image_options = option(with_image_options)
+    return with_image_options
 
 
 def policy_options(fn):

@@ -23,9 +23,11 @@ from typing import Any
 from m3cli.engines import EngineRunError
 from m3cli.engines.units import BatchOptions
 from m3cli.errors import UsageError
+from m3cli.media.image import ImageNotes
 from m3cli.output import OrderedWriter, OutputTarget, OutputWriteError, RowSink, Summary, is_stdout
 
 ENGINES = ("local", "ray")
+INPUT_FORMATS = ("media", "openai")
 COUNT_THREAD = "m3-count"  # lists the inputs a second time for the progress total; it logs nothing
 
 
@@ -54,6 +56,7 @@ class BatchJob:
     actors: int = 1
     gpus_per_actor: float = 0.0
     progress: bool | None = None  # None: a bar on a terminal, else periodic lines (m3cli.output.progress)
+    input_format: str = "media"  # media: files, folders, videos, stdin; openai: OpenAI Batch request files
 
     def check(self) -> None:
         """Raise :class:`UsageError` for options that cannot go together."""
@@ -65,9 +68,10 @@ class BatchJob:
         if opts.fps is not None and opts.every is not None:
             raise UsageError("--fps and --every cannot be combined")
         _check_video_mode(opts)
-        to_jsonl_file = not is_stdout(self.output) and self.fmt == "jsonl"
+        _check_openai(self)
+        to_jsonl_file = not is_stdout(self.output) and self.fmt in ("jsonl", "openai")
         if self.resume and not to_jsonl_file:
-            raise UsageError("--resume needs -o FILE in jsonl format")
+            raise UsageError("--resume needs -o FILE in jsonl (or openai) format")
         if self.shard is not None and not to_jsonl_file:
             raise UsageError("--shard needs -o FILE in jsonl format (not stdout: the shard's sidecar goes beside it)")
         if self.retry_errors and not self.resume:
@@ -78,6 +82,26 @@ class BatchJob:
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine != "ray" and (self.ray_address is not None or self.actors != 1 or self.gpus_per_actor):
             raise UsageError("--ray-address, --actors and --gpus-per-actor go with --engine ray")
+
+
+def _check_openai(job: BatchJob) -> None:
+    """What ``--input-format openai`` and ``--format openai`` need: the requests bring their own questions and
+    budgets; the Ray engine and shards read media inputs only."""
+    from m3cli.answering.defaults import DEFAULT_QUESTION
+
+    if job.input_format not in INPUT_FORMATS:
+        raise UsageError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {job.input_format!r}")
+    if job.input_format != "openai":
+        if job.fmt == "openai":
+            raise UsageError("--format openai writes OpenAI Batch output lines: it goes with --input-format openai")
+        return
+    if job.options.questions or (job.options.question or DEFAULT_QUESTION) != DEFAULT_QUESTION:
+        raise UsageError("-q does not go with --input-format openai: each request brings its question")
+    if job.engine != "local" or job.shard is not None:
+        raise UsageError("--input-format openai runs on --engine local, without --shard")
+    for path in job.inputs:
+        if path != "-" and not os.path.isfile(path):
+            raise UsageError(f"{path}: no such OpenAI Batch file")
 
 
 def _check_video_mode(opts: BatchOptions) -> None:
@@ -129,7 +153,8 @@ class JobResult:
 def run_record(job: BatchJob) -> dict[str, Any]:
     """What the run's rows are made with, written in each row as ``run`` and compared by ``--resume``: the
     model (resolved: a path made absolute), the question of items without their own (the list, when there
-    are several), the budget, the answer length, and a collage's frame count and layout. Device, dtype,
+    are several), the budget, the answer length, the image options given (``--upright``,
+    ``--alpha-background``, ``--fast-decode``: other pixels) and a collage's frame count and layout. Device, dtype,
     batch size and frame sampling are left out: they may change between a run and its resumption without
     changing what is asked."""
     from m3cli.models.registry import resolve_model
@@ -140,32 +165,19 @@ def run_record(job: BatchJob) -> dict[str, Any]:
         model = os.path.realpath(model)
     questions = opts.run_questions
     question: str | list[str] = questions if len(questions) > 1 else opts.run_question
-    record: dict[str, Any] = {"model": model, "question": question, **policy_record(opts.run_policy)}
+    record: dict[str, Any] = {"model": model, "question": question, **opts.run_policy.record()}
     record["max_new_tokens"] = opts.max_new_tokens
     if opts.max_visual_tokens is not None:  # absent otherwise, so earlier runs' records still match
         record["max_visual_tokens"] = opts.max_visual_tokens
+    record.update(opts.image.record())  # --upright / --alpha-background / --fast-decode: only those given
+    if job.input_format == "openai":  # absent otherwise, so earlier runs' records still match
+        record["input_format"] = "openai"
+        if job.fmt == "openai":
+            record["format"] = "openai"
     if opts.video_mode == "collage":  # a video's row is another picture: a frames run's rows are not its rows
         layout = opts.collage_layout
         record.update(video_mode="collage", collage_frames=opts.collage_frames,
                       collage_layout=f"{layout[0]}x{layout[1]}" if layout else None)
-    return record
-
-
-def policy_record(spec) -> dict[str, Any]:
-    """The run record's policy fields for a full :class:`~m3cli.matryoshka.policy.PolicySpec`: ``tokens``
-    (None: the full grid), and with auto-scale ``auto_scale``, ``threshold``, ``ladder``; ``measure`` and
-    ``on_miss`` only when they are not the defaults (``sequence``, ``last``), so records of runs made before
-    they existed still match."""
-    from m3cli.matryoshka.confidence import DEFAULT_MEASURE
-    from m3cli.matryoshka.policy import DEFAULT_ON_MISS
-
-    record: dict[str, Any] = {"tokens": spec.tokens}
-    if spec.auto_scale:
-        record.update(auto_scale=True, threshold=spec.threshold, ladder=list(spec.ladder) if spec.ladder else None)
-        if spec.on_miss not in (None, DEFAULT_ON_MISS):
-            record["on_miss"] = spec.on_miss
-    if spec.measure not in (None, DEFAULT_MEASURE):
-        record["measure"] = spec.measure
     return record
 
 
@@ -182,8 +194,12 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
 
         preflight(job.model, job.ray_address)  # EngineError (exit 2) before the output file is touched
     run = run_record(job)
-    target = OutputTarget.open(job.output, job.fmt, resume=job.resume, run=run, force=job.force,
-                               retry_errors=job.retry_errors)
+    openai_out = job.fmt == "openai"
+    row_of = None
+    if openai_out:
+        from m3cli.engines.openai_batch import row_of_batch_line as row_of
+    target = OutputTarget.open(job.output, "jsonl" if openai_out else job.fmt, resume=job.resume, run=run,
+                               force=job.force, retry_errors=job.retry_errors, row_of=row_of)
     try:
         opts = replace(job.options, run=run, done_ids=target.state.done_ids, failed_ids=target.state.failed_ids)
         backend = _open_local_backend(job, opts, notes) if job.engine == "local" else None
@@ -192,22 +208,46 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
         target.close(abandon=True)
         raise
     try:
+        if job.input_format == "openai":
+            sink, units = _openai_units(job, backend, opts, sink)
+            return _run_started(job, backend, opts, sink, [], notes, units)
         return _run_started(job, backend, opts, sink, iter_inputs(list(job.inputs)), notes)
     finally:
         target.close()
 
 
+def _openai_units(job: BatchJob, backend, opts: BatchOptions, sink: RowSink):
+    """The units of OpenAI Batch files, and the sink (written as Batch output lines with ``--format openai``)."""
+    from m3cli.answering.chat_request import ChatDefaults
+    from m3cli.engines.openai_batch import OpenAIBatchInput, OpenAIBatchSink
+
+    defaults = ChatDefaults(tokens=opts.tokens, auto_scale=opts.auto_scale, threshold=opts.threshold,
+                            ladder=opts.ladder, measure=opts.measure, on_miss=opts.on_miss,
+                            model_policy=opts.default_policy, max_visual_tokens=opts.max_visual_tokens,
+                            max_new_tokens=opts.max_new_tokens, image=opts.image)
+    source = OpenAIBatchInput(job.inputs, backend.grid_side, defaults, backend.model_id, job.model.get("model"))
+    if job.fmt == "openai":
+        sink = OpenAIBatchSink(sink, source)
+    return sink, source.units(opts)
+
+
 def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, items: Iterable,
-                 notes: Callable[[str], None] | None = None) -> JobResult:
+                 notes: Callable[[str], None] | None = None, units=None) -> JobResult:
     selector = None
     if job.shard is not None:
         items, sink, selector = _select_shard(job, items, sink)
     writer = OrderedWriter(sink)
     result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt == "jsonl")
     bar = _progress(job, opts)
-    on_row = (lambda row: bar.update(1)) if bar is not None else None
+    pixel_notes = ImageNotes(notes)  # once per run: an EXIF orientation or a transparency the recipe ignores
+
+    def on_row(row: dict) -> None:
+        pixel_notes.see(row, row.get("source"))
+        if bar is not None:
+            bar.update(1)
+
     try:
-        _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes)
+        _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes, units)
     except (EngineRunError, OutputWriteError) as exc:  # rows written so far are kept
         result.incomplete = str(exc)
     except KeyboardInterrupt:
@@ -292,7 +332,8 @@ def _progress(job: BatchJob, opts: BatchOptions):
             logger = logging.getLogger(name)
             if not any(isinstance(f, _NotFromCounter) for f in logger.filters):
                 logger.addFilter(_NotFromCounter())
-        threading.Thread(target=lambda: bar.set_total(count_rows(job.inputs, opts)), daemon=True,
+        count = count_requests if job.input_format == "openai" else count_rows
+        threading.Thread(target=lambda: bar.set_total(count(job.inputs, opts)), daemon=True,
                          name=COUNT_THREAD).start()
     return bar
 
@@ -318,8 +359,20 @@ def count_rows(inputs: Iterable[str], opts: BatchOptions) -> int | None:
     return total
 
 
+def count_requests(inputs: Iterable[str], opts: BatchOptions) -> int | None:
+    """:func:`count_rows` for OpenAI Batch files (``--input-format openai``): one row per request line."""
+    from m3cli.engines.openai_batch import count_requests as count
+    from m3cli.errors import M3Error
+
+    try:
+        return count(list(inputs), opts.done_ids)
+    except (M3Error, OSError, ValueError):
+        return None
+
+
 def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: OrderedWriter, summary: Summary,
-                on_row: Callable[[dict], None] | None, notes: Callable[[str], None] | None = None) -> None:
+                on_row: Callable[[dict], None] | None, notes: Callable[[str], None] | None = None,
+                units=None) -> None:
     if job.engine == "ray":
         from m3cli.engines.ray import run_ray
 
@@ -328,4 +381,4 @@ def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: Order
     else:
         from m3cli.engines.local import run_batch
 
-        run_batch(backend, items, opts, writer, summary, on_row=on_row)
+        run_batch(backend, items, opts, writer, summary, on_row=on_row, units=units)

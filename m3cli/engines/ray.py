@@ -200,7 +200,8 @@ def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, a
         blocks = max(1, min(len(work), math.ceil(len(work) / opts.batch_size), 10_000))
         ds = ray.data.from_items(work, override_num_blocks=blocks)
         # Decode tasks keep Ray's default retries (a task whose worker dies is run again).
-        ds = ds.flat_map(decode_task, fn_kwargs={"sampling": opts.sampling, "n_questions": len(opts.run_questions)},
+        ds = ds.flat_map(decode_task, fn_kwargs={"sampling": opts.sampling, "n_questions": len(opts.run_questions),
+                                                 "image_options": opts.image},
                          num_cpus=DECODE_CPUS)
         cluster_opts = replace(opts, done_ids=set(), failed_ids=set())  # the cluster never needs them
         ds = _answer_stage(ds, dict(

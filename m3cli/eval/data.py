@@ -21,6 +21,13 @@ are the file's (CSV: the line a record starts on; the header is line 1). A row t
 :class:`BadRow` with a one-line reason, never an exception; only a source that cannot be read at all
 (missing, unreadable, not JSONL/CSV, a CSV header without ``image``/``question``) raises ``UsageError``.
 Nothing here decodes images: a row's image is only checked to be an existing file.
+
+Two benchmark layouts are read by their own modules (the file is recognised by its content):
+
+- an MMBench / VLMEvalKit TSV (header with ``index``, ``question``, ``A``, ``B``): :mod:`m3cli.eval.mmbench`;
+- LLaVA question rows (``question_id`` + ``text``, no ``question``) in JSONL: :mod:`m3cli.eval.llava_files`.
+
+``image_folder`` (``--image-folder``) replaces the data file's folder as the base of relative image paths.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import IO, Any, Literal
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal, Protocol
 
 from m3cli.errors import UsageError, describe
 from m3cli.eval.fields import Bad, GoldKind, image_path, json_type, parse_gold, scalar_text
@@ -44,12 +51,26 @@ JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson")
 CSV_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
 
 
+class ImageSource(Protocol):
+    """An image that is not a file of its own (an MMBench TSV's base64 cell): its encode-cache key and a
+    function giving its encoded bytes as a named stream (decoded by the run's image loader and options)."""
+
+    key: Hashable
+    open: Callable[[], IO[bytes]]
+
+
 @dataclass(frozen=True)
 class EvalRow:
     """One question with its gold answer.
 
     ``gold`` holds the gold values: ``(answer,)`` for "answer", the human answers for "answers", and
-    ``(letter,)`` (the resolved option letter) for "choice", whose options are ``choices``.
+    ``(letter,)`` (the resolved option letter) for "choice", whose options are ``choices``; nothing for
+    "none" (a row without a gold answer: answered and written, not scored).
+
+    A benchmark layout may fix more: ``prompt`` (the text before the suffix, laid out as the benchmark's own
+    script does; None: built from ``question`` and ``choices``), ``metric`` (None: by the gold's form),
+    ``image_source`` (the pixels when ``image`` names no file of its own) and ``meta`` (the layout's own
+    fields, written with the row's sample: MMBench's index, hint, category levels; LLaVA's question_id).
     """
 
     id: str
@@ -61,10 +82,16 @@ class EvalRow:
     family: str | None = None
     source: str = ""  # the data file ("-" for stdin)
     line: int = 0
+    prompt: str | None = None
+    metric: str | None = None
+    image_source: ImageSource | None = field(default=None, compare=False)
+    meta: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def reference(self) -> str:
-        """One human-readable gold: the answer, the most common human answer, or ``"B. text"``."""
+        """One human-readable gold: the answer, the most common human answer, or ``"B. text"`` ("" for none)."""
+        if self.gold_kind == "none":
+            return ""
         if self.gold_kind == "choice":
             letter = self.gold[0]
             return f"{letter}. {self.choices[choice_letters(len(self.choices)).index(letter)]}"
@@ -92,7 +119,7 @@ class BadRow:
 @dataclass(frozen=True)
 class _DataFile:
     path: str  # "-" for stdin
-    fmt: Literal["jsonl", "csv", "tsv"] | None  # None: sniff (stdin)
+    fmt: Literal["jsonl", "csv", "tsv", "mmbench"] | None  # None: sniff (stdin)
     prefix: str  # default-id prefix
     base_dir: str  # relative image paths resolve against this
 
@@ -129,9 +156,12 @@ def _check_readable(path: str) -> None:
         raise UsageError(f"{path}: cannot read ({describe(exc)})") from None
 
 
-def _plan(source: str) -> list[_DataFile]:
+def _plan(source: str, image_folder: str | None = None) -> list[_DataFile]:
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise UsageError(f"{image_folder}: no such folder (--image-folder)")
+    base = os.path.abspath(image_folder) if image_folder is not None else None
     if source == "-":
-        return [_DataFile("-", None, "stdin", os.getcwd())]
+        return [_DataFile("-", None, "stdin", base or os.getcwd())]
     if not os.path.exists(source):
         raise UsageError(f"{source}: no such file or folder")
     if os.path.isdir(source):
@@ -142,25 +172,35 @@ def _plan(source: str) -> list[_DataFile]:
         for path in paths:
             rel = os.path.relpath(path, source)
             prefix = os.path.splitext(rel)[0].replace(os.sep, "/")
-            files.append(_DataFile(path, _format_of(path), prefix, os.path.dirname(os.path.abspath(path))))
+            files.append(_DataFile(path, _format_of(path), prefix, base or os.path.dirname(os.path.abspath(path))))
     else:
         fmt = _format_of(source)
         if fmt is None:
             raise UsageError(f"{source}: not a JSONL or CSV file (expected {', '.join(JSONL_SUFFIXES + CSV_SUFFIXES)})")
         stem = os.path.splitext(os.path.basename(source))[0]
-        files = [_DataFile(source, fmt, stem, os.path.dirname(os.path.abspath(source)))]
+        files = [_DataFile(source, fmt, stem, base or os.path.dirname(os.path.abspath(source)))]
+    checked = []
     for f in files:
         _check_readable(f.path)
         if f.fmt in ("csv", "tsv"):
+            from m3cli.eval import mmbench
+
             with open(f.path, "rb") as fh:
-                _csv_header(_text_lines(fh), f.path, f.fmt)
-    return files
+                head = _csv_header(_text_lines(fh), f.path, f.fmt)
+            if f.fmt == "tsv" and head is not None and mmbench.is_mmbench_header(head[3]):
+                f = _DataFile(f.path, "mmbench", f.prefix, f.base_dir)
+        checked.append(f)
+    return checked
 
 
 # --- rows ------------------------------------------------------------------------------------------
 
 
 def _parse_row(raw: Mapping[str, Any], f: _DataFile, line: int, default_id: str, csv_cell: bool) -> EvalRow | BadRow:
+    if not csv_cell and "question" not in raw and "text" in raw and "question_id" in raw:
+        from m3cli.eval import llava_files
+
+        return llava_files.parse_question(raw, f.path, line, f.base_dir)
     try:
         row_id = scalar_text(raw.get("id"), "id") or default_id
     except Bad as bad:
@@ -202,8 +242,9 @@ class _Counted:
         return line
 
 
-def _csv_header(lines: Iterable[str], path: str, fmt: str) -> tuple[list[str], Any, _Counted] | None:
-    """Read the header of a CSV stream; None for an empty stream. UsageError when required columns lack."""
+def _csv_header(lines: Iterable[str], path: str, fmt: str) -> tuple[list[str], Any, _Counted, list[str]] | None:
+    """Read the header of a CSV stream (lower-cased names, the reader, its line count, the names as written);
+    None for an empty stream. UsageError when required columns lack."""
     counted = _Counted(iter(lines))
     reader = csv.reader(counted, delimiter="\t" if fmt == "tsv" else ",")
     for cells in reader:
@@ -217,7 +258,7 @@ def _csv_header(lines: Iterable[str], path: str, fmt: str) -> tuple[list[str], A
                 f"{where}: the CSV header has no {' or '.join(repr(m) for m in missing)} column "
                 f"(found: {', '.join(h for h in header if h) or 'nothing'})"
             )
-        return header, reader, counted
+        return header, reader, counted, [c.strip() for c in cells]
     return None
 
 
@@ -225,7 +266,7 @@ def _iter_csv(lines: Iterable[str], f: _DataFile, fmt: str) -> Iterator[EvalRow 
     head = _csv_header(lines, f.path, fmt)
     if head is None:
         return
-    header, reader, counted = head
+    header, reader, counted, _raw = head
     while True:
         start = counted.count + 1
         try:
@@ -289,17 +330,23 @@ def _iter_file(f: _DataFile) -> Iterator[EvalRow | BadRow]:
     with fh:
         if f.fmt == "jsonl":
             yield from _iter_jsonl(fh, f)
+        elif f.fmt == "mmbench":
+            from m3cli.eval import mmbench
+
+            yield from mmbench.iter_rows(fh, f.path)
         else:
             yield from _iter_csv(_text_lines(fh), f, f.fmt or "csv")
 
 
-def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None) -> Iterator[EvalRow | BadRow]:
+def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None,
+                   image_folder: str | os.PathLike[str] | None = None) -> Iterator[EvalRow | BadRow]:
     """The rows of an eval data source (file, folder or ``-``), in order, ids unique.
 
     The source is checked now (UsageError if it cannot be read, is not JSONL/CSV, or a CSV header lacks
-    ``image``/``question``); rows are parsed lazily. ``stdin`` replaces ``sys.stdin`` for ``-``.
+    ``image``/``question``); rows are parsed lazily. ``stdin`` replaces ``sys.stdin`` for ``-``; relative
+    image paths resolve against ``image_folder`` when given.
     """
-    files = _plan(os.fspath(source))
+    files = _plan(os.fspath(source), os.fspath(image_folder) if image_folder is not None else None)
 
     def rows() -> Iterator[EvalRow | BadRow]:
         for f in files:
@@ -342,6 +389,7 @@ __all__ = [
     "BadRow",
     "EvalRow",
     "GoldKind",
+    "ImageSource",
     "group_by_image",
     "image_key",
     "read_eval_data",

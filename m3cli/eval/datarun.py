@@ -10,12 +10,13 @@ it) is an error sample and is counted, never a crash.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from m3cli.backends.base import Backend
 from m3cli.errors import M3Error, OutputError, UsageError, describe
@@ -26,8 +27,17 @@ from m3cli.eval.report import EvalReport
 from m3cli.eval.scoring import CHOICE_SUFFIX, METRICS, build_choice_prompt, metric_for
 from m3cli.fileio import dumps_row
 from m3cli.matryoshka.confidence import DEFAULT_MEASURE
+from m3cli.media.image import ImageNotes, ImageOptions
 
 Progress = Callable[[int, int], None]
+
+
+class SamplesLayout(Protocol):
+    """Another layout of the samples file (lmms-eval's): the lines of one sample, and the file read back."""
+
+    def lines(self, sample: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def read(self, path: str) -> dict[str, dict[str, Any]]: ...
 
 
 class NothingEvaluated(M3Error):
@@ -52,6 +62,8 @@ class DataOptions:
     retry_errors: bool = False
     encode_cache: int = DEFAULT_CACHE
     share: bool = True  # False: encode every row's image afresh (for measuring the saving)
+    image: ImageOptions = ImageOptions()  # --upright / --alpha-background / --fast-decode (default: the recipe)
+    samples_layout: SamplesLayout | None = None  # None: one m3 sample line per row
 
 
 @dataclass
@@ -67,6 +79,8 @@ class DataResult:
     encodes: int  # images the backend encoded in this run
     metrics: dict[str, int] = field(default_factory=dict)  # evaluated rows per metric
     seconds: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)  # every row's sample, in data order
+    unscored: int = 0  # rows answered without a gold answer (in no accuracy)
 
     @property
     def ms_per_row(self) -> float:
@@ -82,15 +96,21 @@ class DataResult:
 
 
 def prompt_for(row: EvalRow, options: DataOptions) -> str:
-    """The text the model sees: the choice prompt (options + suffix) or the question (+ suffix)."""
-    if row.gold_kind == "choice":
-        return build_choice_prompt(row.question, row.choices, options.prompt_suffix)
-    return f"{row.question}\n{options.question_suffix}" if options.question_suffix else row.question
+    """The text the model sees: the choice prompt (options + suffix) or the question (+ suffix); a row whose
+    layout fixes its text (``row.prompt``) gets only the suffix."""
+    suffix = options.prompt_suffix if row.choices else options.question_suffix
+    if row.prompt is None and row.choices:
+        return build_choice_prompt(row.question, row.choices, suffix)
+    text = row.question if row.prompt is None else row.prompt
+    return f"{text}\n{suffix}" if suffix else text
 
 
-def metric_of(row: EvalRow, options: DataOptions) -> str:
-    """The row's metric: the chosen one, else the one its gold's form calls for."""
-    return options.metric or metric_for(row)
+def metric_of(row: EvalRow, options: DataOptions) -> str | None:
+    """The row's metric: the chosen one, else its layout's, else the one its gold's form calls for; None for a
+    row without a gold answer."""
+    if row.gold_kind == "none":
+        return None
+    return options.metric or row.metric or metric_for(row)
 
 
 def _identity(path: str) -> tuple[str, int, int] | None:
@@ -102,15 +122,36 @@ def _identity(path: str) -> tuple[str, int, int] | None:
     return image_key(path), st.st_size, st.st_mtime_ns
 
 
-def _load(path: str):
-    from m3cli.media import load_image
+class _Loader:
+    """Decodes rows' images with the run's options, keeping what was done to each one's pixels (by image
+    identity, for the samples of every row about it) and telling ``notes`` once about what the recipe ignores."""
 
-    return load_image(path)
+    def __init__(self, options: ImageOptions, notes: Callable[[str], None] | None) -> None:
+        self.options = options
+        self.notes = ImageNotes(notes)
+        self.pixels: dict[Any, dict[str, Any]] = {}
 
+    def load(self, src: Any, key: Any):
+        from m3cli.media import open_image
 
-def _items(rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
-    for row in rows:  # lazily: each image is looked at just before its batch runs
-        yield EvalItem(row.id, _identity(row.image), lambda p=row.image: _load(p), prompt_for(row, options), row)
+        picture = open_image(src, self.options)
+        fields = picture.fields()
+        self.notes.see(fields, getattr(src, "name", src))
+        if key is not None and any(v is not None for v in fields.values()):
+            self.pixels[key] = fields
+        return picture.image
+
+    def items(self, rows: Sequence[EvalRow], options: DataOptions) -> Iterator[EvalItem]:
+        for row in rows:  # lazily: each image is looked at just before its batch runs
+            if row.image_source is not None:  # pixels inside the data file (MMBench TSV)
+                key, opened = row.image_source.key, row.image_source.open
+            else:
+                key, opened = _identity(row.image), functools.partial(str, row.image)
+            yield EvalItem(row.id, key, functools.partial(self._load_opened, opened, key), prompt_for(row, options),
+                           row)
+
+    def _load_opened(self, opened: Callable[[], Any], key: Any):
+        return self.load(opened(), key)
 
 
 def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, dict[str, Any]]:
@@ -118,7 +159,7 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
     if not (options.resume and options.samples):
         return {}
     try:
-        found = sm.read_samples(options.samples)
+        found = (options.samples_layout.read if options.samples_layout else sm.read_samples)(options.samples)
     except OSError as exc:
         raise OutputError(f"{options.samples}: cannot read the samples to resume ({describe(exc)})") from None
     done = {}
@@ -127,7 +168,8 @@ def _prior(rows: Sequence[EvalRow | BadRow], options: DataOptions) -> dict[str, 
         if sample is None or (sample.get("error") is not None and options.retry_errors):
             continue
         if sample.get("error") is None and isinstance(row, EvalRow):
-            why = sm.mismatch(sample, prompt_for(row, options), metric_of(row, options), options.scales)
+            why = sm.mismatch(sample, prompt_for(row, options), metric_of(row, options), options.scales,
+                              options.image.record())
             if why:
                 raise UsageError(f"{options.samples}: row {row.id} was evaluated with {why}; resume with the "
                                  "same options or write a new --samples file")
@@ -144,9 +186,12 @@ def _open_samples(options: DataOptions) -> IO[str] | None:
         raise OutputError(f"{options.samples}: cannot write the samples ({describe(exc)})") from None
 
 
-def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None) -> None:
+def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None,
+           layout: SamplesLayout | None = None) -> None:
     if out is None or not lines:
         return
+    if layout is not None:
+        lines = [line for s in lines for line in layout.lines(s)]
     try:
         out.write("".join(dumps_row(s) + "\n" for s in lines))
         out.flush()  # a checkpoint: what is written stays done if the run stops
@@ -155,14 +200,18 @@ def _write(out: IO[str] | None, lines: list[dict[str, Any]], path: str | None) -
 
 
 def _bad_metric(row: EvalRow, options: DataOptions) -> str | None:
-    if metric_of(row, options) == "choice" and row.gold_kind != "choice":
-        return "metric 'choice' needs a row with 'choices'"
+    metric = metric_of(row, options)
+    if metric in ("choice", "mmbench") and row.gold_kind != "choice":
+        return f"metric {metric!r} needs a row with 'choices'"
     return None
 
 
 def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: DataOptions, label: str,
-                  progress: Progress | None = None) -> DataResult:
+                  progress: Progress | None = None, notes: Callable[[str], None] | None = None) -> DataResult:
     """Evaluate ``rows`` (from :func:`m3cli.eval.data.read_eval_data`) at ``options.scales``.
+
+    ``notes`` receives one-line remarks for the user (once per run: an image whose EXIF orientation or
+    transparency its recipe ignores).
 
     Raises :class:`NothingEvaluated` when no row could be evaluated (after writing their error samples).
     """
@@ -182,18 +231,20 @@ def evaluate_data(backend: Backend, rows: Sequence[EvalRow | BadRow], options: D
         else:
             todo.append(row)
     cache = EncodeCache(options.encode_cache)
+    loader = _Loader(options.image, notes)
     start = time.perf_counter()
     out = _open_samples(options)
     try:
-        _write(out, [new[r.id] for r in rows if r.id in new], options.samples)
+        _write(out, [new[r.id] for r in rows if r.id in new], options.samples, options.samples_layout)
         done = 0
         if progress and todo:
             progress(0, len(todo))
-        for batch in answer_items(backend, _items(todo, options), scales, options.batch_size,
+        for batch in answer_items(backend, loader.items(todo, options), scales, options.batch_size,
                                   options.max_new_tokens, cache, options.share):
-            lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure)
+            lines = [sm.result_sample(r.item.payload, r, metric_of(r.item.payload, options), options.measure,
+                                      loader.pixels.get(r.item.key), options.image.record())
                      for r in batch]
-            _write(out, lines, options.samples)
+            _write(out, lines, options.samples, options.samples_layout)
             new.update((s["id"], s) for s in lines)
             done += len(batch)
             if progress:
@@ -209,9 +260,10 @@ def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: li
             seconds: float, encodes: int) -> DataResult:
     """The report from every sample of ``rows`` (resumed or new), in data order."""
     every = [s for r in rows if (s := new.get(r.id) or prior.get(r.id)) is not None]
-    good = [s for s in every if s.get("error") is None]
+    answered_rows = [s for s in every if s.get("error") is None]
+    good = [s for s in answered_rows if s.get("metric") is not None]  # scored: rows with a gold answer
     errors = [s for s in every if s.get("error") is not None]
-    if not good:
+    if not answered_rows:
         first = errors[0]["error"] if errors else "the data has no rows"
         raise NothingEvaluated(f"no row could be evaluated ({len(errors)} errors; the first: {first})")
     records = [sm.record(s, scales) for s in good]
@@ -220,5 +272,6 @@ def _result(rows: Sequence[EvalRow | BadRow], prior: dict, new: dict, scales: li
     report = EvalReport(None, scales, records, seconds, families, data=label)
     answered = sum(s.get("error") is None for s in new.values())
     return DataResult(report, errors, computed=len(new), answered=answered, resumed=len(prior),
-                      images=len({image_key(s["image"]) for s in good}), encodes=encodes,
-                      metrics=dict(Counter(s["metric"] for s in good)), seconds=seconds)
+                      images=len({image_key(s["image"]) for s in answered_rows}), encodes=encodes,
+                      metrics=dict(Counter(s["metric"] for s in good)), seconds=seconds, samples=every,
+                      unscored=len(answered_rows) - len(good))

@@ -15,7 +15,7 @@ from m3cli.eval.scoring import choice_letters, gold_letter
 
 MAX_CHOICES = 26
 
-GoldKind = Literal["answer", "answers", "choice"]
+GoldKind = Literal["answer", "answers", "choice", "none"]  # none: answered, not scored (a test split)
 
 
 class Bad(Exception):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from m3cli.eval.report import EvalReport
 
 if TYPE_CHECKING:
+    from m3cli.eval.benchmark import BenchResult
     from m3cli.eval.datarun import DataResult
 
 
@@ -16,14 +17,21 @@ def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}"
 
 
-def format_report(report: EvalReport, escalations: Sequence[dict] = (), header: str | None = None) -> str:
-    """Accuracy per family and scale, overall, the oracle, then (with escalations) the policy table."""
-    head = "| family | " + " | ".join(f"{s}" for s in report.scales) + " |"
-    first = header or f"{report.label}, {len(report.records)} questions, {report.seconds:.0f} s"
-    lines = [first, "", head, "|---|" + "---:|" * len(report.scales)]
+def format_accuracy(report: EvalReport, column: str = "family") -> list[str]:
+    """The accuracy table: one row per family (``column`` names them), then overall."""
+    lines = ["| " + column + " | " + " | ".join(f"{s}" for s in report.scales) + " |",
+             "|---|" + "---:|" * len(report.scales)]
     for fam in report.families:
         lines.append(f"| {fam} | " + " | ".join(_pct(report.accuracy(s, fam)) for s in report.scales) + " |")
     lines.append("| **overall** | " + " | ".join(f"**{_pct(report.accuracy(s))}**" for s in report.scales) + " |")
+    return lines
+
+
+def format_report(report: EvalReport, escalations: Sequence[dict] = (), header: str | None = None,
+                  column: str = "family") -> str:
+    """Accuracy per family and scale, overall, the oracle, then (with escalations) the policy table."""
+    first = header or f"{report.label}, {len(report.records)} questions, {report.seconds:.0f} s"
+    lines = [first, "", *format_accuracy(report, column)]
     if report.multi_crop:  # LLaVA-NeXT: the columns are tokens per crop; say what the LM received in all
         lines.append("| visual tokens (all crops) | " + " | ".join(f"{report.visual_tokens(s):.0f}"
                                                                for s in report.scales) + " |")
@@ -77,8 +85,10 @@ def format_errors(errors: Sequence[dict], shown: int = 5) -> str:
     return "\n".join(lines)
 
 
-def plot(report: EvalReport, path: str, escalations: Sequence[dict] = ()) -> None:
-    """Accuracy vs mean visual tokens: one line per family, overall, the auto-scale curve, the oracle."""
+def plot(report: EvalReport, path: str, escalations: Sequence[dict] = (),
+         others: Sequence[tuple[str, EvalReport]] = ()) -> None:
+    """Accuracy vs mean visual tokens: one line per family, overall, the auto-scale curve, the oracle, and the
+    overall line of each of ``others`` (label, report) dotted (CircularEval: the single pass)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +99,9 @@ def plot(report: EvalReport, path: str, escalations: Sequence[dict] = ()) -> Non
         ax.plot(report.scales, [100 * report.accuracy(s, fam) for s in report.scales], marker="o", label=fam, alpha=0.8)
     ax.plot(report.scales, [100 * report.accuracy(s) for s in report.scales], marker="s", color="black",
             linewidth=2.5, label="overall (fixed scales)")
+    for name, other in others:
+        ax.plot(other.scales, [100 * other.accuracy(s) for s in other.scales], marker="s", color="gray",
+                linewidth=2, linestyle=":", label=f"overall, {name}")
     o = report.oracle()
     ax.scatter([o["mean_tokens"]], [100 * o["accuracy"]], marker="*", s=160, color="gold", edgecolor="black",
                zorder=5, label="oracle")
@@ -118,13 +131,47 @@ def report_dict(report: EvalReport, escalations: Sequence[dict], tuned: dict | N
         "calibration": [report.calibration(m, s) for m in measures for s in report.scales]}
 
 
-def data_header(result: DataResult) -> str:
-    """The first line of a ``--data`` report: what was evaluated, how it was scored, what it cost."""
+def data_header(result: DataResult, counted: str | None = None) -> str:
+    """The first line of a ``--data`` report: what was evaluated (``counted``: how to say the rows, default
+    "N questions"), how it was scored, what it cost."""
     r = result.report
     metrics = ", ".join(f"{m} ({n})" for m, n in sorted(result.metrics.items()))
     resumed = f", {result.resumed} rows from the samples file" if result.resumed else ""
     errors = f", {len(result.errors)} not evaluated" if result.errors else ""
     cost = (f"{result.answered} answered in {result.seconds:.1f} s ({result.ms_per_row:.1f} ms/row, "
             f"{result.encodes} images encoded)" if result.answered else "nothing new to answer")
-    return (f"{r.label}: {len(r.records)} questions on {result.images} images{errors}{resumed}; "
-            f"scored by {metrics}; {cost}")
+    counted = counted or f"{len(r.records)} questions"
+    scored = f"scored by {metrics}" if metrics else "nothing to score"
+    return f"{r.label}: {counted} on {result.images} images{errors}{resumed}; {scored}; {cost}"
+
+
+def benchmark_header(bench: BenchResult) -> str:
+    """The first lines of a benchmark run's report: the run's header, then what CircularEval counted."""
+    g = bench.grouped
+    if g is not None and g.questions:
+        counted = f"{len(g.questions)} questions asked {g.asked} times"
+    else:
+        counted = f"{len(bench.data.report.records) + bench.data.unscored} questions"
+    head = data_header(bench.data, counted)
+    if bench.data.unscored:
+        head += f"; {bench.data.unscored} without a gold answer (answered, not scored)"
+    if g is not None:
+        head += ("\nCircularEval: each question asked once per rotation of its options, right only when every "
+                 "rotation is")
+        if g.incomplete:
+            head += f"; {len(g.incomplete)} questions left out (a rotation not evaluated)"
+    return head
+
+
+def format_benchmark(bench: BenchResult, column: str = "family") -> str:
+    """The single-pass table and oracle (CircularEval) and the l2-category table, after the headline report."""
+    lines: list[str] = []
+    if bench.single is not None:
+        o = bench.single.oracle()
+        lines += ["", "single pass (each question once, its options as in the file):", "",
+                  *format_accuracy(bench.single, column), "",
+                  f"oracle: accuracy {_pct(o['accuracy'])}%, mean tokens {o['mean_tokens']:.2f}"]
+    if bench.by_l2 is not None:
+        title = "circular accuracy by l2-category:" if bench.single is not None else "by l2-category:"
+        lines += ["", title, "", *format_accuracy(bench.by_l2, "l2-category")]
+    return "\n".join(lines)

@@ -6,14 +6,18 @@ word equals the one-word gold (:func:`~m3cli.eval.report.normalise`). The open `
 when named in ``families``) is scored by :mod:`m3cli.data.describe` (the share of objects and colours the
 description names; correct from ``PASS_MARK``) and always gets room for the longest description. By
 default the one-word families are asked, so the default questions are those of every earlier table.
-``export_scenes`` writes the same questions as a data file (PNG images + JSONL), so ``m3 eval --data`` can
-be tried on a fresh clone.
+``export_scenes`` writes the same questions as a data file (PNG images + JSONL, or the benchmarks' layouts:
+an MMBench TSV, a LLaVA question file), so ``m3 eval --data`` can be tried on a fresh clone.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -101,35 +105,89 @@ def evaluate(
     return EvalReport(split, scales, records, time.perf_counter() - start, fams)
 
 
-def export_scenes(out_dir: str | os.PathLike[str], split: str = "test", n: int = 600,
-                  families: Sequence[str] | None = None) -> tuple[str, int, int]:
-    """Write the questions ``evaluate(split, n, families)`` asks as ``<out_dir>/<split>.jsonl`` (``id``,
-    ``image``, ``question``, ``answer``, ``family``) and their scenes as ``<out_dir>/images/*.png``.
+EXPORT_FORMATS: tuple[str, ...] = ("jsonl", "mmbench", "llava")
 
-    Returns (the JSONL path, rows, images). Existing files of the same names are replaced. The ``describe``
-    family is refused: its answers need their own scoring, which ``--data`` rows cannot name.
+
+def export_scenes(out_dir: str | os.PathLike[str], split: str = "test", n: int = 600,
+                  families: Sequence[str] | None = None, fmt: str = "jsonl") -> tuple[str, int, int]:
+    """Write the questions ``evaluate(split, n, families)`` asks, in the layout ``fmt``:
+
+    - ``jsonl``: ``<out_dir>/<split>.jsonl`` (``id``, ``image``, ``question``, ``answer``, ``family``) and the
+      scenes as ``<out_dir>/images/*.png``;
+    - ``mmbench``: ``<out_dir>/<split>.tsv``, an MMBench/VLMEvalKit TSV: each question as multiple choice over 2
+      to 5 of its family's answer words (the gold among them), a hint on every fourth row, ``category`` = the
+      family, ``l2-category`` = coarse or fine perception, the scene's PNG in base64 on the first row about it
+      and the ``index`` of that row on the others;
+    - ``llava``: ``<out_dir>/llava_<split>.jsonl`` (``question_id``, ``image`` under ``<out_dir>/images``,
+      ``text``, ``category``, plus ``answer``, which LLaVA's own files do not carry) and the PNGs.
+
+    Returns (the data file's path, rows, images). Existing files of the same names are replaced. The
+    ``describe`` family is refused: its answers need their own scoring, which ``--data`` rows cannot name.
     """
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORT_FORMATS)})")
     if families and scenes.DESCRIBE in families:
         raise UsageError("--export-data writes the one-word families; describe answers have their own scoring "
                          "(m3 eval --family describe)")
     out_dir = os.fspath(out_dir)
     try:
-        return _export(out_dir, split, n, families)
+        if fmt == "mmbench":
+            return _export_mmbench(out_dir, split, n, families)
+        return _export(out_dir, split, n, families, llava=fmt == "llava")
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot write the export ({describe(exc)})") from None
 
 
-def _export(out_dir: str, split: str, n: int, families: Sequence[str] | None) -> tuple[str, int, int]:
+def _export(out_dir: str, split: str, n: int, families: Sequence[str] | None,
+            llava: bool = False) -> tuple[str, int, int]:
     images = os.path.join(out_dir, "images")
     os.makedirs(images, exist_ok=True)
     lines, written = [], set()
-    for sample, qa in scenes.iter_questions(split, n, families):
+    for i, (sample, qa) in enumerate(scenes.iter_questions(split, n, families)):
         name = f"{split}-{sample.index:05d}.png"
         if name not in written:
             scenes.render(sample.scene).save(os.path.join(images, name))
             written.add(name)
-        lines.append(json.dumps({"id": f"{split}-{sample.index:05d}-{qa.family}", "image": f"images/{name}",
-                                 "question": qa.question, "answer": qa.answer, "family": qa.family}))
-    path = os.path.join(out_dir, f"{split}.jsonl")
+        if llava:
+            row = {"question_id": i, "image": name, "text": qa.question, "category": qa.family, "answer": qa.answer}
+        else:
+            row = {"id": f"{split}-{sample.index:05d}-{qa.family}", "image": f"images/{name}",
+                   "question": qa.question, "answer": qa.answer, "family": qa.family}
+        lines.append(json.dumps(row))
+    path = os.path.join(out_dir, f"llava_{split}.jsonl" if llava else f"{split}.jsonl")
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path, len(lines), len(written)
+
+
+_MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "E", "answer", "category", "l2-category",
+                    "split", "image")
+_COARSE = frozenset({"background", "exists"})
+_HINT = "The picture shows coloured shapes and letters on a plain background."
+
+
+def _export_mmbench(out_dir: str, split: str, n: int, families: Sequence[str] | None) -> tuple[str, int, int]:
+    os.makedirs(out_dir, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(_MMBENCH_COLUMNS)
+    first_row: dict[int, int] = {}  # scene -> index of the row carrying its picture
+    for i, (sample, qa) in enumerate(scenes.iter_questions(split, n, families)):
+        rng = random.Random(f"{split}-{i}")
+        words = [w for w in scenes.answer_words(qa.family) if w != qa.answer]
+        k = min(len(words) + 1, 2 + i % 4)  # 2 to 5 options
+        options = [qa.answer, *rng.sample(words, k - 1)]
+        rng.shuffle(options)
+        if sample.index in first_row:
+            image = str(first_row[sample.index])
+        else:
+            png = io.BytesIO()
+            scenes.render(sample.scene).save(png, format="PNG")
+            image = base64.b64encode(png.getvalue()).decode("ascii")
+            first_row[sample.index] = i
+        letter = "ABCDE"[options.index(qa.answer)]
+        l2 = "coarse_perception" if qa.family in _COARSE else "finegrained_perception"
+        writer.writerow([i, qa.question, _HINT if i % 4 == 0 else "", *(options + [""] * (5 - k)), letter,
+                         qa.family, l2, "dev", image])
+    path = os.path.join(out_dir, f"{split}.tsv")
+    atomic_write_text(path, buffer.getvalue())
+    return path, i + 1 if first_row else 0, len(first_row)

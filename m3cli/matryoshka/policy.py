@@ -184,6 +184,20 @@ class PolicySpec:
             parts.append(f"--measure {self.measure}")
         return " ".join(parts) or "the full grid"
 
+    def record(self) -> dict[str, Any]:
+        """What a row's ``run`` records of this (full) spec: ``tokens`` (None: the full grid), and with auto-scale
+        ``auto_scale``, ``threshold``, ``ladder``; ``measure`` and ``on_miss`` only when they are not the defaults
+        (``sequence``, ``last``), so records made before they existed still match."""
+        record: dict[str, Any] = {"tokens": self.tokens}
+        if self.auto_scale:
+            record.update(auto_scale=True, threshold=self.threshold,
+                          ladder=list(self.ladder) if self.ladder else None)
+            if self.on_miss not in (None, DEFAULT_ON_MISS):
+                record["on_miss"] = self.on_miss
+        if self.measure not in (None, DEFAULT_MEASURE):
+            record["measure"] = self.measure
+        return record
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "policy") -> PolicySpec:
         """A spec from a model card's ``policy`` mapping (keys ``tokens``, ``auto_scale``, ``threshold``,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +21,25 @@ from m3cli.fileio import escape_surrogates, iter_jsonl
 log = logging.getLogger(__name__)
 
 
-def repair_jsonl(path: str | os.PathLike[str]) -> int:
+RowId = Callable[[dict[str, Any]], Any]
+
+
+def _top_id(row: dict[str, Any]) -> Any:
+    return row.get("id")
+
+
+def repair_jsonl(path: str | os.PathLike[str], row_id: RowId = _top_id) -> int:
     """Truncate a JSONL file to the end of its last complete, valid line; returns bytes removed.
 
-    See :func:`read_done_ids` for what counts as complete. A missing file removes nothing.
+    See :func:`read_done_ids` for what counts as complete; ``row_id`` finds a row's id (default: its ``id``
+    field; a layout that keeps it elsewhere says where). A missing file removes nothing.
     """
-    _, removed = _scan_jsonl(path, repair=True)
+    _, removed = _scan_jsonl(path, repair=True, row_id=row_id)
     return removed
 
 
-def _scan_jsonl(path: str | os.PathLike[str], repair: bool) -> tuple[dict[str, bool], int]:
+def _scan_jsonl(path: str | os.PathLike[str], repair: bool,
+                row_id: RowId = _top_id) -> tuple[dict[str, bool], int]:
     """Map id -> "last row for it is an error", and truncate trailing incomplete/invalid lines if asked."""
     try:
         f = open(path, "rb")  # closed by the with below
@@ -46,10 +56,10 @@ def _scan_jsonl(path: str | os.PathLike[str], repair: bool) -> tuple[dict[str, b
             if isinstance(row, ValueError):  # not JSON, or a line cut inside a UTF-8 sequence
                 log.warning("%s:%d: not valid JSON, ignored", os.fspath(path), lineno)
                 continue
-            if not isinstance(row, dict) or row.get("id") is None:
+            if not isinstance(row, dict) or row_id(row) is None:
                 log.warning("%s:%d: not a result row, ignored", os.fspath(path), lineno)
                 continue
-            last_error[str(row["id"])] = row.get("error") is not None
+            last_error[str(row_id(row))] = row.get("error") is not None
             good_end = end
         size = f.seek(0, os.SEEK_END)
     removed = size - good_end
@@ -99,6 +109,9 @@ _RUN_LABELS = {
     "ladder": "--ladder",
     "max_new_tokens": "--max-new-tokens",
     "max_visual_tokens": "--max-visual-tokens",
+    "upright": "--upright",
+    "alpha_background": "--alpha-background",
+    "fast_decode": "--fast-decode",
 }
 
 
@@ -161,6 +174,7 @@ def prepare_resume(
     run: dict[str, Any] | None = None,
     force: bool = False,
     retry_errors: bool = False,
+    row_of: Callable[[Any], Any] | None = None,
 ) -> ResumeState:
     """Check that ``path`` can be resumed, cut a half-written last line, and return what it holds.
 
@@ -168,7 +182,8 @@ def prepare_resume(
     an unterminated last line is a row cut by a kill when it starts like one (``{"id"``), and is then
     removed. A missing or empty file is fine. With ``run`` (the record of this run), every row must carry
     the same record unless ``force``. Anything else raises :class:`OutputError` (one line) and leaves the
-    file exactly as it was. With ``retry_errors`` ids whose last row is an error are not done.
+    file exactly as it was. With ``retry_errors`` ids whose last row is an error are not done. ``row_of`` reads
+    the row out of a line that wraps it (an OpenAI Batch output line), before the checks.
     """
     path = os.fspath(path)
     try:
@@ -197,6 +212,8 @@ def prepare_resume(
                 break  # a row cut by a kill: removed below
             if row is None:  # blank line
                 continue
+            if row_of is not None:
+                row = row_of(row)
             ident = _check_row_line(path, lineno, row)
             if run is not None and not force and mismatch is None and row.get(RUN_KEY) != run:
                 mismatch = _run_difference(path, row.get(RUN_KEY), run)

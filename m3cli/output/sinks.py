@@ -35,11 +35,18 @@ ROW_KEYS: tuple[str, ...] = (
     "model",
     "backend",
     "timings",
+    "finish_reason",  # the final answer's: "stop" (end of sequence or a stop sequence) or "length" (cut short)
+    "prompt_tokens",  # positions the LM prefilled (text + visual), summed over every rung tried
+    "completion_tokens",  # tokens the LM generated, summed over every rung tried
     "error",
     "note",  # a remark on an answer that looks like none (an empty generation), else None
     "run",  # what the row was made with (model, run question, budget): --resume checks it
     "source_b64",  # the exact bytes of a source that is not valid UTF-8 (base64), else None
     "frames",  # a video collage's frame indices (m3 batch --video-mode collage), else None
+    # what was done to an image file's pixels (m3cli.media.Picture.fields; None for video frames and errors):
+    "upright",  # True: turned by its EXIF orientation (--upright); False: it has one, fed as stored; else None
+    "alpha",  # "dropped" (as the recipe does) or the "#rrggbb" transparency was composited onto; None: opaque
+    "decode_scale",  # --fast-decode: the JPEG's reduced decode scale (0.5, 0.25, 0.125), else None
     "threshold_met",  # --auto-scale: whether the answer's rung reached the threshold; None for a fixed scale
 )
 

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from m3cli.errors import OutputError, describe
@@ -58,15 +59,18 @@ class OutputTarget:
         run: dict[str, Any] | None = None,
         force: bool = False,
         retry_errors: bool = False,
+        row_of: Callable[[Any], Any] | None = None,
     ) -> OutputTarget:
-        """Create and lock the file, and for ``resume`` check it against ``run`` (see the module doc)."""
+        """Create and lock the file, and for ``resume`` check it against ``run`` (see the module doc); ``row_of``
+        reads the row out of a line that wraps it (``prepare_resume``)."""
         target = cls(None if path is None else os.fspath(path), fmt, resume)
         if target.path is None:
             return target
         try:
             target._acquire()
             if resume:
-                target.state = prepare_resume(target.path, run, force=force, retry_errors=retry_errors)
+                target.state = prepare_resume(target.path, run, force=force, retry_errors=retry_errors,
+                                              row_of=row_of)
         except BaseException:
             target.close(abandon=True)
             raise
