@@ -46,9 +46,14 @@ def live_server(backend, **settings):
     from m3cli.server.settings import ServerSettings
     from m3cli.server.worker import ModelWorker
 
+    if "defaults" not in settings:  # as m3 serve without policy flags: the model's tuned policy by default
+        from m3cli.answering.chat_request import ChatDefaults
+        from m3cli.answering.defaults import model_policy
+
+        settings["defaults"] = ChatDefaults(model_policy=model_policy(backend.model_id))
     config = ServerSettings(port=0, **settings)
     sock = bind("127.0.0.1", 0)
-    worker = ModelWorker(backend, config.max_queue, config.max_batch, config.measure, config.max_question_chars)
+    worker = ModelWorker(backend, config.max_queue, config.max_batch, config.max_question_chars)
     worker.start()
     name, names = model_names(backend.model_id, config.served_name)
     state = ServerState(config, worker, backend, name, names, config.media_access())

@@ -29,7 +29,8 @@ def test_bench_latency_counts_tokens_and_prompt_rows(tiny_model_dir):
                                    "--tokens", "576,1", "--max-new-tokens", "3"])
     assert res.exit_code == 0, res.output
     header = next(line for line in res.stdout.splitlines() if line.startswith("| tokens"))
-    assert header.endswith("| decode ms/token | prompt tokens | prefill ms/row |")
+    assert header.endswith("| decode ms/token | prompt tokens | prefill ms/row | prefill ms p90 | total ms p90 "
+                           "| spread |")
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.splitlines()
             if line.startswith("| ") and line[2].isdigit()]
     assert int(rows[0][9]) - int(rows[1][9]) == 575  # the same text around 576 and 1 visual tokens

@@ -26,7 +26,7 @@ from m3cli.answering.chat_response import (
 from m3cli.answering.chat_shapes import ChatCompletion, ChatCompletionChunk, ErrorResponse
 from m3cli.answering.core import Result
 from m3cli.backends.base import finish, stop_index
-from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Escalate, Fixed, Rung
+from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Escalate, Fixed, PolicySpec, Rung
 from m3cli.output import ROW_KEYS, make_row
 
 
@@ -79,8 +79,43 @@ def test_defaults_apply_without_a_budget_and_max_visual_tokens_caps():
     defaults = ChatDefaults(tokens=9, max_new_tokens=5)
     ask = parse_chat_request(_body(), 24, defaults)
     assert ask.policy == Fixed(9) and ask.max_new_tokens == 5
+    # a cap alone chooses no scale: the default policy, capped (as m3 ask --max-visual-tokens alone)
     capped = parse_chat_request(_body(m3={"max_visual_tokens": 200}), 24, defaults)
-    assert capped.policy.max_visual_tokens == 200 and capped.policy.inner == Fixed(576)
+    assert capped.policy.max_visual_tokens == 200 and capped.policy.inner == Fixed(9)
+
+
+TUNED = PolicySpec(144, True, 0.7, "min")  # a model's tuned policy, as its registry entry states it
+
+
+@pytest.mark.parametrize(("extra", "detail", "policy"), [
+    ({}, None, Escalate((1, 9, 36, 144), 0.7, "min")),                     # no budget: the model's policy
+    ({}, "auto", Escalate((1, 9, 36, 144), 0.7, "min")),
+    ({}, "low", Fixed(9, "min")),                                         # detail: a fixed budget, the tuned measure
+    ({}, "high", Fixed(576, "min")),
+    ({"m3": {"tokens": 36}}, None, Fixed(36, "min")),                     # --tokens 36: fixed, whatever the model does
+    ({"m3": {"auto_scale": True}}, None, Escalate((1, 9, 36, 144, 576), 0.7, "min")),  # the tuned threshold
+    ({"m3": {"auto_scale": True, "threshold": 0.2, "measure": "mean", "on_miss": "best"}}, None,
+     Escalate((1, 9, 36, 144, 576), 0.2, "mean", "best")),
+    ({"m3": {"auto_scale": False}}, None, Fixed(576, "min")),             # auto_scale false: the full grid
+])
+def test_the_models_policy_under_a_requests_budget(extra, detail, policy):
+    ask = parse_chat_request(_body(detail=detail, **extra), 24, ChatDefaults(model_policy=TUNED))
+    assert ask.policy == policy
+    # the row's run records the policy in full, as m3 batch records a run's
+    record = ask.run_record("m")
+    assert record["tokens"] == ask.spec.tokens and record["max_new_tokens"] == 16
+    assert record["question"] == "what colour?"
+    assert record.get("auto_scale", False) == isinstance(policy, Escalate)
+
+
+def test_launch_flags_over_the_models_policy():
+    defaults = ChatDefaults(threshold=0.9, on_miss="best", model_policy=TUNED)
+    assert defaults.policy == PolicySpec(144, True, 0.9, "min", None, "best")
+    assert parse_chat_request(_body(), 24, defaults).policy == Escalate((1, 9, 36, 144), 0.9, "min", "best")
+    fixed = ChatDefaults(tokens=9, model_policy=TUNED)  # --tokens 9 replaces the model's escalation whole
+    assert parse_chat_request(_body(), 24, fixed).policy == Fixed(9, "min")
+    assert parse_chat_request(_body(m3={"auto_scale": True}), 24, fixed).policy == \
+        Escalate((1, 9, 36, 144, 576), 0.7, "min")
 
 
 def test_lengths_stops_stream_flags_and_default_question():
@@ -138,6 +173,11 @@ BAD_BODIES = {
     "bad budget type": _body(m3={"tokens": "9"}),
     "bad budget key": _body(m3={"scale": 9}),
     "threshold without auto_scale": _body(m3={"threshold": 0.5}),
+    "measure without auto_scale": _body(m3={"tokens": 9, "measure": "min"}),
+    "on_miss without auto_scale": _body(m3={"on_miss": "best"}),
+    "unknown measure": _body(m3={"auto_scale": True, "measure": "vibes"}),
+    "unknown on_miss": _body(m3={"auto_scale": True, "on_miss": "first"}),
+    "measure not a string": _body(m3={"auto_scale": True, "measure": 1}),
     "threshold out of range": _body(m3={"auto_scale": True, "threshold": 2}),
     "ladder not nested": _body(m3={"auto_scale": True, "ladder": [10]}),
     "empty question": _body(text="   "),

@@ -1,6 +1,6 @@
-"""Issue #15 (output side) and #16 (default question): no input, file or option may kill a run, lose a row or
-destroy a file. One test per defect (issue numbering in the test names' docstrings), then a property test:
-random kills during a run over bad names, bad files and odd questions, resumed until done, equal a straight run.
+"""The output side and the default question: no input, file or option may kill a run, lose a row or destroy
+a file. One test per failure (numbered in the test names), then a property test: random kills during a run
+over bad names, bad files and odd questions, resumed until done, equal a straight run.
 """
 
 from __future__ import annotations

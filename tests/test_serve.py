@@ -19,9 +19,11 @@ from click.testing import CliRunner
 from serve_live import EXAMPLES, KEY, Wrapped, data_url, live_server, messages
 
 from m3cli.answering.chat_shapes import ChatCompletion, ErrorResponse
-from m3cli.answering.core import ask_images, make_policy
+from m3cli.answering.core import ask_images, policy_from_spec
+from m3cli.answering.defaults import model_policy
 from m3cli.backends.torch import TorchBackend
 from m3cli.cli import cli
+from m3cli.matryoshka.policy import PolicySpec
 from m3cli.media import load_image
 from m3cli.models.registry import resolve_model
 from m3cli.output import round_confidences
@@ -43,8 +45,10 @@ def live(shipped):
 
 
 def _local(backend, scene: int, question: str, policy_kw: dict, max_new: int = 8) -> dict:
-    """What ``m3 ask`` answers (its core call) with the same budget."""
-    policy = make_policy(backend.grid_side, **policy_kw)
+    """What ``m3 ask`` answers (its core call) with the same flags: over the model's tuned policy."""
+    cap = policy_kw.pop("max_visual_tokens", None)
+    flags = PolicySpec(**{**policy_kw, "ladder": tuple(policy_kw["ladder"]) if "ladder" in policy_kw else None})
+    policy = policy_from_spec(backend.grid_side, flags, cap, model_policy(None))
     result = ask_images(backend, [load_image(EXAMPLES / f"scene-{scene}.png")], [question], [policy], max_new)[0]
     return round_confidences(result.to_dict())
 
@@ -56,15 +60,19 @@ def _served(client, scene: int, question: str, max_new: int = 8, detail=None, m3
 
 
 SAME = ("answer", "confidence", "tokens", "visual_tokens", "scales_tried", "finish_reason", "prompt_tokens",
-        "completion_tokens")
+        "completion_tokens", "threshold_met")
 
 
 @pytest.mark.parametrize(("m3", "detail", "policy_kw"), [
     ({"tokens": 1}, None, {"tokens": 1}),
     ({"tokens": 100}, None, {"tokens": 100}),
     (None, "low", {"tokens": 9}),
-    (None, "high", {}),
-    (None, "auto", {}),                      # the server's default: no flags, the full grid
+    (None, "high", {"tokens": 576}),
+    (None, "auto", {}),                      # the server's default: no flags, the model's tuned policy
+    (None, None, {}),
+    ({"auto_scale": False}, None, {"tokens": 576}),
+    ({"auto_scale": True, "measure": "mean", "on_miss": "best"}, None,
+     {"auto_scale": True, "measure": "mean", "on_miss": "best"}),
     ({"auto_scale": True, "threshold": 0.5}, None, {"auto_scale": True, "threshold": 0.5}),
     ({"auto_scale": True, "ladder": [1, 36]}, "low", {"auto_scale": True, "ladder": [1, 36]}),
     ({"max_visual_tokens": 100}, None, {"max_visual_tokens": 100}),
@@ -268,15 +276,22 @@ def test_disconnect_and_timeout_drop_the_work(shipped):
 def test_ask_server_prints_what_local_ask_prints(live, monkeypatch):
     monkeypatch.setenv("M3_API_KEY", KEY)
     image = str(EXAMPLES / "scene-0.png")
-    for flags in (["--tokens", "100"], ["--auto-scale", "--threshold", "0.5"], []):
+    for flags, code in ((["--tokens", "100"], 0), (["--auto-scale", "--threshold", "0.5"], 0), ([], 0),
+                        (["--auto-scale", "--measure", "mean", "--on-miss", "best"], 0),
+                        (["--tokens", "9", "--max-new-tokens", "4090"], 1)):  # refused: an error row, exit 1
         args = ["ask", image, SHAPE, *flags, "--json"]
         local = CliRunner().invoke(cli, args)
         served = CliRunner().invoke(cli, [*args, "--server", live.url])
-        assert local.exit_code == served.exit_code == 0, served.output
+        assert local.exit_code == served.exit_code == code, served.output
         a, b = json.loads(local.stdout), json.loads(served.stdout)
-        assert list(a) == list(b)
+        assert list(a) == list(b)  # one row schema: the server's m3 object is the row local m3 ask prints
         assert {k: v for k, v in a.items() if k != "timings"} == {k: v for k, v in b.items() if k != "timings"}
         assert local.stderr == served.stderr  # e.g. the rounded budget's note
+    assert a["error"] and a["run"]["max_new_tokens"] == 4090
+    bare = json.loads(CliRunner().invoke(cli, ["ask", image, SHAPE, "--json", "--server", live.url]).stdout)
+    assert bare["run"]["auto_scale"] and bare["threshold_met"] is not None  # the model's tuned policy
+    knob = CliRunner().invoke(cli, ["ask", image, SHAPE, "--threshold", "0.5", "--server", live.url])
+    assert knob.exit_code == 2 and "need --auto-scale" in knob.stderr
     text = CliRunner().invoke(cli, ["ask", image, COLOUR, "--tokens", "1"], env={"M3_SERVER": live.url})
     assert text.exit_code == 0 and text.stdout == "brown\n"
     bad = CliRunner().invoke(cli, ["ask", str(EXAMPLES.parent / "registry.yaml"), "--server", live.url])

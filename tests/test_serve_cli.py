@@ -123,7 +123,7 @@ def test_non_loopback_bind_without_key_warns_and_bad_model_is_one_line(tmp_path)
     quiet = CliRunner().invoke(cli, ["serve", "--port", "0", "--model", str(tmp_path / "none"), "--api-key", "k",
                                      "--host", "0.0.0.0"])
     assert "without --api-key" not in quiet.stderr
-    bad = CliRunner().invoke(cli, ["serve", "--ladder", "9,576"])
+    bad = CliRunner().invoke(cli, ["serve", "--tokens", "9", "--ladder", "9,576"])  # a fixed scale has no ladder
     assert bad.exit_code == 2 and "--auto-scale" in bad.stderr
 
 

@@ -11,9 +11,11 @@ caller's :class:`MediaAccess`: ``data:`` URLs always; local paths (``file://`` o
 folders; ``http(s)://`` only through a fetcher the caller supplies (``m3 serve --allow-remote-media``).
 
 The budget comes from the ``m3`` extension object (``{"tokens": 9}``, ``{"auto_scale": true, "threshold":
-0.5}``, ``{"max_visual_tokens": 200}``: ``m3 ask``'s flags, same defaults), else from the image part's
-``detail`` (``low``: :data:`LOW_DETAIL_TOKENS` per crop, ``high``: the full grid), else (``auto`` or nothing)
-the caller's default policy (:class:`ChatDefaults`: ``m3 serve``'s launch flags).
+0.5}``, ``{"max_visual_tokens": 200}``: ``m3 ask``'s flags), else from the image part's ``detail`` (``low``:
+:data:`LOW_DETAIL_TOKENS` per crop, ``high``: the full grid), else (``auto`` or nothing) the caller's default
+policy (:class:`ChatDefaults`: ``m3 serve``'s or ``m3 batch``'s flags over the model's tuned policy). What a
+budget leaves unstated (the threshold of ``{"auto_scale": true}``, the measure of a fixed scale) comes from that
+default policy, through the same :meth:`~m3cli.matryoshka.policy.PolicySpec.over` as ``m3 ask``'s flags.
 
 Decoding is greedy: ``temperature`` 0 (or absent) only, since m3's answers, confidences and escalation are
 deterministic; any other value is refused (400) rather than silently ignored.
@@ -31,7 +33,8 @@ from m3cli.answering.chat_media import MediaAccess, load_picture
 from m3cli.answering.core import make_policy
 from m3cli.answering.defaults import DEFAULT_QUESTION
 from m3cli.errors import M3Error, one_line
-from m3cli.matryoshka.policy import Policy
+from m3cli.matryoshka.confidence import MEASURES
+from m3cli.matryoshka.policy import ON_MISS, Policy, PolicySpec
 from m3cli.media.image import ImageOptions
 
 LOW_DETAIL_TOKENS = 9          # detail "low": visual tokens per crop
@@ -74,16 +77,22 @@ class RequestError(M3Error):
     exit_code = 1
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:  # noqa: A002 - the OpenAI field's name
+                 type: str | None = None, row: dict[str, Any] | None = None) -> None:  # noqa: A002 - OpenAI's name
         super().__init__(message)
         self.status = status
         self.param = param
         self.code = code
         self.type = type or error_type(status)
+        self.row = row  # a request answered with an error: its row (the body carries it as m3)
 
     def body(self) -> dict[str, Any]:
-        """``{"error": {"message", "type", "param", "code"}}``."""
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+        """``{"error": {"message", "type", "param", "code"}}``, and ``"m3"``: the row of a request that was
+        answered with an error."""
+        body: dict[str, Any] = {"error": {"message": str(self), "type": self.type, "param": self.param,
+                                          "code": self.code}}
+        if self.row is not None:
+            body["m3"] = self.row
+        return body
 
 
 def error_type(status: int) -> str:
@@ -97,15 +106,28 @@ def error_type(status: int) -> str:
 
 @dataclass(frozen=True)
 class ChatDefaults:
-    """What a request that sets no budget (no ``m3`` object, ``detail`` auto) and no length gets."""
+    """What a request gets for what it leaves unstated: the caller's policy flags (``m3 serve``'s, ``m3
+    batch``'s; None: unstated) over ``model_policy`` (the model's tuned policy,
+    :func:`m3cli.answering.defaults.model_policy`), the cap and length of a request that sets none, the image
+    options."""
 
     tokens: int | None = None
     auto_scale: bool = False
     threshold: float | None = None
     ladder: Sequence[int] | None = None
+    measure: str | None = None
+    on_miss: str | None = None
+    model_policy: PolicySpec | None = None
     max_visual_tokens: int | None = None
     max_new_tokens: int = 16
     image: ImageOptions = ImageOptions()  # --upright / --alpha-background / --fast-decode (default: the recipe)
+
+    @property
+    def policy(self) -> PolicySpec:
+        """The default policy in full: the flags, then the model's policy, then the fallback."""
+        flags = PolicySpec(self.tokens, self.auto_scale, self.threshold, self.measure,
+                           tuple(self.ladder) if self.ladder else None, self.on_miss)
+        return flags.over(self.model_policy)
 
 
 @dataclass
@@ -124,6 +146,21 @@ class ChatAsk:
     model: str = ""
     budget: dict[str, Any] = field(default_factory=dict)  # what the request asked for (its m3 object, or detail)
     pixels: dict[str, Any] = field(default_factory=dict)  # what was done to the image's pixels (the row's fields)
+    spec: PolicySpec = PolicySpec()  # the policy in full (the budget over the default policy)
+    max_visual_tokens: int | None = None  # the cap on the image's total that applies
+    image_options: ImageOptions = ImageOptions()
+
+    def run_record(self, model: str) -> dict[str, Any]:
+        """What the answer's row was made with, as ``m3 batch`` records a run (the row's ``run``): the model,
+        the question, the policy in full, the answer length, the cap and the image options given."""
+        if os.path.exists(model):  # as m3 batch records it: a local model's real path
+            model = os.path.realpath(model)
+        record: dict[str, Any] = {"model": model, "question": self.question, **self.spec.record(),
+                                  "max_new_tokens": self.max_new_tokens}
+        if self.max_visual_tokens is not None:
+            record["max_visual_tokens"] = self.max_visual_tokens
+        record.update(self.image_options.record())
+        return record
 
 
 def model_names(model_id: str, chosen: str | None = None) -> tuple[str, frozenset[str]]:
@@ -166,14 +203,15 @@ def parse_chat_request(
     if request.stream_options is not None and not stream:
         raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
     question, part, where = _user_turn(request.messages)
-    policy, requested, budget = _budget(request, part.image_url.detail, defaults, grid_side)
-    picture, source = load_picture(part.image_url.url, access, f"{where}.image_url.url",
-                                   _image_options(request, defaults))
+    policy, requested, budget, spec, cap = _budget(request, part.image_url.detail, defaults, grid_side)
+    options = _image_options(request, defaults)
+    picture, source = load_picture(part.image_url.url, access, f"{where}.image_url.url", options)
     return ChatAsk(
         image=picture.image, source=source, question=question, policy=policy, requested_tokens=requested,
         max_new_tokens=_max_new_tokens(request, defaults), stop=_stops(request.stop), stream=stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        model=request.model, budget=budget, pixels=picture.fields(),
+        model=request.model, budget=budget, pixels=picture.fields(), spec=spec, max_visual_tokens=cap,
+        image_options=options,
     )
 
 
@@ -303,32 +341,51 @@ def _has_text(content) -> bool:
     return any(getattr(p, "type", None) != "text" or p.text.strip() for p in content)
 
 
-def _budget(request, detail: str | None, defaults: ChatDefaults, grid: int) -> tuple[Policy, int | None, dict]:
-    """The request's scale policy, the budget it asked for in tokens (None: the full grid), and a record of it."""
+def _budget(request, detail: str | None, defaults: ChatDefaults, grid: int
+            ) -> tuple[Policy, int | None, dict, PolicySpec, int | None]:
+    """The request's scale policy, the budget it asked for in tokens (None: the full grid), a record of what it
+    asked for, the policy in full and the cap on the image's total visual tokens.
+
+    The ``m3`` object reads as ``m3 ask``'s flags and ``detail`` as a fixed budget, over the caller's default
+    policy (:attr:`ChatDefaults.policy`); ``"auto_scale": false`` states a fixed scale, the full grid unless
+    ``tokens`` says otherwise. A request that sets no budget gets the default policy and the default cap.
+    """
     m3 = request.m3
     asked = m3.model_dump(exclude_none=True, exclude=_PIXEL_OPTIONS) if m3 is not None else {}
     if asked:
         auto = bool(m3.auto_scale)
-        if not auto and (m3.threshold is not None or m3.ladder is not None):
-            raise RequestError("m3.threshold and m3.ladder need m3.auto_scale: true", param="m3",
-                               code="invalid_budget")
-        tokens, threshold, ladder, cap = m3.tokens, m3.threshold, m3.ladder, m3.max_visual_tokens
+        knobs = {"threshold": m3.threshold, "ladder": m3.ladder, "measure": m3.measure, "on_miss": m3.on_miss}
+        if not auto and any(v is not None for v in knobs.values()):
+            raise RequestError("m3.threshold, m3.ladder, m3.measure and m3.on_miss need m3.auto_scale: true",
+                               param="m3", code="invalid_budget")
+        if m3.measure is not None and m3.measure not in MEASURES:
+            raise RequestError(f"m3.measure must be one of {', '.join(MEASURES)}, got {m3.measure!r}",
+                               param="m3.measure", code="invalid_budget")
+        if m3.on_miss is not None and m3.on_miss not in ON_MISS:
+            raise RequestError(f"m3.on_miss must be one of {', '.join(ON_MISS)}, got {m3.on_miss!r}",
+                               param="m3.on_miss", code="invalid_budget")
+        tokens = m3.tokens
+        stated = grid * grid if tokens is None and m3.auto_scale is False else tokens
+        spec = PolicySpec(stated, auto, m3.threshold, m3.measure, tuple(m3.ladder) if m3.ladder else None,
+                          m3.on_miss)
+        cap = m3.max_visual_tokens
         record = {"m3": asked}
-    elif detail == "low":
-        tokens, auto, threshold, ladder, cap = LOW_DETAIL_TOKENS, False, None, None, None
-        record = {"detail": "low"}
-    elif detail == "high":
-        tokens, auto, threshold, ladder, cap = None, False, None, None, None
-        record = {"detail": "high"}
+    elif detail in ("low", "high"):
+        tokens = LOW_DETAIL_TOKENS if detail == "low" else None
+        spec, cap = PolicySpec(tokens if tokens is not None else grid * grid), None
+        record = {"detail": detail}
     else:
-        d = defaults
-        tokens, auto, threshold, ladder, cap = d.tokens, d.auto_scale, d.threshold, d.ladder, d.max_visual_tokens
+        tokens, spec, cap = defaults.tokens, PolicySpec(), defaults.max_visual_tokens
         record = {}
     try:
-        policy = make_policy(grid, tokens, auto, threshold, list(ladder) if ladder else None, cap)
+        full = spec.over(defaults.policy)
+        policy = make_policy(grid, full.tokens, full.auto_scale, full.threshold, full.ladder, cap,
+                             measure=full.measure, on_miss=full.on_miss)
     except (M3Error, ValueError) as exc:
         raise RequestError(f"m3: {one_line(exc)}", param="m3", code="invalid_budget") from None
-    return policy, tokens, record
+    if not asked and detail not in ("low", "high"):
+        tokens = full.tokens
+    return policy, tokens, record, full, cap
 
 
 def _image_options(request, defaults: ChatDefaults) -> ImageOptions:

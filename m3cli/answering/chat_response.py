@@ -106,7 +106,7 @@ def failure_status(result: Result) -> int:
 def failure_error(row: dict, status: int) -> RequestError:
     """The :class:`RequestError` of a failed row (``status`` from :func:`failure_status`)."""
     code = "request_refused" if status < 500 else "model_error"
-    return RequestError(str(row.get("error") or "unknown error"), status, None, code)
+    return RequestError(str(row.get("error") or "unknown error"), status, None, code, row=row)
 
 
 # -- OpenAI Batch output lines -------------------------------------------------------------------

@@ -52,12 +52,15 @@ class StreamOptions(_Request):
 
 
 class M3Options(_Request):
-    """The per-request budget (``extra_body={"m3": {...}}`` in the official client), as ``m3 ask``'s flags."""
+    """The per-request budget (``extra_body={"m3": {...}}`` in the official client), as ``m3 ask``'s flags: what
+    it leaves unstated comes from the server's default policy."""
 
     tokens: int | None = Field(None, ge=1)                  # --tokens: per crop, rounded down to a nested scale
     auto_scale: bool | None = None                          # --auto-scale
     threshold: float | None = Field(None, ge=0.0, le=1.0)   # --threshold (with auto_scale)
     ladder: list[int] | None = Field(None, min_length=1)    # --ladder (with auto_scale)
+    measure: str | None = None                              # --measure (with auto_scale): sequence, min, ...
+    on_miss: str | None = None                              # --on-miss (with auto_scale): last or best
     max_visual_tokens: int | None = Field(None, ge=1)       # --max-visual-tokens: a cap on the image's total
     # how the image becomes pixels (m3 ask's --upright, --alpha-background, --fast-decode); unset: the server's
     upright: bool | None = None
@@ -170,6 +173,7 @@ class ErrorDetail(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorDetail
+    m3: dict[str, Any] | None = None  # a request that was answered with an error: its row
 
 
 class ModelCard(_Response):

@@ -76,6 +76,7 @@ class DecodeReport:
     repeat: int
     load_before: tuple[float, float, float] | None
     load_after: tuple[float, float, float] | None
+    machine: str = ""  # the machine line at the start (m3cli.bench.stats.machine_words)
 
 
 def check_sizes(sizes: Sequence[tuple[int, int]]) -> None:
@@ -171,6 +172,9 @@ def decode_comparison(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, repeat: 
     check_sizes(sizes)
     families = _families()
     exact_opts, fast_opts = ImageOptions(), ImageOptions(fast_decode=True)
+    from m3cli.bench.stats import machine_words
+
+    machine = machine_words("1 decode thread", "cpu")  # Pillow decodes and resizes one image on one core
     load_before = _load()
     rows: list[DecodeRow] = []
     with tempfile.TemporaryDirectory(prefix="m3-bench-decode-") as tmp:
@@ -197,4 +201,4 @@ def decode_comparison(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, repeat: 
                 max_abs, mean_abs, changed = _difference(exact_crops, fast_crops)
                 rows.append(DecodeRow(w, h, path.stat().st_size, name, len(exact_crops), scale,
                                       Spread(tuple(exact_ms)), Spread(tuple(fast_ms)), max_abs, mean_abs, changed))
-    return DecodeReport(rows, warm_up, repeat, load_before, _load())
+    return DecodeReport(rows, warm_up, repeat, load_before, _load(), machine)

@@ -17,7 +17,6 @@ pass (their spread is reported), and p50/p90/p99 latency over all timed requests
 from __future__ import annotations
 
 import base64
-import os
 import re
 import signal
 import socket
@@ -31,8 +30,13 @@ from pathlib import Path
 
 from m3cli.bench.scenes import BENCH_QUESTION, scene_files
 from m3cli.errors import M3Error, UsageError
+from m3cli.matryoshka.confidence import DEFAULT_MEASURE
+from m3cli.matryoshka.policy import DEFAULT_THRESHOLD
 
-BUDGETS: dict[str, dict] = {"9": {"tokens": 9}, "576": {"tokens": 576}, "auto": {"auto_scale": True}}
+# "auto" states its threshold and measure (the fallback's), as m3 batch's in-process rows use them: the bench times
+# the same requests on every model, whatever its tuned policy
+BUDGETS: dict[str, dict] = {"9": {"tokens": 9}, "576": {"tokens": 576},
+                            "auto": {"auto_scale": True, "threshold": DEFAULT_THRESHOLD, "measure": DEFAULT_MEASURE}}
 PEER = "llama_cpp.server"
 M3 = "m3 serve"
 START_TIMEOUT_S = 900.0   # a 7B pair loads in minutes on a slow disk
@@ -335,7 +339,8 @@ def _in_process_batch(model: str, device: str, threads: int | None, paths, budge
         backend.close()
 
 
-def cpu_line(threads: int | None) -> str:
-    import platform
+def machine_line(threads: int | None, device: str = "cpu") -> str:
+    """Where the servers ran (m3cli.bench.stats.machine_words), taken when the bench starts."""
+    from m3cli.bench.stats import machine_words
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads {threads or 'all'}"
+    return machine_words(f"{threads or 'all'} threads per server", device)

@@ -42,8 +42,8 @@ from m3cli.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CACHE_ENV", "CacheError", "cache_root", "cached_entry", "file_sha256", "private_root", "source_sha256",
-           "verify_entry"]
+__all__ = ["CACHE_ENV", "CacheError", "cache_root", "cached_entry", "entries_root", "file_sha256", "private_root",
+           "source_sha256", "verify_entry"]
 
 CACHE_ENV = "M3_CACHE_DIR"
 MANIFEST = "entry.json"
@@ -112,7 +112,7 @@ def private_root(root: str | Path | None = None, hint: str = f"set {CACHE_ENV} t
         return root
     # Shared with a group (2775) or the world: its mode is its owner's choice, never changed here; m3's
     # entries go in a folder of this user's inside it, which nobody else can write into.
-    mine = root / f"m3cli-{uid if uid is not None else 'user'}"
+    mine = _mine(root)
     try:
         with contextlib.suppress(FileExistsError):
             mine.mkdir(mode=0o700)
@@ -127,6 +127,29 @@ def private_root(root: str | Path | None = None, hint: str = f"set {CACHE_ENV} t
         log.warning("the cache folder %s is writable by other users (mode %03o, left as it is): keeping m3's "
                     "entries in %s, which only you can write", root, stat.S_IMODE(st.st_mode), mine)
     return mine
+
+
+def _mine(root: Path) -> Path:
+    """This user's owner-only folder inside a shared cache root."""
+    uid = _uid()
+    return root / f"m3cli-{uid if uid is not None else 'user'}"
+
+
+def entries_root(root: str | Path | None = None) -> Path | None:
+    """Where :func:`private_root` keeps m3's entries under ``root`` (default :func:`cache_root`), when that
+    folder exists; None otherwise. It creates, checks and warns nothing: for listings (``m3 models``), never
+    for loading an entry (that goes through :func:`cached_entry`)."""
+    root = Path(root).expanduser() if root is not None else cache_root()
+    try:
+        st = root.stat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    if not st.st_mode & 0o022:
+        return root
+    mine = _mine(root)
+    return mine if mine.is_dir() else None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -10,13 +10,13 @@ from m3cli.cli.options import (
     NON_NEGATIVE,
     POSITIVE,
     SHARD,
-    check_policy_flags,
     check_run_question,
     image_options,
     max_visual_tokens_option,
     model_options,
     policy_options,
     question_limit_option,
+    resolve_policy,
 )
 
 BATCH_EXAMPLE = """
@@ -89,7 +89,9 @@ def _run_options(fn):
                           "stdin rows sharing an image); 0: shared within a batch only."),
         click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True),
         click.option("--progress/--no-progress", default=None,
-                     help="Progress bar on stderr (default: when stderr is a TTY)."),
+                     help="Progress on stderr, with a total and ETA when the inputs are files and folders (default: "
+                          "a bar on a terminal, else a line every $M3_PROGRESS_SECONDS seconds, 30; --progress: "
+                          "the bar anyway)."),
         click.option("--shard", type=SHARD, default=None,
                      help="Answer only shard K of N (stable hash of the item id: its frames and questions stay in "
                           "one shard); needs -o FILE. Merge with m3 merge."),
@@ -127,10 +129,10 @@ def _engine_options(fn):
 @model_options
 @_run_options
 @_engine_options
-def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_tokens, max_question_chars, output,
-          fmt, input_format, resume, retry_errors, force, overwrite, batch_size, fps, every, max_frames, video_mode,
-          collage_frames, collage_layout, encode_cache, max_new_tokens, progress, shard, engine, ray_address, actors,
-          gpus_per_actor, image_options,
+def batch(inputs, questions, tokens, auto_scale, threshold, ladder, measure, on_miss, max_visual_tokens,
+          max_question_chars, output, fmt, input_format, resume, retry_errors, force, overwrite, batch_size, fps,
+          every, max_frames, video_mode, collage_frames, collage_layout, encode_cache, max_new_tokens, progress,
+          shard, engine, ray_address, actors, gpus_per_actor, image_options,
           **model_kw):
     """Answer a question about every image, video frame or stdin row; one output row per item and question.
 
@@ -144,15 +146,14 @@ def batch(inputs, questions, tokens, auto_scale, threshold, ladder, max_visual_t
     """
     from m3cli.engines.job import BatchJob, run_job
     from m3cli.engines.units import BatchOptions
-    from m3cli.matryoshka.policy import DEFAULT_THRESHOLD
 
-    check_policy_flags(auto_scale, threshold, ladder)
     for question in questions:
         check_run_question(question, max_question_chars)
+    _, default = resolve_policy(model_kw.get("model"), tokens, auto_scale, threshold, ladder, measure, on_miss)
     opts = BatchOptions(
         question=questions[0] if questions else DEFAULT_QUESTION, questions=tuple(questions) if len(questions) > 1
-        else (), tokens=tokens, auto_scale=auto_scale,
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, ladder=ladder,
+        else (), tokens=tokens, auto_scale=auto_scale, threshold=threshold, ladder=ladder, measure=measure,
+        on_miss=on_miss, default_policy=default,
         batch_size=batch_size, max_new_tokens=max_new_tokens, fps=fps, every=every, max_frames=max_frames,
         max_question_chars=max_question_chars, video_mode=video_mode, collage_frames=collage_frames,
         collage_layout=collage_layout, encode_cache=encode_cache, max_visual_tokens=max_visual_tokens,

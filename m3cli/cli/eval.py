@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -68,7 +67,9 @@ def _data_options(fn):
                      show_default=True,
                      help="--export-data layout: m3's JSONL, an MMBench TSV (DIR/<split>.tsv, images inside), or a "
                           "LLaVA question file (DIR/llava_<split>.jsonl + DIR/images)."),
-        click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a TTY)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress on stderr (default: a bar on a terminal, else a line every $M3_PROGRESS_SECONDS "
+                          "seconds, 30; --progress: the bar anyway)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -87,7 +88,9 @@ def _data_options(fn):
 @click.option("--auto-scale", is_flag=True,
               help="Also replay confidence escalation at each --thresholds value (always on with --data).")
 @click.option("--thresholds", type=NumberList(float, 0.0, 1.0), default="0.5,0.8,0.9,0.95", show_default=True)
-@click.option("--measure", default=None, help="Confidence measure (default: the tuned one).")
+@click.option("--measure", default=None,
+              help="Confidence measure of the escalation replay and the samples (default: the model's tuned "
+                   "policy's, else sequence; m3 models lists them).")
 @click.option("--tune", is_flag=True,
               help="Try every confidence measure and threshold; print the pick (fewest tokens within 1 point of "
                    "full-grid accuracy). Needs --auto-scale on the scenes.")
@@ -119,7 +122,11 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
     """
     from m3cli.matryoshka.confidence import DEFAULT_MEASURE, MEASURES
 
-    measure = measure or DEFAULT_MEASURE
+    if measure is None:
+        from m3cli.answering.defaults import model_policy
+
+        tuned = model_policy(model_kw.get("model"))
+        measure = (tuned.measure if tuned is not None else None) or DEFAULT_MEASURE
     if measure not in MEASURES:
         raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
     _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
@@ -317,7 +324,8 @@ def _show(report, result, backend, measure: str, levels: list[float], tune: bool
     tuned = None
     if tune:
         rows, tuned = tune_escalation(report, list(MEASURES), levels)
-        click.echo(format_tuning(rows, tuned))
+        every = sorted(getattr(backend, "scales", report.scales))
+        click.echo(format_tuning(rows, tuned, None if sorted(report.scales) == every else report.scales))
     if "json" in outputs:
         extra = {"model": backend.model_id, "backend": backend.name}
         if result is not None:
@@ -372,25 +380,9 @@ def _nested_scales(picked: list[int] | None, valid: list[int]) -> list[int] | No
 
 
 def _progress_bar(progress: bool | None):
-    """A tqdm bar on stderr (rows done, rate, ETA) when stderr is a terminal or --progress; else None.
+    """The run's progress on stderr (:mod:`m3cli.output.progress`), or None with ``--no-progress``; the eval core
+    calls it as ``bar(done, total)``."""
+    from m3cli.output.progress import Progress, progress_mode
 
-    The core calls it as ``bar(done, total)``; ``bar.close()`` ends it.
-    """
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return None
-    from tqdm import tqdm
-
-    class _Bar:
-        def __init__(self) -> None:
-            self.bar = None
-
-        def __call__(self, done: int, total: int) -> None:
-            if self.bar is None:
-                self.bar = tqdm(total=total, desc="m3 eval", unit="row", file=sys.stderr, dynamic_ncols=True)
-            self.bar.update(done - self.bar.n)
-
-        def close(self) -> None:
-            if self.bar is not None:
-                self.bar.close()
-
-    return _Bar()
+    mode = progress_mode(progress)
+    return None if mode == "off" else Progress("m3 eval", unit="row", mode=mode)

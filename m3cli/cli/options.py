@@ -16,6 +16,7 @@ import re
 import click
 
 from m3cli.errors import M3Error
+from m3cli.matryoshka.confidence import MEASURES
 from m3cli.models.build import IMAGE_TOKEN
 from m3cli.models.dtypes import DTYPES
 
@@ -226,6 +227,37 @@ def model_options(fn):
     return fn
 
 
+class ModelPolicyHelp(click.Option):
+    """An option whose help names the default model's tuned policy (read from the registry when help is
+    shown, so importing the CLI reads no file): ``{policy}`` and ``{threshold}`` in the help are filled in."""
+
+    def get_help_record(self, ctx):
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        words = _default_policy_words()
+        text = record[1]
+        for key, value in words.items():
+            text = text.replace("{" + key + "}", value)
+        return record[0], text
+
+
+def _default_policy_words() -> dict[str, str]:
+    """How the default model's policy, its threshold and the fallback threshold read in help texts."""
+    from m3cli.matryoshka.policy import FALLBACK_POLICY
+
+    words = {"fallback": f"{FALLBACK_POLICY.threshold:g}", "policy": "none", "threshold": "none"}
+    try:
+        from m3cli.answering.defaults import model_policy
+        from m3cli.models.registry import DEFAULT_MODEL
+
+        spec = model_policy(None)
+    except M3Error:
+        return words | {"policy": "a broken registry entry"}
+    if spec is not None:
+        shown = spec.over(None)
+        words.update(policy=f"{DEFAULT_MODEL}: {shown.flags()}", threshold=f"{DEFAULT_MODEL}: {shown.threshold:g}")
+    return words
 def image_options(fn):
     """--upright, --alpha-background, --fast-decode: how a user's images become pixels, gathered into one
     ``image_options`` keyword argument (an :class:`m3cli.media.ImageOptions`; all off: the model's recipe)."""
@@ -254,17 +286,44 @@ def image_options(fn):
 
 
 def policy_options(fn):
-    """--tokens / --auto-scale and their knobs."""
+    """--tokens / --auto-scale and their knobs (:func:`resolve_policy` turns them into the run's policy)."""
+    fn = click.option("--on-miss", type=click.Choice(["last", "best"]), default=None,
+                      help="--auto-scale when no rung reaches the threshold: answer with the last rung tried, or "
+                           "the most confident one (decodes every rung in full); threshold_met says which "
+                           "happened (default: last).")(fn)
+    fn = click.option("--measure", type=click.Choice(list(MEASURES)), default=None,
+                      help="Confidence measure reported and escalated on: sequence, min, first or mean, as "
+                           "m3 eval --tune picks it (default: the model's, else sequence).")(fn)
     fn = click.option("--ladder", type=INT_LIST, default=None,
                       help="Escalation rungs, e.g. 9,36,576 (default: every scale).")(fn)
-    fn = click.option("--threshold", type=THRESHOLD, default=None,
-                      help="Confidence in [0, 1] needed to stop escalating (default: the model's tuned value).")(fn)
+    fn = click.option("--threshold", type=THRESHOLD, default=None, cls=ModelPolicyHelp,
+                      help="Confidence in [0, 1] needed to stop escalating (default: the model's tuned threshold "
+                           "({threshold}); {fallback} for a model without one).")(fn)
     fn = click.option("--auto-scale", is_flag=True,
-                      help="Start at the smallest scale; escalate while confidence < threshold.")(fn)
-    fn = click.option("-t", "--tokens", type=TOKENS, default=None,
+                      help="Start at the smallest scale; escalate while confidence < threshold (the whole "
+                           "ladder, up to --tokens if given).")(fn)
+    fn = click.option("-t", "--tokens", type=TOKENS, default=None, cls=ModelPolicyHelp,
                       help="Visual-token budget per crop; rounded down to a nested scale (576/144/36/9/1). "
-                           "LLaVA-NeXT pools every crop to it (see --max-visual-tokens for a total).")(fn)
+                           "LLaVA-NeXT pools every crop to it (see --max-visual-tokens for a total). Without "
+                           "--tokens and --auto-scale: the model's tuned policy ({policy}; m3 models lists "
+                           "them), else its full grid.")(fn)
     return fn
+
+
+def resolve_policy(model: str | None, tokens: int | None, auto_scale: bool, threshold: float | None,
+                   ladder: list[int] | None, measure: str | None, on_miss: str | None):
+    """The scale-policy flags and the model's tuned policy: ``(what the flags state, the model's policy or
+    None)`` as :class:`~m3cli.matryoshka.policy.PolicySpec`. Knobs that only mean something when the policy
+    escalates (``--ladder``, ``--threshold``, ``--on-miss``) are a usage error when it does not."""
+    from m3cli.answering.defaults import model_policy
+    from m3cli.matryoshka.policy import PolicySpec
+
+    spec = PolicySpec(tokens, auto_scale, threshold, measure, tuple(ladder) if ladder else None, on_miss)
+    default = model_policy(model)
+    if not spec.over(default).auto_scale and (ladder is not None or threshold is not None or on_miss is not None):
+        why = "" if spec.chooses_scale or default is None else " (the model's policy is a fixed scale)"
+        raise click.UsageError(f"--ladder, --threshold and --on-miss need --auto-scale{why}")
+    return spec, default
 
 
 def max_visual_tokens_option(fn):
@@ -273,12 +332,6 @@ def max_visual_tokens_option(fn):
                         help="Cap on all the visual tokens the LM receives per image: the largest scale whose total "
                              "for THIS image fits N (LLaVA-NeXT: base crop + tiles + newlines; LLaVA-1.5: the "
                              "scale). With --tokens the smaller wins; with --auto-scale it caps the ladder.")(fn)
-
-
-def check_policy_flags(auto_scale: bool, threshold: float | None, ladder: list[int] | None) -> None:
-    """--ladder and --threshold only mean something with --auto-scale."""
-    if not auto_scale and (ladder is not None or threshold is not None):
-        raise click.UsageError("--ladder and --threshold need --auto-scale")
 
 
 def question_limit_option(fn):

@@ -7,23 +7,24 @@ import click
 from m3cli.cli.app import command
 from m3cli.cli.options import (
     POSITIVE,
-    check_policy_flags,
     image_options,
     max_visual_tokens_option,
     model_options,
     policy_options,
     question_limit_option,
+    resolve_policy,
 )
 
 SERVE_EXAMPLE = """
 \b
 Examples:
   m3 serve                                   # the shipped model on http://127.0.0.1:8000/v1
-  m3 serve --auto-scale --port 8001          # requests without a budget escalate
+  m3 serve --auto-scale --port 8001          # requests without a budget escalate over every scale
   m3 serve -m llava-v1.5-7b-m3 --tokens 36 --api-key secret --host 0.0.0.0
   m3 serve -m lm.gguf --mmproj mmproj.gguf --allowed-media-dir ./photos
 \b
-Then, from any OpenAI client (the budget per request in "m3", or "detail": low = 9, high = 576):
+Then, from any OpenAI client (the budget per request in "m3", or "detail": low = 9, high = 576; without one,
+the model's tuned policy under the flags given here):
   curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model":
     "m3-shapes", "m3": {"tokens": 9}, "messages": [{"role": "user", "content": [{"type": "text",
     "text": "what colour is the background?"}, {"type": "image_url", "image_url": {"url":
@@ -64,26 +65,29 @@ Then, from any OpenAI client (the budget per request in "m3", or "detail": low =
               help="Largest request body (images travel inside it as data: URLs); beyond it a 413.")
 @click.option("--request-timeout", type=POSITIVE, default=300.0, show_default=True,
               help="Seconds a request may wait for its answer; then 504 and its work is dropped.")
-def serve(host, port, api_key, served_model_name, tokens, auto_scale, threshold, ladder, max_visual_tokens,
-          max_question_chars, max_new_tokens, media_dirs, allow_remote_media, remote_max_mb, remote_timeout,
-          max_queue, max_batch, max_body_mb, request_timeout, image_options, **model_kw):
+def serve(host, port, api_key, served_model_name, tokens, auto_scale, threshold, ladder, measure, on_miss,
+          max_visual_tokens, max_question_chars, max_new_tokens, media_dirs, allow_remote_media, remote_max_mb,
+          remote_timeout, max_queue, max_batch, max_body_mb, request_timeout, image_options, **model_kw):
     """Serve the model over the OpenAI chat-completions API, with a visual-token budget per request.
 
     POST /v1/chat/completions (stream: true too), GET /v1/models, GET /health. A request sets its budget
     with "m3": {"tokens": 9} / {"auto_scale": true, "threshold": 0.5} / {"max_visual_tokens": 200}, or an
-    image's "detail" (low: 9 tokens per crop, high: 576); without either, the --tokens / --auto-scale given
-    here apply. Stops on SIGTERM or Ctrl-C after answering the requests in flight (exit 0). See docs/serve.md.
+    image's "detail" (low: 9 tokens per crop, high: 576); without either, the server's default policy: the
+    policy flags given here over the model's tuned policy, as m3 ask without flags (what a budget leaves
+    unstated comes from it too). Stops on SIGTERM or Ctrl-C after answering the requests in flight (exit 0).
+    See docs/serve.md.
     """
     from m3cli import logs
     from m3cli.answering.chat_request import ChatDefaults
     from m3cli.server.run import serve as run_server
     from m3cli.server.settings import MB, ServerSettings
 
-    check_policy_flags(auto_scale, threshold, ladder)
+    _, default = resolve_policy(model_kw.get("model"), tokens, auto_scale, threshold, ladder, measure, on_miss)
     if not allow_remote_media and (remote_max_mb != 20.0 or remote_timeout != 10.0):
         raise click.UsageError("--remote-max-mb and --remote-timeout go with --allow-remote-media")
-    defaults = ChatDefaults(tokens=tokens, auto_scale=auto_scale, threshold=threshold, ladder=ladder,
-                            max_visual_tokens=max_visual_tokens, max_new_tokens=max_new_tokens, image=image_options)
+    defaults = ChatDefaults(tokens=tokens, auto_scale=auto_scale, threshold=threshold, ladder=ladder, measure=measure,
+                            on_miss=on_miss, model_policy=default, max_visual_tokens=max_visual_tokens,
+                            max_new_tokens=max_new_tokens, image=image_options)
     settings = ServerSettings(
         host=host, port=port, api_key=api_key, served_name=served_model_name, defaults=defaults,
         media_dirs=tuple(media_dirs), remote_media=allow_remote_media, remote_max_bytes=int(remote_max_mb * MB),
@@ -96,8 +100,8 @@ def serve(host, port, api_key, served_model_name, tokens, auto_scale, threshold,
                    "can use the model", err=True)
 
     def ready(url: str, backend) -> None:
-        click.echo(f"m3 serve: ready at {url}/v1 (model {backend.model_id}, {backend.name}); "
-                   "Ctrl-C or SIGTERM stops after the requests in flight", err=True)
+        click.echo(f"m3 serve: ready at {url}/v1 (model {backend.model_id}, {backend.name}; default policy "
+                   f"{defaults.policy.flags()}); Ctrl-C or SIGTERM stops after the requests in flight", err=True)
 
     code = run_server(settings, model_kw, on_ready=ready, verbose=logs.verbosity() >= 1)
     click.echo("m3 serve: stopped", err=True)

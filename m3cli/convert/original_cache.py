@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from m3cli.cache import CACHE_ENV, CacheError, cached_entry, private_root, source_sha256
+from m3cli.cache import CACHE_ENV, CacheError, cached_entry, entries_root, private_root, source_sha256
 from m3cli.errors import ConvertError
 from m3cli.families.spec import FamilySpec
 
@@ -52,6 +52,7 @@ def conversion_key(src: Path, tower_dir: Path | None, dtype: str = "auto", label
 
 
 def _name(label: str) -> str:
+    """The readable part of a conversion's folder name: the hub id or path the user gave, made file-safe."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label.strip("/")).strip("-.")[-60:] or "model"
 
 
@@ -64,6 +65,20 @@ def cache_folder(spec: FamilySpec, label: str, dtype: str = "auto", root: Path |
     except CacheError as exc:
         raise ConvertError(str(exc)) from None
     return base / KIND / f"{_name(label)}-{key[:16]}"
+
+
+def cached_conversions(label: str, root: Path | None = None) -> list[Path]:
+    """The finished conversions of ``label`` (a hub id or path as given to ``--model``) in the cache, newest
+    first; reading only folder names, creating nothing (``m3 models``)."""
+    base = entries_root(root)
+    if base is None:
+        return []
+    pattern = re.compile(re.escape(_name(label)) + r"-[0-9a-f]{16}")
+    try:
+        found = [p for p in (base / KIND).iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return []
 
 
 def cached_conversion(spec: FamilySpec, label: str, *, dtype: str = "auto",

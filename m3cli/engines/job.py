@@ -13,8 +13,9 @@ no gap, so ``--resume`` completes it in order.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,6 +29,14 @@ from m3cli.output import BATCH_ROWS, OrderedWriter, OutputTarget, OutputWriteErr
 
 ENGINES = ("local", "ray")
 INPUT_FORMATS = ("media", "openai")
+COUNT_THREAD = "m3-count"  # lists the inputs a second time for the progress total; it logs nothing
+
+
+class _NotFromCounter(logging.Filter):
+    """Drops the log records of the counting thread (the real walk reports skipped files, once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != COUNT_THREAD
 
 
 @dataclass
@@ -48,7 +57,7 @@ class BatchJob:
     ray_address: str | None = None
     actors: int = 1
     gpus_per_actor: float = 0.0
-    progress: bool | None = None  # None: when stderr is a terminal
+    progress: bool | None = None  # None: a bar on a terminal, else periodic lines (m3cli.output.progress)
     input_format: str = "media"  # media: files, folders, videos, stdin; openai: OpenAI Batch request files
 
     def check(self) -> None:
@@ -163,9 +172,7 @@ def run_record(job: BatchJob) -> dict[str, Any]:
         model = os.path.realpath(model)
     questions = opts.run_questions
     question: str | list[str] = questions if len(questions) > 1 else opts.run_question
-    record: dict[str, Any] = {"model": model, "question": question, "tokens": opts.tokens}
-    if opts.auto_scale:
-        record.update(auto_scale=True, threshold=opts.threshold, ladder=opts.ladder)
+    record: dict[str, Any] = {"model": model, "question": question, **opts.run_policy.record()}
     record["max_new_tokens"] = opts.max_new_tokens
     if opts.max_visual_tokens is not None:  # absent otherwise, so earlier runs' records still match
         record["max_visual_tokens"] = opts.max_visual_tokens
@@ -234,9 +241,10 @@ def _openai_units(job: BatchJob, backend, opts: BatchOptions, sink: RowSink):
     from m3cli.engines.openai_batch import OpenAIBatchInput, OpenAIBatchSink
 
     defaults = ChatDefaults(tokens=opts.tokens, auto_scale=opts.auto_scale, threshold=opts.threshold,
-                            ladder=opts.ladder, max_visual_tokens=opts.max_visual_tokens,
+                            ladder=opts.ladder, measure=opts.measure, on_miss=opts.on_miss,
+                            model_policy=opts.default_policy, max_visual_tokens=opts.max_visual_tokens,
                             max_new_tokens=opts.max_new_tokens, image=opts.image)
-    source = OpenAIBatchInput(job.inputs, backend.grid_side, defaults, backend.model_id)
+    source = OpenAIBatchInput(job.inputs, backend.grid_side, defaults, backend.model_id, job.model.get("model"))
     if job.fmt == "openai":
         sink = OpenAIBatchSink(sink, source)
     return sink, source.units(opts)
@@ -249,7 +257,7 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
         items, sink, selector = _select_shard(job, items, sink, opts.run)
     writer = OrderedWriter(sink)
     result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt in ("jsonl", "openai"))
-    bar = _progress_bar(job.progress)
+    bar = _progress(job, opts)
     pixel_notes = ImageNotes(notes)  # once per run: an EXIF orientation or a transparency the recipe ignores
 
     def on_row(row: dict) -> None:
@@ -289,10 +297,11 @@ def _open_local_backend(job: BatchJob, opts: BatchOptions, notes: Callable[[str]
     from m3cli.matryoshka.scales import budget_note
 
     backend = open_backend(**job.model)
-    if opts.auto_scale:
+    policy = opts.run_policy
+    if policy.auto_scale:
         from m3cli.matryoshka.policy import make_ladder
 
-        make_ladder(backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
+        make_ladder(backend.grid_side, policy.ladder, policy.tokens)  # a bad ladder is a usage error up front
     note = budget_note(opts.tokens, backend.grid_side)
     if note is not None and notes is not None:
         notes(note)
@@ -328,13 +337,56 @@ class _QuestionRows:
             return self.selector.index_of({**row, "id": base})
 
 
-def _progress_bar(progress: bool | None):
-    """A tqdm bar on stderr counting rows, or None."""
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return None
-    from tqdm import tqdm
+def _progress(job: BatchJob, opts: BatchOptions):
+    """The run's progress on stderr (rows answered), or None with ``--no-progress``. Its total (the rows still
+    to answer) is counted in a background thread when it can be known: files and folders, not stdin."""
+    from m3cli.output.progress import Progress, progress_mode
 
-    return tqdm(desc="m3 batch", unit="item", file=sys.stderr, dynamic_ncols=True)
+    mode = progress_mode(job.progress)
+    if mode == "off":
+        return None
+    bar = Progress("m3 batch", unit="item", mode=mode)  # one per row, as the closing summary counts them
+    if job.shard is None and "-" not in job.inputs:  # a shard answers an unknown share of the rows
+        for name in ("m3cli.media.files", "m3cli.media.inputs"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _NotFromCounter) for f in logger.filters):
+                logger.addFilter(_NotFromCounter())
+        count = count_requests if job.input_format == "openai" else count_rows
+        threading.Thread(target=lambda: bar.set_total(count(job.inputs, opts)), daemon=True,
+                         name=COUNT_THREAD).start()
+    return bar
+
+
+def count_rows(inputs: Iterable[str], opts: BatchOptions) -> int | None:
+    """The rows a run over ``inputs`` (paths; not ``-``) will answer: one per image and question, minus those
+    ``opts.done_ids`` holds (``--resume``). None when it cannot be known before decoding (a video sampled into
+    frames) or the inputs cannot be listed."""
+    from m3cli.engines.units import question_count
+    from m3cli.media import iter_inputs
+    from m3cli.media.inputs import question_ids
+
+    n_questions = len(opts.run_questions)
+    total = 0
+    try:
+        for item in iter_inputs(list(inputs)):
+            if getattr(item, "kind", None) == "video" and opts.video_mode != "collage":
+                return None
+            n = question_count(item, n_questions)
+            total += sum(row_id not in opts.done_ids for row_id in question_ids(item.id, n))
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+def count_requests(inputs: Iterable[str], opts: BatchOptions) -> int | None:
+    """:func:`count_rows` for OpenAI Batch files (``--input-format openai``): one row per request line."""
+    from m3cli.engines.openai_batch import count_requests as count
+    from m3cli.errors import M3Error
+
+    try:
+        return count(list(inputs), opts.done_ids)
+    except (M3Error, OSError, ValueError):
+        return None
 
 
 def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: OrderedWriter, summary: Summary,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ from m3cli.fileio import LineTooLong, content_hash, escape_surrogates, iter_line
 from m3cli.media import BadInput, Item
 from m3cli.output import BATCH_ROWS, RowSchema, RowSink
 
-__all__ = ["OPENAI_BATCH_ROWS", "OpenAIBatchInput", "OpenAIBatchSink", "row_of_batch_line"]
+__all__ = ["OPENAI_BATCH_ROWS", "OpenAIBatchInput", "OpenAIBatchSink", "count_requests", "row_of_batch_line"]
 
 ENDPOINT = "/v1/chat/completions"
 # What an ``m3 batch --format openai`` output file holds, for the output guard and --resume: Batch output lines,
@@ -68,42 +68,22 @@ class _Line:
 class OpenAIBatchInput:
     """The requests of OpenAI Batch files as numbered units; ``lines`` is what :class:`OpenAIBatchSink` reads."""
 
-    def __init__(self, paths: Sequence[str], grid_side: int, defaults: ChatDefaults, model_id: str) -> None:
+    def __init__(self, paths: Sequence[str], grid_side: int, defaults: ChatDefaults, model_id: str,
+                 given: str | None = None) -> None:
         self.paths = list(paths)
         self.grid_side = grid_side
         self.defaults = defaults
-        self.model_name, self.names = model_names(model_id)
+        self.model_name, names = model_names(model_id)
+        self.names = names | {given} if given else names  # the --model value names it too (a registry name)
         self.lines: dict[str, _Line] = {}
 
     def units(self, opts: BatchOptions) -> Iterator[Unit]:
         """One unit per non-blank line, in order; those whose id ``opts.done_ids`` holds are skipped undecoded."""
-        seq = 0
-        used: dict[str, int] = {}
-        for path in self.paths:
-            name = "stdin" if path == "-" else escape_surrogates(path)
-            for lineno, raw in _lines(path):
-                if isinstance(raw, LineTooLong):  # no newline in sight: one error row, the file not read further
-                    problem = _line_error(f"{name}:{lineno}: longer than {raw.shown} (no newline: not an OpenAI "
-                                          "Batch file); it was not read further")
-                    row_id = _unique(f"{name}:line-{lineno}", used)
-                    yield self._unit(seq, row_id, None, f"{name}:{lineno}", None, problem)
-                    seq += 1
-                    break
-                if not raw.strip():
-                    continue
-                where = f"{name}:{lineno}"
-                request, custom_id, problem = _request_of(raw, where)
-                # custom_id is the request's own id; a line without one is named by its content, never by its
-                # number, so lines inserted above it do not change it
-                base = custom_id if custom_id is not None else \
-                    f"{name}:{content_hash(raw.strip().decode('utf-8', 'surrogateescape'), length=8)}"
-                row_id = _unique(base, used)
-                if row_id in opts.done_ids:
-                    yield Unit(seq, Item(row_id, where, "image"), skip=True, id=row_id)
-                    seq += 1
-                    continue
-                yield self._unit(seq, row_id, custom_id, where, request, problem)
-                seq += 1
+        for seq, (row_id, where, request, custom_id, problem) in enumerate(_requests(self.paths)):
+            if row_id in opts.done_ids:
+                yield Unit(seq, Item(row_id, where, "image"), skip=True, id=row_id)
+                continue
+            yield self._unit(seq, row_id, custom_id, where, request, problem)
 
     def _unit(self, seq: int, row_id: str, custom_id: str | None, where: str, request: Any,
               problem: RequestError | None) -> Unit:
@@ -123,6 +103,36 @@ class OpenAIBatchInput:
         unit = Unit(seq, BadInput(row_id, where, str(problem)), error=str(problem), id=row_id)
         self.lines[row_id] = _Line(custom_id, unit, problem, request=False)
         return unit
+
+
+def count_requests(paths: Sequence[str], done_ids: Container[str] = ()) -> int:
+    """The rows a run over the Batch files ``paths`` (not stdin) will answer: one per non-blank line whose id
+    ``done_ids`` does not hold (``--resume``), as :meth:`OpenAIBatchInput.units` names them; for a progress
+    total."""
+    return sum(row_id not in done_ids for row_id, *_ in _requests(paths))
+
+
+def _requests(paths: Sequence[str]) -> Iterator[tuple[str, str, Any, str | None, RequestError | None]]:
+    """``(row id, FILE:LINE, body, custom_id, why it is no request)`` of every non-blank line, in order. A line
+    over the reader's limit is one last error row of its file, which is not read further."""
+    used: dict[str, int] = {}
+    for path in paths:
+        name = "stdin" if path == "-" else escape_surrogates(path)
+        for lineno, raw in _lines(path):
+            where = f"{name}:{lineno}"
+            if isinstance(raw, LineTooLong):  # no newline in sight: one error row, the file not read further
+                problem = _line_error(f"{where}: longer than {raw.shown} (no newline: not an OpenAI Batch file); "
+                                      "it was not read further")
+                yield _unique(f"{name}:line-{lineno}", used), where, None, None, problem
+                break
+            if not raw.strip():
+                continue
+            request, custom_id, problem = _request_of(raw, where)
+            # custom_id is the request's own id; a line without one is named by its content, never by its
+            # number, so lines inserted above it do not change it
+            base = custom_id if custom_id is not None else \
+                f"{name}:{content_hash(raw.strip().decode('utf-8', 'surrogateescape'), length=8)}"
+            yield _unique(base, used), where, request, custom_id, problem
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes | LineTooLong]]:

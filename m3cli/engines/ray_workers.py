@@ -92,10 +92,11 @@ class Answerer:
             if threads and not options.get("threads"):
                 options["threads"] = threads
             self.backend = open_backend(**options, verbose=False)  # llama.cpp's own logs stay out of the workers
-            if opts.auto_scale:
+            policy = opts.run_policy
+            if policy.auto_scale:
                 from m3cli.matryoshka.policy import make_ladder
 
-                make_ladder(self.backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder fails up front
+                make_ladder(self.backend.grid_side, policy.ladder, policy.tokens)  # a bad ladder fails up front
         except Exception as exc:  # noqa: BLE001 - reported on the driver as one line
             raise SetupFailed(f"{SETUP_MARK}{one_line(exc) or type(exc).__name__}") from None
         self.opts = opts

@@ -28,15 +28,14 @@ from m3cli.answering.core import (
     answer_queries,
     check_question,
     each_alone,
-    make_policy,
+    policy_from_spec,
 )
 from m3cli.answering.defaults import DEFAULT_QUESTION
 from m3cli.answering.encode_cache import EncodeCache
 from m3cli.backends.base import Backend, Encoded
 from m3cli.engines.decode import VIDEO_MODES, AllDone, Decoded, RecentKeys, Sampling, decode_input
 from m3cli.errors import M3Error
-from m3cli.matryoshka.confidence import DEFAULT_MEASURE
-from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Policy
+from m3cli.matryoshka.policy import Policy, PolicySpec
 from m3cli.media import BadInput, ImageOptions, Item, MediaError
 from m3cli.media.inputs import question_ids
 from m3cli.output import make_row
@@ -60,17 +59,21 @@ class BatchOptions:
     record of what the run's rows are made with (written in every row; ``--resume`` compares it), None for
     none. ``video_mode`` ``"collage"`` answers a video once, about ``collage_frames`` frames tiled
     ``collage_layout`` (columns, rows; None: IG-VLM's).
+
+    The scale policy is what the flags state (``tokens``, ``auto_scale``, ``threshold``, ``ladder``,
+    ``measure``, ``on_miss``; None: unstated), the rest taken from ``default_policy`` (the model's tuned
+    policy, :func:`m3cli.answering.defaults.model_policy`), then from the fallback: :attr:`run_policy`.
     """
 
     question: str | None = DEFAULT_QUESTION
     tokens: int | None = None
     auto_scale: bool = False
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = None
     ladder: list[int] | None = None
     batch_size: int = 8
     max_new_tokens: int = 16
     max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS
-    measure: str = DEFAULT_MEASURE
+    measure: str | None = None
     fps: float | None = None
     every: int | None = None
     max_frames: int | None = None
@@ -85,6 +88,18 @@ class BatchOptions:
     encode_cache: int = DEFAULT_BATCH_CACHE
     max_visual_tokens: int | None = None  # --max-visual-tokens: a cap on each image's total (answering.VisualCap)
     image: ImageOptions = ImageOptions()  # --upright / --alpha-background / --fast-decode (default: the recipe)
+    on_miss: str | None = None
+    default_policy: PolicySpec | None = None
+
+    def policy_spec(self, tokens: int | None = None) -> PolicySpec:
+        """What the run's flags state about the scale policy (``tokens``: an item's own budget instead)."""
+        return PolicySpec(self.tokens if tokens is None else tokens, self.auto_scale, self.threshold,
+                          self.measure, tuple(self.ladder) if self.ladder else None, self.on_miss)
+
+    @property
+    def run_policy(self) -> PolicySpec:
+        """The run's policy in full: the flags, then the model's policy, then the fallback."""
+        return self.policy_spec().over(self.default_policy)
 
     @property
     def run_question(self) -> str:
@@ -161,9 +176,9 @@ def question_for(item: Item | BadInput, opts: BatchOptions) -> str:
 
 
 def policy_for(item: Item, opts: BatchOptions, grid: int) -> Policy:
-    """The item's scale policy: its own budget (JSONL ``tokens``) or the run's, fixed or escalating."""
-    tokens = item.tokens if item.tokens is not None else opts.tokens
-    return make_policy(grid, tokens, opts.auto_scale, opts.threshold, opts.ladder, opts.max_visual_tokens)
+    """The item's scale policy: its own budget (JSONL ``tokens``, which like ``--tokens`` replaces the model's
+    policy) or the run's, fixed or escalating."""
+    return policy_from_spec(grid, opts.policy_spec(item.tokens), opts.max_visual_tokens, opts.default_policy)
 
 
 def _failed(error: str) -> Result:
@@ -210,7 +225,7 @@ def answer_units(backend: Backend, units: list[Unit], opts: BatchOptions,
                 rows[unit.seq] = _row(unit, backend, opts, question, result=_failed(encodings[unit.seq]))
         queries = [Query(encodings[u.seq], _asked(u, q), p, _max_new(u, opts), u.stop) for u, q, p in live]
         # never raises for one item: a failed answer is that item's error result
-        results = answer_queries(backend, queries, opts.measure, opts.max_question_chars)
+        results = answer_queries(backend, queries, None, opts.max_question_chars)  # each policy's measure
         for (unit, question, _), result in zip(live, results, strict=True):
             _charge(result, shares[unit.seq])
             unit.failure = result.failure

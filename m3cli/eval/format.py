@@ -61,14 +61,19 @@ def format_calibration(report: EvalReport, measures: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def format_tuning(rows: Sequence[dict], tuned: dict | None) -> str:
-    """``m3 eval --tune``: every (measure, threshold) tried, then the pick."""
+def format_tuning(rows: Sequence[dict], tuned: dict | None, ladder: Sequence[int] | None = None) -> str:
+    """``m3 eval --tune``: every (measure, threshold) tried, then the pick and the ``m3 ask`` / ``m3 batch``
+    flags that apply it (``ladder``: the scales evaluated, when they are not all the model's)."""
     lines = ["", "| measure | threshold | accuracy | mean tokens | mean rungs |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['measure']} | {r['threshold']} | {_pct(r['accuracy'])} | {r['mean_tokens']:.1f} "
               f"| {r['mean_rungs']:.2f} |" for r in rows]
-    pick = f"measure {tuned['measure']}, threshold {tuned['threshold']}" if tuned else \
-        "none within 1 point of full-grid accuracy"
-    return "\n".join([*lines, "", f"pick: {pick}"])
+    if tuned is None:
+        return "\n".join([*lines, "", "pick: none within 1 point of full-grid accuracy"])
+    flags = f"--auto-scale --threshold {tuned['threshold']:g} --measure {tuned['measure']}"
+    if ladder:
+        flags += f" --ladder {','.join(map(str, sorted(ladder)))}"
+    return "\n".join([*lines, "", f"pick: measure {tuned['measure']}, threshold {tuned['threshold']} "
+                                 f"(m3 ask / m3 batch: {flags})"])
 
 
 def format_errors(errors: Sequence[dict], shown: int = 5) -> str:

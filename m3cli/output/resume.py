@@ -137,6 +137,8 @@ _RUN_LABELS = {
     "auto_scale": "--auto-scale",
     "threshold": "--threshold",
     "ladder": "--ladder",
+    "measure": "--measure",
+    "on_miss": "--on-miss",
     "max_new_tokens": "--max-new-tokens",
     "max_visual_tokens": "--max-visual-tokens",
     "upright": "--upright",

@@ -47,6 +47,7 @@ ROW_KEYS: tuple[str, ...] = (
     "upright",  # True: turned by its EXIF orientation (--upright); False: it has one, fed as stored; else None
     "alpha",  # "dropped" (as the recipe does) or the "#rrggbb" transparency was composited onto; None: opaque
     "decode_scale",  # --fast-decode: the JPEG's reduced decode scale (0.5, 0.25, 0.125), else None
+    "threshold_met",  # --auto-scale: whether the answer's rung reached the threshold; None for a fixed scale
 )
 
 _NESTED_KEYS = frozenset({"scales_tried", "timings", "run"})

@@ -56,8 +56,10 @@ def model_card(state: ServerState) -> dict[str, Any]:
     """The one model of ``/v1/models``, with what a client needs to know of its budgets as ``m3``."""
     d = state.settings.defaults
     backend = state.backend
-    default = {"tokens": d.tokens, "auto_scale": d.auto_scale, "threshold": d.threshold,
-               "ladder": list(d.ladder) if d.ladder else None, "max_visual_tokens": d.max_visual_tokens,
+    policy = d.policy
+    default = {"tokens": policy.tokens, "auto_scale": policy.auto_scale, "threshold": policy.threshold,
+               "measure": policy.measure, "ladder": list(policy.ladder) if policy.ladder else None,
+               "on_miss": policy.on_miss, "flags": policy.flags(), "max_visual_tokens": d.max_visual_tokens,
                "max_new_tokens": d.max_new_tokens}
     return {"id": state.name, "object": "model", "created": state.created, "owned_by": "m3cli",
             "m3": {"model": backend.model_id, "backend": backend.name, "grid_side": backend.grid_side,
@@ -141,7 +143,8 @@ def create_app(state: ServerState):
 
 
 def _row(state: ServerState, ask: ChatAsk, result: Result, completion_id: str) -> dict:
-    return ask_row(ask, result, completion_id, state.backend.model_id, state.backend.name)
+    model = state.backend.model_id
+    return ask_row(ask, result, completion_id, model, state.backend.name, ask.run_record(model))
 
 
 async def _read_body(request, limit: int) -> bytes:

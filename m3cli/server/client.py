@@ -152,5 +152,8 @@ def _error_of(status: int, value: dict, base: str, image: str) -> M3Error:
     if code == "model_not_found":
         return ModelError(f"{base}: {message}")
     if code in ("request_refused", "model_error") or status >= 500:
-        return ItemError(message)
+        failed = ItemError(message)
+        row = value.get("m3")
+        failed.row = row if isinstance(row, dict) else None  # the request's error row (m3 ask --json prints it)
+        return failed
     return UsageError(f"{base}: {message}")

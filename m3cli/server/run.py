@@ -60,12 +60,12 @@ def serve(settings: ServerSettings, model: dict[str, Any], on_ready: Callable[[s
     try:
         backend = open_backend(**model)
         try:
-            if settings.defaults.auto_scale:
+            policy = settings.defaults.policy
+            if policy.auto_scale:
                 from m3cli.matryoshka.policy import make_ladder
 
-                make_ladder(backend.grid_side, settings.defaults.ladder, settings.defaults.tokens)  # a bad --ladder
-            worker = ModelWorker(backend, settings.max_queue, settings.max_batch, settings.measure,
-                                 settings.max_question_chars)
+                make_ladder(backend.grid_side, policy.ladder, policy.tokens)  # a bad --ladder
+            worker = ModelWorker(backend, settings.max_queue, settings.max_batch, settings.max_question_chars)
             worker.warm_up()
             worker.start()
             name, names = model_names(backend.model_id, settings.served_name)

@@ -1,4 +1,4 @@
-"""What ``m3 serve``'s flags set: where it listens, who may call it, its default budget, its limits."""
+"""What ``m3 serve``'s flags set: where it listens, who may call it, its default policy, its limits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from m3cli.answering.chat_request import MAX_REQUEST_BYTES, ChatDefaults, MediaAccess
 from m3cli.answering.core import DEFAULT_MAX_QUESTION_CHARS
 from m3cli.errors import UsageError
-from m3cli.matryoshka.confidence import DEFAULT_MEASURE
 
 API_KEY_ENV = "M3_API_KEY"   # the key, for m3 serve and for m3 ask --server, when --api-key is not given
 MB = 1 << 20
@@ -33,7 +32,6 @@ class ServerSettings:
     max_body_bytes: int = MAX_REQUEST_BYTES  # a larger body is a 413
     request_timeout_s: float = 300.0       # a request still unanswered after this is a 504 (its work dropped)
     max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS
-    measure: str = DEFAULT_MEASURE
 
     def check(self) -> None:
         """Raise :class:`UsageError` for settings that cannot work (checked before the model loads)."""

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 from m3cli.answering.core import DEFAULT_MAX_QUESTION_CHARS, Ask, Result, answer_asks
 from m3cli.backends.base import Backend
-from m3cli.matryoshka.confidence import DEFAULT_MEASURE
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,10 @@ class Job:
 class ModelWorker:
     """The thread that owns ``backend``; :meth:`submit` queues a request, :meth:`stop` drains and ends."""
 
-    def __init__(self, backend: Backend, max_queue: int = 64, max_batch: int = 8, measure: str = DEFAULT_MEASURE,
+    def __init__(self, backend: Backend, max_queue: int = 64, max_batch: int = 8,
                  max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS) -> None:
         self.backend = backend
         self.max_batch = max(1, max_batch)
-        self.measure = measure
         self.max_question_chars = max_question_chars
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
         self._thread = threading.Thread(target=self._loop, name="m3-model", daemon=True)
@@ -79,7 +77,7 @@ class ModelWorker:
         scales = sorted({min(self.backend.scales), max(self.backend.scales)})
         asks = [Ask(picture, "What is this?", Fixed(s), 1) for s in scales]
         try:
-            answer_asks(self.backend, asks, self.measure, None)
+            answer_asks(self.backend, asks, None, None)
         except Exception as exc:  # noqa: BLE001 - a warm-up is optional; real requests report their own errors
             log.warning("warm-up failed: %s: %s", type(exc).__name__, exc)
 
@@ -144,7 +142,7 @@ class ModelWorker:
     def _answer(self, jobs: list[Job]) -> None:
         start = time.perf_counter()
         try:
-            results: list[Result] = answer_asks(self.backend, [job.ask for job in jobs], self.measure,
+            results: list[Result] = answer_asks(self.backend, [job.ask for job in jobs], None,  # each policy's measure
                                                 self.max_question_chars)
         except Exception as exc:  # noqa: BLE001 - a bug: these requests fail (500), the worker goes on
             log.error("answering a batch of %d failed: %s: %s", len(jobs), type(exc).__name__, exc,
