@@ -27,6 +27,7 @@ SLOW_TESTS: dict[str, frozenset[str] | None] = {
         "test_readme_shard_one_liner_works_on_a_small_input",
         "test_17_samples_on_a_full_disk_is_one_line_and_keeps_what_is_done"}),
     "test_reliability_inputs.py": frozenset({"test_13_a_named_fifo_never_blocks"}),
+    "test_bench.py": frozenset({"test_bench_memory_repeats_each_stream_and_states_the_spread"}),
     "test_real_layouts.py": frozenset({
         "test_llamacpp_pair", "test_hf_reference_is_stock_generate_at_576",
         "test_reference_answers_depend_on_padding_and_scale", "test_reference_equals_stock_llava_on_square_image",

@@ -72,3 +72,16 @@ def test_bench_decode_refuses_bad_sizes():
     assert res.exit_code == 2 and "WxH" in res.output
     res = CliRunner().invoke(cli, ["bench", "decode", "--sizes", "20000x20000"])
     assert res.exit_code == 2 and "limit" in res.output
+
+
+def test_bench_memory_repeats_each_stream_and_states_the_spread(tiny_model_dir, tmp_path):
+    res = CliRunner().invoke(cli, ["bench", "memory", "--model", str(tiny_model_dir), "--small", "2", "--large", "4",
+                                   "--repeat", "2", "--workdir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("`m3 batch` processes (CPU ")
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("2", "2"), ("4", "2")]
+    for r in rows:
+        median, low, high = (float(c) for c in r[3:6])
+        assert 0 < low <= median <= high
+    assert "ratio of the medians" in res.stdout

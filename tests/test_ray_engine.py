@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -226,14 +227,17 @@ def test_bench_ray_times_single_process_and_each_actor_count(local_ray, tiny_mod
     from m3cli.cli import cli
 
     res = CliRunner().invoke(cli, ["bench", "ray", "--model", str(tiny_model_dir), "--device", "cpu", "-n", "6",
-                                   "--batch-size", "2", "--max-new-tokens", "1", "--actors", "1",
+                                   "--batch-size", "2", "--max-new-tokens", "1", "--actors", "1", "--repeat", "2",
                                    "--workdir", str(tmp_path)])
     assert res.exit_code == 0, res.output
     rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| single") or
             line.startswith("| Ray")]
     assert [r[1].strip() for r in rows] == ["single process (`m3 batch`)", "Ray, 1 actor"]
     assert all(r[2].strip() == "6" for r in rows)
-    assert all(float(r[6]) > 0 and float(r[8]) > 0 for r in rows)
+    for r in rows:  # rates as "median [min-max]" over the two runs
+        for cell in (r[5], r[6], r[8]):
+            median, low, high = (float(x) for x in re.fullmatch(r"\s*(\S+) \[(\S+)-(\S+)\]\s*", cell).groups())
+            assert 0 < low <= median <= high
     assert rows[0][7].strip() == "1.00x" and rows[0][9].strip() == "1.00x"
     assert "already running" in res.stdout  # the test's cluster: not started, not timed, not stopped
 

@@ -1,8 +1,13 @@
-"""Peak memory of ``m3 batch`` over a short and a long stream: it must stay flat however many items stream."""
+"""Peak memory of ``m3 batch`` over a short and a long stream: it must stay flat however many items stream.
+
+Each stream runs ``repeat`` times (a fresh process each, short and long interleaved), so the table states
+the spread of the peaks beside their medians.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from m3cli.bench.scenes import BENCH_QUESTION, scene_files
@@ -11,12 +16,21 @@ from m3cli.bench.scenes import BENCH_QUESTION, scene_files
 @dataclass
 class MemoryGrowth:
     small: int
-    small_mib: float
+    small_runs: list[float]  # peak RSS MiB of each run of the short stream
     large: int
-    large_mib: float
+    large_runs: list[float]
+
+    @property
+    def small_mib(self) -> float:
+        return statistics.median(self.small_runs)
+
+    @property
+    def large_mib(self) -> float:
+        return statistics.median(self.large_runs)
 
     @property
     def ratio(self) -> float:
+        """Growth from the short to the long stream: the ratio of their median peaks."""
         return self.large_mib / self.small_mib
 
 
@@ -47,7 +61,15 @@ def peak_rss_of_batch(model: str | None, image_paths: Sequence[str], n_items: in
     return kib / 1024
 
 
-def memory_growth(model: str | None, workdir: str, small: int, large: int) -> MemoryGrowth:
-    """Peak RSS of a ``small`` and a ``large`` stream cycling over the same 50 scenes."""
+def memory_growth(model: str | None, workdir: str, small: int, large: int, repeat: int = 3,
+                  progress: Callable[[], None] | None = None) -> MemoryGrowth:
+    """Peak RSS of a ``small`` and a ``large`` stream cycling over the same 50 scenes, each run ``repeat``
+    times, interleaved (so a change in the machine's state touches both)."""
     paths = scene_files(workdir, 50)
-    return MemoryGrowth(small, peak_rss_of_batch(model, paths, small), large, peak_rss_of_batch(model, paths, large))
+    growth = MemoryGrowth(small, [], large, [])
+    for _ in range(repeat):
+        growth.small_runs.append(peak_rss_of_batch(model, paths, small))
+        growth.large_runs.append(peak_rss_of_batch(model, paths, large))
+        if progress:
+            progress()
+    return growth

@@ -7,7 +7,7 @@ are absolute).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from m3cli.backends.base import Backend
@@ -52,7 +52,8 @@ class RowClock:
 
 @dataclass
 class ScaleOutReport:
-    rows: list[StreamTiming]
+    engines: list[list[StreamTiming]]  # per engine (the single process first), its timed runs
+    repeat: int
     ray_init_s: float | None  # None: Ray was already running (not started by the bench)
     ray_shutdown_s: float | None
     warm_up_s: float  # one short untimed Ray run first: the cluster's worker processes start there
@@ -87,13 +88,21 @@ def ray_stream(model_kw: dict, paths: Sequence[str], tokens: int, batch_size: in
 
 
 def scale_out(backend: Backend, model_kw: dict, paths: Sequence[str], tokens: int = 9, batch_size: int = 8,
-              max_new_tokens: int = 4, actor_counts: Sequence[int] = (1, 2),
-              ray_address: str | None = None) -> ScaleOutReport:
-    """Single process against ``--engine ray`` with each actor count; Ray's own start and stop timed apart."""
+              max_new_tokens: int = 4, actor_counts: Sequence[int] = (1, 2), ray_address: str | None = None,
+              repeat: int = 3, progress: Callable[[], None] | None = None) -> ScaleOutReport:
+    """Single process against ``--engine ray`` with each actor count, each timed ``repeat`` times (the Ray runs
+    alternating between the actor counts); Ray's own start and stop timed apart."""
     from m3cli.engines.ray_cluster import connect, import_ray
 
+    def tick() -> None:
+        if progress:
+            progress()
+
     single_process_stream(backend, paths[:batch_size], tokens, batch_size, max_new_tokens)  # warm-up
-    rows = [single_process_stream(backend, paths, tokens, batch_size, max_new_tokens)]
+    engines: list[list[StreamTiming]] = [[] for _ in range(1 + len(actor_counts))]
+    for _ in range(repeat):
+        engines[0].append(single_process_stream(backend, paths, tokens, batch_size, max_new_tokens))
+        tick()
     ray = import_ray()
     t0 = time.perf_counter()
     owned = connect(ray, ray_address)
@@ -104,11 +113,13 @@ def scale_out(backend: Backend, model_kw: dict, paths: Sequence[str], tokens: in
         t0 = time.perf_counter()  # as the single process is warmed up, so is the cluster: workers start here
         ray_stream(model_kw, warm_up, tokens, batch_size, max_new_tokens, max(actor_counts))
         warm_up_s = time.perf_counter() - t0
-        for actors in actor_counts:
-            rows.append(ray_stream(model_kw, paths, tokens, batch_size, max_new_tokens, actors))
+        for _ in range(repeat):
+            for i, actors in enumerate(actor_counts, start=1):
+                engines[i].append(ray_stream(model_kw, paths, tokens, batch_size, max_new_tokens, actors))
+                tick()
     finally:
         if owned:
             t0 = time.perf_counter()
             ray.shutdown()
             shutdown_s = time.perf_counter() - t0
-    return ScaleOutReport(rows, init_s, shutdown_s, warm_up_s, len(warm_up))
+    return ScaleOutReport(engines, repeat, init_s, shutdown_s, warm_up_s, len(warm_up))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -126,24 +127,41 @@ def format_escalation(t: EscalationTiming, backend: Backend) -> str:
             f"| {t.mean_rungs:.2f} | {cells[0]} | {cells[1]} | {spread_cell(*spreads)} |\n\n{note}")
 
 
-def format_memory(m: MemoryGrowth) -> str:
-    """Peak RSS of the short and the long stream, and their ratio."""
-    return ("| items | peak RSS MiB |\n|---:|---:|\n"
-            f"| {m.small} | {m.small_mib:.0f} |\n| {m.large} | {m.large_mib:.0f} |\n\n"
-            f"ratio {m.ratio:.3f} ({100 * (m.ratio - 1):+.1f}%)")
+def format_memory(m: MemoryGrowth, machine: str) -> str:
+    """Peak RSS of the short and the long stream (median, min and max over the runs), and their ratio."""
+    rows = "".join(f"| {n} | {len(runs)} | {statistics.median(runs):.0f} | {min(runs):.0f} | {max(runs):.0f} |\n"
+                   for n, runs in ((m.small, m.small_runs), (m.large, m.large_runs)))
+    return (f"{machine}\n\n| items | runs | peak RSS MiB median | min | max |\n|---:|---:|---:|---:|---:|\n{rows}\n"
+            f"ratio of the medians {m.ratio:.3f} ({100 * (m.ratio - 1):+.1f}%)")
+
+
+def _median_range(values: Sequence[float]) -> str:
+    """``median [min-max]`` of a figure over repeated runs (the median alone for one run)."""
+    med = statistics.median(values)
+    return f"{med:.2f}" if len(values) < 2 else f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def format_scale_out(report: ScaleOutReport, backend: Backend, tokens: int, batch_size: int) -> str:
-    """Each engine's start-up, whole-run and steady rates against the single process, then Ray's own costs."""
-    base = report.rows[0]
-    lines = [f"{_model_line(backend)}; --tokens {tokens} --batch-size {batch_size}", "",
+    """Each engine's start-up, whole-run and steady rates against the single process (medians over the runs,
+    with their range), then Ray's own costs."""
+    def rates(runs, key) -> list[float]:
+        return [getattr(r, key) for r in runs]
+
+    base = report.engines[0]
+    base_steady = statistics.median(rates(base, "steady_items_per_s"))
+    base_late = statistics.median(rates(base, "late_items_per_s"))
+    lines = [f"{_model_line(backend)}; --tokens {tokens} --batch-size {batch_size}; {report.repeat} run(s) per "
+             "engine: median [min-max]", "",
              "| engine | items | start-up + first batch s | whole run s | whole-run items/s "
              "| after first batch items/s | vs single | second half items/s | vs single |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report.rows:
-        lines.append(f"| {r.label} | {r.items} | {r.first_batch_s:.2f} | {r.total_s:.2f} | {r.items / r.total_s:.2f} "
-                     f"| {r.steady_items_per_s:.2f} | {r.steady_items_per_s / base.steady_items_per_s:.2f}x "
-                     f"| {r.late_items_per_s:.2f} | {r.late_items_per_s / base.late_items_per_s:.2f}x |")
+    for runs in report.engines:
+        whole = [r.items / r.total_s for r in runs]
+        steady, late = rates(runs, "steady_items_per_s"), rates(runs, "late_items_per_s")
+        lines.append(f"| {runs[0].label} | {runs[0].items} | {statistics.median(rates(runs, 'first_batch_s')):.2f} "
+                     f"| {statistics.median(rates(runs, 'total_s')):.2f} | {_median_range(whole)} "
+                     f"| {_median_range(steady)} | {statistics.median(steady) / base_steady:.2f}x "
+                     f"| {_median_range(late)} | {statistics.median(late) / base_late:.2f}x |")
     init = "already running" if report.ray_init_s is None else f"{report.ray_init_s:.2f} s"
     stop = "not stopped (not started here)" if report.ray_shutdown_s is None else f"{report.ray_shutdown_s:.2f} s"
     lines += ["", f"Ray start (`ray.init`, local cluster): {init}; untimed warm-up run ({report.warm_up_items} "
@@ -151,9 +169,9 @@ def format_scale_out(report: ScaleOutReport, backend: Backend, tokens: int, batc
               "Every timed Ray run starts its own actors and loads the model in each (the first-batch column).",
               "After first batch = rows after the first batch / time from its last row to the last row; second half = "
               "the same over the last half of the rows (Ray's decode workers start during the first seconds). "
-              "The single process had its model loaded and warmed up before the clock started."]
+              "The single process had its model loaded and warmed up before the clock started, and its runs come "
+              "before Ray starts; the Ray runs alternate between the actor counts."]
     return "\n".join(lines)
-
 
 
 def _spread(s: Spread) -> str:

@@ -253,8 +253,10 @@ def bench_escalation(count, threshold, ladder, max_new_tokens, shape, layers, **
 @click.option("--actors", "actor_counts", type=NumberList(int, low=1), default="1,2", show_default=True,
               help="Actor counts to time, comma-separated.")
 @click.option("--ray-address", default=None, help="Join this cluster instead of starting a local one.")
+@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Timed runs of each engine; the table gives their median and range.")
 @click.option("--workdir", default=None, metavar="DIR", callback=_checked_workdir, help=WORKDIR_HELP)
-def bench_ray(count, tokens, batch_size, max_new_tokens, actor_counts, ray_address, workdir, **model_kw):
+def bench_ray(count, tokens, batch_size, max_new_tokens, actor_counts, ray_address, repeat, workdir, **model_kw):
     """Images/s of --engine ray with 1 and 2 actors against the single process; Ray start-up apart."""
     from m3cli.backends import open_backend
     from m3cli.bench.ray import scale_out
@@ -266,7 +268,9 @@ def bench_ray(count, tokens, batch_size, max_new_tokens, actor_counts, ray_addre
     backend = open_backend(**model_kw)
     with _workdir(workdir) as where:
         paths = scene_files(where, count)
-        report = scale_out(backend, model_kw, paths, tokens, batch_size, max_new_tokens, actor_counts, ray_address)
+        with _Runs("ray") as runs:
+            report = scale_out(backend, model_kw, paths, tokens, batch_size, max_new_tokens, actor_counts,
+                               ray_address, repeat, progress=runs("runs", repeat * (1 + len(actor_counts))))
     click.echo(format_scale_out(report, backend, tokens, batch_size))
 
 
@@ -389,15 +393,19 @@ def bench_serve(model, mmproj, shape, layers, quant, count, concurrencies, budge
 @click.option("-m", "--model", type=NON_EMPTY, default=None)
 @click.option("--small", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--large", type=click.IntRange(1), default=5000, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Runs of each stream (a fresh process each); the table gives the median, min and max peak.")
 @click.option("--workdir", default=None, metavar="DIR", callback=_checked_workdir, help=WORKDIR_HELP)
-def bench_memory(model, small, large, workdir):
+def bench_memory(model, small, large, repeat, workdir):
     """Peak RSS of m3 batch over a short and a long stream of items (memory must stay flat)."""
     from m3cli.bench.memory import memory_growth
     from m3cli.bench.report import format_memory
+    from m3cli.bench.stats import machine_words
 
-    with _workdir(workdir) as where:
-        growth = memory_growth(model, where, small, large)
-    click.echo(format_memory(growth))
+    machine = f"`m3 batch` processes ({machine_words('torch default threads', 'cpu')})"
+    with _workdir(workdir) as where, _Runs("memory") as runs:
+        growth = memory_growth(model, where, small, large, repeat, progress=runs("runs", repeat))
+    click.echo(format_memory(growth, machine))
 
 
 @bench.command("decode")
