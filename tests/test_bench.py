@@ -42,7 +42,10 @@ def test_bench_escalation_ladder(tiny_model_dir):
                                    "--ladder", "9,576", "--threshold", "1.0"])
     assert res.exit_code == 0, res.output
     row = next(line for line in res.stdout.splitlines() if line.startswith("| 2 "))
-    assert row.split("|")[6].strip() == "2.00"  # threshold 1: both rungs, every item
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[2] == "3" and cells[8] == "2.00"  # three passes; threshold 1: both rungs, every item
+    low, high = (float(x) for x in cells[6].split("-"))
+    assert low <= float(cells[5].rstrip("x")) <= high  # the median ratio lies within the passes' range
     res = CliRunner().invoke(cli, ["bench", "escalation", "--model", str(tiny_model_dir), "--ladder", "10"])
     assert res.exit_code == 2 and "not nested scales" in res.output
 

@@ -243,8 +243,8 @@ def test_bench_escalation_shape():
                                    "--ladder", "9,576", "--threshold", "0.9", "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output
     rows = _table_rows(res.stdout)
-    assert rows[0][:4] == ["items", "auto-scale ms/item", "fixed pass at final scale ms/item", "ratio"]
-    assert rows[1][0] == "2" and rows[1][5] == "2.00"  # random weights: both rungs every time
+    assert rows[0][:5] == ["items", "passes", "auto-scale ms/item", "fixed pass at final scale ms/item", "ratio"]
+    assert rows[1][:2] == ["2", "1"] and rows[1][7] == "2.00"  # one pass with --shape; random weights: both rungs
     assert "Ladder 9,576, threshold 0.9" in res.stdout
 
 

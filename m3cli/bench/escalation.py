@@ -14,27 +14,35 @@ from m3cli.bench.stats import Spread
 @dataclass
 class EscalationTiming:
     items: int
-    auto_ms: float  # mean per item, escalation (encode once + every rung tried)
-    fixed_ms: float  # mean per item, one fixed pass (encode + answer) at the scale escalation ended on
+    auto_ms: float  # per item, escalation (encode once + every rung tried): median over passes of each pass's mean
+    fixed_ms: float  # per item, one fixed pass (encode + answer) at the scale escalation ended on: the same
     mean_tokens: float
     mean_rungs: float
-    auto: Spread | None = None  # p50 / p90 of the per-item escalation times (ms)
-    fixed: Spread | None = None  # p50 / p90 of the per-item fixed-pass times (ms)
+    auto: Spread | None = None  # p50 / p90 over passes of each pass's mean escalation time per item (ms)
+    fixed: Spread | None = None  # the same for the fixed pass
+    ratios: tuple[float, ...] = ()  # each pass's auto / fixed
 
     @property
     def ratio(self) -> float:
-        return self.auto_ms / self.fixed_ms
+        """Escalation's cost against the fixed pass: the median of the passes' ratios."""
+        return statistics.median(self.ratios) if self.ratios else self.auto_ms / self.fixed_ms
+
+    @property
+    def passes(self) -> int:
+        return len(self.ratios) or 1
 
 
 def escalation_overhead(backend: Backend, n: int = 100, threshold: float | None = None, max_new_tokens: int = 4,
                         split: str = "test", ladder: Sequence[int] | None = None,
-                        progress: Callable[[int], None] | None = None, measure: str | None = None
-                        ) -> EscalationTiming:
-    """Per item: --auto-scale time against one fixed pass at the scale where that item ended (one run).
+                        progress: Callable[[int], None] | None = None, measure: str | None = None,
+                        repeat: int = 3) -> EscalationTiming:
+    """Per item: --auto-scale time against one fixed pass at the scale where that item ended, over ``repeat``
+    passes of all the items.
 
-    Both sides include the image encode; items are timed one at a time so each has its own time. ``ladder``
-    (default every scale) is the rungs tried, smallest first; ``threshold`` and ``measure`` default to the
-    fallback policy's (the CLI passes the model's tuned ones).
+    Both sides include the image encode; items are timed one at a time so each has its own time, and a pass's
+    figure is its mean over the items (items differ in rungs by design, so the spread that says whether the
+    machine was quiet is the spread over passes). ``ladder`` (default every scale) is the rungs tried, smallest
+    first; ``threshold`` and ``measure`` default to the fallback policy's (the CLI passes the model's tuned ones).
     """
     from m3cli.answering.core import ask_images
     from m3cli.data.scenes import iter_questions, render
@@ -51,19 +59,24 @@ def escalation_overhead(backend: Backend, n: int = 100, threshold: float | None 
     warm = render(pairs[0][0].scene)
     for each in (Fixed(1), policy):  # warm-up: both paths once, untimed
         ask_images(backend, [warm], [pairs[0][1].question], [each], max_new_tokens)
-    auto, fixed, tokens, rungs = [], [], [], []
-    for sample, qa in pairs:
-        image = render(sample.scene)
-        t0 = time.perf_counter()
-        res = ask_images(backend, [image], [qa.question], [policy], max_new_tokens)[0]
-        auto.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ask_images(backend, [image], [qa.question], [Fixed(res.tokens)], max_new_tokens)
-        fixed.append(time.perf_counter() - t0)
-        tokens.append(res.tokens)
-        rungs.append(len(res.scales_tried))
-        if progress is not None:
-            progress(1)
-    return EscalationTiming(len(pairs), 1000 * statistics.mean(auto), 1000 * statistics.mean(fixed),
-                            statistics.mean(tokens), statistics.mean(rungs),
-                            Spread.of([1000 * x for x in auto]), Spread.of([1000 * x for x in fixed]))
+    images = [render(sample.scene) for sample, _ in pairs]
+    pass_auto, pass_fixed, tokens, rungs = [], [], [], []
+    for _ in range(repeat):
+        auto, fixed = [], []
+        tokens, rungs = [], []  # the same every pass (greedy): the last pass's are kept
+        for image, (_, qa) in zip(images, pairs, strict=True):
+            t0 = time.perf_counter()
+            res = ask_images(backend, [image], [qa.question], [policy], max_new_tokens)[0]
+            auto.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ask_images(backend, [image], [qa.question], [Fixed(res.tokens)], max_new_tokens)
+            fixed.append(time.perf_counter() - t0)
+            tokens.append(res.tokens)
+            rungs.append(len(res.scales_tried))
+            if progress is not None:
+                progress(1)
+        pass_auto.append(1000 * statistics.mean(auto))
+        pass_fixed.append(1000 * statistics.mean(fixed))
+    return EscalationTiming(len(pairs), statistics.median(pass_auto), statistics.median(pass_fixed),
+                            statistics.mean(tokens), statistics.mean(rungs), Spread.of(pass_auto),
+                            Spread.of(pass_fixed), tuple(a / f for a, f in zip(pass_auto, pass_fixed, strict=True)))

@@ -113,18 +113,20 @@ def format_gguf(report: GgufComparison) -> str:
 
 
 def format_escalation(t: EscalationTiming, backend: Backend) -> str:
-    """--auto-scale time per item against one fixed pass at the final scale (means), then each side's p50 / p90."""
+    """--auto-scale time per item against one fixed pass at the final scale: medians over the passes, the range of
+    the passes' ratios, and each side's p90 over the passes."""
     auto, fixed = t.auto, t.fixed
-    cells = [f"{auto.p50:.1f} | {auto.p90:.1f}" if auto else "- | -", f"{fixed.p50:.1f} | {fixed.p90:.1f}" if fixed
-             else "- | -"]
     spreads = [s for s in (auto, fixed) if s is not None]
-    note = spread_note(any(s.wide for s in spreads), "ms per item over the items, each timed alone after a warm-up")
+    ratios = f"{min(t.ratios):.2f}-{max(t.ratios):.2f}" if len(t.ratios) > 1 else "-"
+    p90 = [f"{s.p90:.1f}" if s is not None else "-" for s in (auto, fixed)]
+    note = spread_note(any(s.wide for s in spreads), "ms per item: each pass's mean over its items (each timed alone "
+                       "after a warm-up), then the median and p90 over the passes")
     return (f"{_model_line(backend)}\n\n"
-            "| items | auto-scale ms/item | fixed pass at final scale ms/item | ratio | mean tokens | mean rungs "
-            "| auto p50 | auto p90 | fixed p50 | fixed p90 | spread |\n"
+            "| items | passes | auto-scale ms/item | fixed pass at final scale ms/item | ratio | ratio min-max "
+            "| mean tokens | mean rungs | auto p90 | fixed p90 | spread |\n"
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
-            f"| {t.items} | {t.auto_ms:.1f} | {t.fixed_ms:.1f} | {t.ratio:.2f}x | {t.mean_tokens:.1f} "
-            f"| {t.mean_rungs:.2f} | {cells[0]} | {cells[1]} | {spread_cell(*spreads)} |\n\n{note}")
+            f"| {t.items} | {t.passes} | {t.auto_ms:.1f} | {t.fixed_ms:.1f} | {t.ratio:.2f}x | {ratios} "
+            f"| {t.mean_tokens:.1f} | {t.mean_rungs:.2f} | {p90[0]} | {p90[1]} | {spread_cell(*spreads)} |\n\n{note}")
 
 
 def format_memory(m: MemoryGrowth, machine: str) -> str:

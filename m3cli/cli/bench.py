@@ -211,13 +211,16 @@ def bench_batch(count, batch_size, max_new_tokens, workdir, skip_naive, scales, 
               help="Default: the model's tuned threshold (0.5 for a model without one, and with --shape).")
 @click.option("--ladder", type=INT_LIST, default=None, help="Escalation rungs, e.g. 9,576 (default: every scale).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 64), default=4, show_default=True)
-def bench_escalation(count, threshold, ladder, max_new_tokens, shape, layers, **model_kw):
+@click.option("--repeat", type=click.IntRange(1, 100), default=None,
+              help="Timed passes over the items (default 3; 1 with --shape); the spread is over passes.")
+def bench_escalation(count, threshold, ladder, max_new_tokens, repeat, shape, layers, **model_kw):
     """--auto-scale time per item against one fixed pass at the scale where that item ended."""
     from m3cli.bench.escalation import escalation_overhead
     from m3cli.bench.report import format_escalation
 
     _check_shape_flags(shape, layers, model_kw)
     count = _pick(count, 120, 4, shape)
+    repeat = _pick(repeat, 3, 1, shape)
     if shape:
         from m3cli.bench.report import format_shape_escalation
         from m3cli.bench.shape_bench import open_shape, prepare
@@ -227,7 +230,7 @@ def bench_escalation(count, threshold, ladder, max_new_tokens, shape, layers, **
         backend = open_shape(run, model_kw.get("threads"))
         with _Runs("escalation") as runs:
             timing = escalation_overhead(backend, n=count, threshold=threshold, max_new_tokens=max_new_tokens,
-                                         ladder=ladder, progress=runs("items", count))
+                                         ladder=ladder, progress=runs("items", count * repeat), repeat=repeat)
         click.echo(format_shape_escalation(timing, backend, run, threshold, ladder))
         return
     from m3cli.answering.defaults import model_policy
@@ -239,8 +242,8 @@ def bench_escalation(count, threshold, ladder, max_new_tokens, shape, layers, **
     backend = open_backend(**model_kw)
     with _Runs("escalation") as runs:
         timing = escalation_overhead(backend, n=count, threshold=threshold, max_new_tokens=max_new_tokens,
-                                     ladder=ladder, progress=runs("items", count),
-                                     measure=tuned.measure if tuned is not None else None)
+                                     ladder=ladder, progress=runs("items", count * repeat),
+                                     measure=tuned.measure if tuned is not None else None, repeat=repeat)
     click.echo(format_escalation(timing, backend))
 
 
