@@ -70,11 +70,11 @@ class _Runs:
         self.command = command
         self.current = None
 
-    def __call__(self, label: str, total: int | None):
+    def __call__(self, label: str, total: int | None, unit: str = "item"):
         from m3cli.output.progress import Progress
 
         self.close()
-        self.current = Progress(f"m3 bench {self.command}: {label}", total=total, unit="item")
+        self.current = Progress(f"m3 bench {self.command}: {label}", total=total, unit=unit)
         return self.current.update
 
     def close(self) -> None:
@@ -272,8 +272,9 @@ def bench_ray(count, tokens, batch_size, max_new_tokens, actor_counts, ray_addre
     with _workdir(workdir) as where:
         paths = scene_files(where, count)
         with _Runs("ray") as runs:
+            timed = runs("timed runs", repeat * (1 + len(actor_counts)), "run")
             report = scale_out(backend, model_kw, paths, tokens, batch_size, max_new_tokens, actor_counts,
-                               ray_address, repeat, progress=runs("runs", repeat * (1 + len(actor_counts))))
+                               ray_address, repeat, progress=timed)
     click.echo(format_scale_out(report, backend, tokens, batch_size))
 
 
@@ -407,7 +408,7 @@ def bench_memory(model, small, large, repeat, workdir):
 
     machine = f"`m3 batch` processes ({machine_words('torch default threads', 'cpu')})"
     with _workdir(workdir) as where, _Runs("memory") as runs:
-        growth = memory_growth(model, where, small, large, repeat, progress=runs("runs", repeat))
+        growth = memory_growth(model, where, small, large, repeat, progress=runs("timed runs", repeat, "run"))
     click.echo(format_memory(growth, machine))
 
 
