@@ -53,6 +53,11 @@ def _data_options(fn):
               help="Questions (scenes: balanced over the families, default 600; --data: the first N rows).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="Scene split (default test).")
 @click.option("--family", "families", multiple=True, help="Only these question families (repeatable).")
+@click.option("--phrasing", type=click.Choice(["template", "train", "held-out"]), default=None,
+              help="Scenes: ask each question in its template (default), in a training phrasing or in a phrasing "
+                   "held out of training (docs/models.md).")
+@click.option("--drawings", "drawn", is_flag=True,
+              help="Scenes: ask about the split's drawings (48-512 px, larger shapes) instead of its 48 px scenes.")
 @click.option("--auto-scale", is_flag=True,
               help="Also replay confidence escalation at each --thresholds value (always on with --data).")
 @click.option("--thresholds", type=NumberList(float, 0.0, 1.0), default="0.5,0.8,0.9,0.95", show_default=True)
@@ -66,9 +71,9 @@ def _data_options(fn):
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write accuracy vs mean visual tokens as a PNG (needs matplotlib).")
 @_data_options
-def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tune, batch_size, json_path,
-             plot_path, data, metric, prompt_suffix, question_suffix, short_answer, max_new_tokens, samples_path,
-             resume, retry_errors, encode_cache, export_dir, progress, **model_kw):
+def eval_cmd(scales, count, split, families, phrasing, drawn, auto_scale, thresholds, measure, tune, batch_size,
+             json_path, plot_path, data, metric, prompt_suffix, question_suffix, short_answer, max_new_tokens,
+             samples_path, resume, retry_errors, encode_cache, export_dir, progress, **model_kw):
     """Accuracy per question family and scale, with the oracle, on the synthetic scenes or --data rows.
 
     \b
@@ -76,6 +81,7 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
       m3 eval --n 600 --split test --plot docs/img/accuracy.png
       m3 eval --auto-scale --thresholds 0.5,0.8,0.9,0.95 --split val
       m3 eval --export-data demo -n 60
+      m3 eval --phrasing held-out --split test
       m3 eval --data demo/test.jsonl --plot acc.png --samples s.jsonl
     """
     from m3cli.matryoshka.confidence import DEFAULT_MEASURE, MEASURES
@@ -85,10 +91,13 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
         raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
     _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
                  samples_path, resume, retry_errors)
+    if data and (phrasing or drawn):
+        raise click.UsageError("--phrasing and --drawings pick synthetic questions; they do not go with --data")
     if export_dir:
         from m3cli.eval.synthetic import export_scenes
 
-        path, n_rows, n_images = export_scenes(export_dir, split or "test", count or 600, list(families) or None)
+        path, n_rows, n_images = export_scenes(export_dir, split or "test", count or 600, list(families) or None,
+                                               phrasing or "template", drawn)
         click.echo(f"wrote {n_rows} questions on {n_images} images: {path}")
         return
     rows = _read_rows(data, count, families) if data else None  # a bad source fails before the model loads
@@ -106,7 +115,8 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
             result = None
             report = evaluate(backend, split=split or "test", n=count or 600, scales=picked,
                               families=list(families) or None, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens or 4, progress=bar)
+                              max_new_tokens=max_new_tokens or 4, progress=bar,
+                              phrasing=phrasing or "template", drawn=drawn)
         else:
             from m3cli.eval.datarun import DataOptions, evaluate_data
 
