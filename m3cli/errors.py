@@ -9,10 +9,23 @@ This module imports nothing heavy, so the CLI's exit path never pulls in torch, 
 
 from __future__ import annotations
 
+import re
+
+# Control characters (C0 but whitespace, DEL, C1) and the bidirectional overrides: printed raw they move the
+# cursor, recolour or rewrite a terminal, or reorder what the reader sees (a file name can hold any of them).
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\u202e``): safe to print to
+    a terminal or a log, and still readable. Text without control characters is returned unchanged."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
 
 def one_line(value: object) -> str:
-    """Collapse every whitespace run (newlines, tabs) of ``str(value)`` to one space."""
-    return " ".join(str(value).split())
+    """``str(value)`` as one printable line: every whitespace run (newlines, tabs) becomes one space and control
+    characters are escaped (:func:`escape_controls`)."""
+    return escape_controls(" ".join(str(value).split()))
 
 
 def describe(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from m3cli.answering.collage import COLLAGE_PREFIX, collage_question, uniform_in
 from m3cli.backends.torch import TorchBackend
 from m3cli.cli import cli
 from m3cli.engines.local import BatchOptions, run_batch
+from m3cli.fileio import content_hash
 from m3cli.media import iter_inputs
 from m3cli.models.registry import resolve_model
 from m3cli.output import JsonlSink, OrderedWriter, Summary
@@ -138,8 +139,8 @@ def test_stdin_rows_sharing_an_image_are_decoded_and_encoded_once(shipped, tower
     import m3cli.engines.decode as decode
 
     loads = []
-    real = decode.load_image
-    monkeypatch.setattr(decode, "load_image", lambda path: loads.append(path) or real(path))
+    real = decode.open_image
+    monkeypatch.setattr(decode, "open_image", lambda path, options=None: loads.append(path) or real(path, options))
     a, b = _paths(scenes)[:2]
     lines = [{"image": a, "question": QS[0]}, {"image": b, "question": QS[0]}, {"image": a, "question": QS[1]},
              {"image": a}, {"image": str(scenes / "." / "scene-0.png"), "question": QS[2]}]
@@ -148,7 +149,10 @@ def test_stdin_rows_sharing_an_image_are_decoded_and_encoded_once(shipped, tower
         tower.clear()
         loads.clear()
         rows, _ = _batch(shipped, ["-"], io.StringIO(stdin), question=QS[2], batch_size=batch_size)
-        assert [r["id"] for r in rows] == [a, b, f"{a}~2", f"{a}~3", os.path.normpath(lines[4]["image"]) + "~4"]
+        # a row with its own question is named by its image and a hash of the question, never by its position
+        own = {q: "~" + content_hash(q, None, length=8) for q in QS}
+        assert [r["id"] for r in rows] == [a + own[QS[0]], b + own[QS[0]], a + own[QS[1]], a,
+                                           os.path.normpath(lines[4]["image"]) + own[QS[2]]]
         assert [r["question"] for r in rows] == [QS[0], QS[0], QS[1], QS[2], QS[2]]
         assert sum(tower) == 2 and len(loads) == 2, batch_size  # a (three names of one file) and b
         assert rows[3]["answer"] == rows[4]["answer"] and all(r["error"] is None for r in rows)

@@ -29,7 +29,8 @@ def test_bench_latency_counts_tokens_and_prompt_rows(tiny_model_dir):
                                    "--tokens", "576,1", "--max-new-tokens", "3"])
     assert res.exit_code == 0, res.output
     header = next(line for line in res.stdout.splitlines() if line.startswith("| tokens"))
-    assert header.endswith("| decode ms/token | prompt tokens | prefill ms/row |")
+    assert header.endswith("| decode ms/token | prompt tokens | prefill ms/row | prefill ms p90 | total ms p90 "
+                           "| spread |")
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.splitlines()
             if line.startswith("| ") and line[2].isdigit()]
     assert int(rows[0][9]) - int(rows[1][9]) == 575  # the same text around 576 and 1 visual tokens
@@ -44,3 +45,30 @@ def test_bench_escalation_ladder(tiny_model_dir):
     assert row.split("|")[6].strip() == "2.00"  # threshold 1: both rungs, every item
     res = CliRunner().invoke(cli, ["bench", "escalation", "--model", str(tiny_model_dir), "--ladder", "10"])
     assert res.exit_code == 2 and "not nested scales" in res.output
+
+
+def test_bench_decode_times_both_paths_and_measures_the_difference():
+    res = CliRunner().invoke(cli, ["bench", "decode", "--sizes", "64x48,2016x2016", "--repeat", "1", "--warm-up", "0"])
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.stdout.splitlines() if line.startswith("| JPEG"))
+    assert "| default ms | `--fast-decode` ms | speed-up |" in header
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [(r[0], r[2]) for r in rows] == [(size, prep) for size in ("64 x 48", "2016 x 2016")
+                                          for prep in ("LLaVA-1.5 pad", "LLaVA-1.5 crop", "LLaVA-NeXT anyres")]
+    for r in rows:
+        exact, fast = (float(cell.split(" [")[0]) for cell in (r[5], r[6]))
+        assert exact > 0 and fast > 0 and r[7].endswith("x")
+        max_abs = float(r[8].split(" / ")[0])
+        if r[0] == "64 x 48":  # too small to reduce: the same pixels both ways
+            assert r[4] == "1" and max_abs == 0 and r[9] == "0.0%"
+        else:  # short side 2016: libjpeg decodes at 1/2, and the crops' pixels move
+            assert r[4] == "1/2" and max_abs > 0 and float(r[9].rstrip("%")) > 0
+    assert int(rows[2][3]) >= 3 and int(rows[5][3]) == 5  # NeXT: base crop + tiles
+
+
+def test_bench_decode_refuses_bad_sizes():
+    res = CliRunner().invoke(cli, ["bench", "decode", "--sizes", "4032by3024"])
+    assert res.exit_code == 2 and "WxH" in res.output
+    res = CliRunner().invoke(cli, ["bench", "decode", "--sizes", "20000x20000"])
+    assert res.exit_code == 2 and "limit" in res.output

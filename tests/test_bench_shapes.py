@@ -179,7 +179,8 @@ def test_bench_latency_shape_table():
     assert "RANDOM weights" in res.stdout and "exactly 3 new tokens" in res.stdout
     rows = _table_rows(res.stdout)
     assert rows[0] == ["tokens", "encode ms", "prefill ms", "decode ms", "new tokens", "total ms", "prefill vs max",
-                       "total vs max", "decode ms/token", "prompt tokens", "prefill ms/row"]
+                       "total vs max", "decode ms/token", "prompt tokens", "prefill ms/row", "prefill ms p90",
+                       "total ms p90", "spread"]
     body = rows[1:]
     assert [r[0] for r in body] == ["576", "144", "36", "9", "1"]
     assert all(r[4] == "3.0" for r in body)
@@ -213,7 +214,8 @@ def test_bench_batch_shape_with_amdahl_view(tmp_path):
                                    "--naive-n", "1", "--workdir", str(tmp_path)])
     assert res.exit_code == 0, res.output
     rows = _table_rows(res.stdout)
-    assert rows[0] == ["run", "items", "seconds", "items/s", "vs naive", "new tokens/answer"]
+    assert rows[0] == ["run", "items", "seconds", "items/s", "vs naive", "new tokens/answer", "ms/item p50",
+                       "ms/item p90", "spread"]
     assert rows[1][0].startswith("naive loop") and rows[1][1] == "1" and rows[1][5] == "2.0"
     assert [r[0] for r in rows[2:4]] == ["m3 batch --tokens 576 --batch-size 2", "m3 batch --tokens 9 --batch-size 2"]
     assert all(r[5] == "2.0" for r in rows[2:4])
@@ -242,7 +244,7 @@ def test_bench_escalation_shape():
     assert res.exit_code == 0, res.output
     rows = _table_rows(res.stdout)
     assert rows[0][:4] == ["items", "auto-scale ms/item", "fixed pass at final scale ms/item", "ratio"]
-    assert rows[1][0] == "2" and rows[1][-1] == "2.00"  # random weights: both rungs every time
+    assert rows[1][0] == "2" and rows[1][5] == "2.00"  # random weights: both rungs every time
     assert "Ladder 9,576, threshold 0.9" in res.stdout
 
 
@@ -278,7 +280,8 @@ def test_bench_gguf_shape_against_the_stock_handler(tmp_path):
     assert res.exit_code == 0, res.output
     assert "quantised to shape-tiny-q4_0.gguf with llama_model_quantize" in res.stdout
     rows = _table_rows(res.stdout)
-    assert rows[0] == ["run", "items", "seconds", "items/s", "vs stock handler", "new tokens/answer"]
+    assert rows[0] == ["run", "items", "seconds", "items/s", "vs stock handler", "new tokens/answer", "ms/item p50",
+                       "ms/item p90", "spread"]
     labels = [r[0] for r in rows[1:]]
     assert labels[0].startswith("stock `Llava15ChatHandler`, 576 tokens") and "flash_attn=True" in labels[1]
     assert labels[2:] == ["m3 batch --backend llamacpp --tokens 576", "m3 batch --backend llamacpp --tokens 9"]

@@ -52,7 +52,7 @@ def test_budget_is_rounded_and_said(run, tiny_model_dir, scene_png):
               "--json", "--max-new-tokens", 2)
     assert res.exit_code == 0
     row = json.loads(res.stdout)
-    assert row["tokens"] == 36 and row["requested_tokens"] == 100
+    assert row["tokens"] == 36 and row["run"]["tokens"] == 100  # the budget asked is the run's
     assert "rounded down to 36" in res.stderr
 
 

@@ -317,7 +317,7 @@ def test_original_next_is_detected_and_flagged(tmp_path):
     assert (spec.name, spec.family, spec.preprocess, spec.anyres_flavour) == (
         "llavanext-original", "llavanext", "anyres", "original")
     assert spec.grid_pinpoints[:2] == ((672, 336), (336, 672))  # stored [w, h], kept as (h, w)
-    assert type(family_for(spec)).__name__ == "LlavaNextFamily"  # its family has landed (issue 17)
+    assert type(family_for(spec)).__name__ == "LlavaNextFamily"  # its family is supported
 
 
 def test_original_mistral_and_chatml_recipes(tmp_path):
@@ -340,7 +340,7 @@ def test_hf_next_directory(tmp_path):
     assert (spec.name, spec.preprocess, spec.prompt_recipe, spec.anyres_flavour) == (
         "llavanext-hf", "anyres", "hf_template", "hf")
     assert spec.grid_pinpoints[3] == (1008, 336)
-    assert type(family_for(spec)).__name__ == "LlavaNextFamily"  # its family has landed (issue 17)
+    assert type(family_for(spec)).__name__ == "LlavaNextFamily"  # its family is supported
 
 
 def test_converted_directory_keeps_the_original_recipe(tmp_path):
@@ -485,7 +485,7 @@ def test_pad_equals_llava_image_processor_and_original(w, h):
 
 
 def test_pad_keeps_a_wide_photo_whole():
-    """The issue's 1008x336 photo, outer thirds red and blue: padded it keeps both colours, cropped it loses them."""
+    """A 1008x336 photo, outer thirds red and blue: padded it keeps both colours, cropped it loses them."""
     arr = np.full((336, 1008, 3), 128, dtype=np.uint8)
     arr[:, :336] = (255, 0, 0)
     arr[:, 672:] = (0, 0, 255)
@@ -622,7 +622,7 @@ def test_converted_template_gives_plain_transformers_the_original_ids(hf_spm, sp
 
 
 def test_converted_template_multi_turn_is_separator_style_two():
-    from m3cli.families.prompts import _compiled
+    from m3cli.families.templates import _compiled
 
     def turn(role, text, image=False):
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from m3cli import media
+from m3cli.fileio import content_hash
 from m3cli.media import (
     DEFAULT_MAX_FRAMES,
     BadInput,
@@ -49,21 +50,27 @@ def _assert_one_line(err: MediaError, name: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_rgba_transparent_composited_on_white(tmp_path):
+def test_rgba_alpha_dropped_by_default_composited_on_request(tmp_path):
     im = Image.new("RGBA", (4, 2), (255, 0, 0, 255))
     im.putpixel((0, 0), (0, 0, 0, 0))
     im.putpixel((1, 0), (0, 0, 0, 128))
-    out = load_image(_save(im, tmp_path / "a.png"))
+    path = _save(im, tmp_path / "a.png")
+    out = load_image(path)  # the recipe's convert("RGB"): the stored colours, alpha dropped
     assert out.mode == "RGB" and out.size == (4, 2)
+    assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((1, 0)) == (0, 0, 0)
+    out = load_image(path, media.ImageOptions(alpha_background="white"))
     assert out.getpixel((0, 0)) == (255, 255, 255)
     assert all(abs(c - 127) <= 2 for c in out.getpixel((1, 0)))  # half black over white
     assert out.getpixel((3, 1)) == (255, 0, 0)
 
 
-def test_la_composited_on_white(tmp_path):
+def test_la_alpha_dropped_by_default_composited_on_request(tmp_path):
     im = Image.new("LA", (2, 1), (10, 255))
     im.putpixel((0, 0), (0, 0))
-    out = load_image(_save(im, tmp_path / "la.png"))
+    path = _save(im, tmp_path / "la.png")
+    out = load_image(path)
+    assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((1, 0)) == (10, 10, 10)
+    out = load_image(path, media.ImageOptions(alpha_background="#ffffff"))
     assert out.getpixel((0, 0)) == (255, 255, 255)
     assert out.getpixel((1, 0)) == (10, 10, 10)
 
@@ -75,7 +82,9 @@ def test_palette_with_transparency(tmp_path):
     im.info["transparency"] = 0
     path = _save(im, tmp_path / "p.png", transparency=0)
     assert Image.open(path).mode == "P"
-    out = load_image(path)
+    out = load_image(path)  # the palette colours, as the recipe's convert("RGB") gives them
+    assert [out.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (0, 0, 255), (0, 255, 0)]
+    out = load_image(path, media.ImageOptions(alpha_background="white"))
     assert [out.getpixel((x, 0)) for x in range(3)] == [(255, 255, 255), (0, 0, 255), (0, 255, 0)]
 
 
@@ -87,30 +96,31 @@ def test_palette_without_transparency_and_gif(tmp_path):
     assert out.getpixel((0, 0)) == (200, 10, 10) and out.getpixel((1, 0)) == (10, 200, 10)
 
 
-def test_16bit_gray_scaled_not_clipped(tmp_path):
-    arr = np.array([[0, 32768, 65535, 257]], dtype=np.uint16)
+def test_16bit_gray_converted_as_the_recipe_does(tmp_path):
+    arr = np.array([[0, 32768, 65535, 257, 200]], dtype=np.uint16)
     im = Image.fromarray(arr)
     assert im.mode.startswith("I;16")
     path = _save(im, tmp_path / "g16.png")
     assert Image.open(path).mode.startswith("I")
-    out = load_image(path)
-    px = [out.getpixel((x, 0)) for x in range(4)]
-    assert px[0] == (0, 0, 0)
-    assert all(abs(c - 128) <= 1 for c in px[1])
-    assert px[2] == (255, 255, 255)
-    assert px[3] == (1, 1, 1)
+    out = load_image(path)  # Pillow's convert("RGB") clips to 0..255, as the original code feeds it
+    px = [out.getpixel((x, 0)) for x in range(5)]
+    assert px == [(0, 0, 0), (255, 255, 255), (255, 255, 255), (255, 255, 255), (200, 200, 200)]
+    assert np.array_equal(np.asarray(out), np.asarray(Image.open(path).convert("RGB")))
 
 
-def test_32bit_int_and_float_modes():
-    arr = np.array([[0, 1000, 65535]], dtype=np.int32)
+def test_32bit_int_and_float_modes_converted_as_the_recipe_does():
+    arr = np.array([[0, 1000, 65535, 100]], dtype=np.int32)
     buf = io.BytesIO()
     Image.fromarray(arr, "I").save(buf, format="TIFF")
     out = load_image(buf.getvalue())
-    assert out.getpixel((2, 0)) == (255, 255, 255) and out.getpixel((0, 0)) == (0, 0, 0)
+    assert [out.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (255, 255, 255), (255, 255, 255),
+                                                         (100, 100, 100)]
     buf = io.BytesIO()
-    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F").save(buf, format="TIFF")
+    Image.fromarray(np.array([[0.0, 0.5, 1.0, 99.6]], dtype=np.float32), "F").save(buf, format="TIFF")
     out = load_image(buf.getvalue())
-    assert [out.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+    expected = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    assert out.getpixel((3, 0)) == (99, 99, 99)  # truncated, not rounded
 
 
 def test_cmyk_cyan(tmp_path):
@@ -148,13 +158,14 @@ def test_bytes_and_file_handles_closed(tmp_path):
         assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_exif_orientation_transposed(tmp_path):
+def test_exif_orientation_kept_as_stored_unless_upright(tmp_path):
     im = Image.new("RGB", (40, 20), (0, 0, 255))
     im.paste((255, 0, 0), (0, 0, 10, 20))  # red strip on the left
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW for display
     path = _save(im, tmp_path / "o.jpg", exif=exif, quality=95)
-    out = load_image(path)
+    assert load_image(path).size == (40, 20)  # the recipe feeds the pixels as stored
+    out = load_image(path, media.ImageOptions(upright=True))
     assert out.size == (20, 40)
     r, g, b = out.getpixel((10, 3))  # left strip ends up at the top
     assert r > 200 and b < 60
@@ -169,17 +180,16 @@ def test_animated_gif_first_frame(tmp_path):
     assert r > 240 and g < 20 and b < 20
 
 
-def test_large_image_downscaled(tmp_path):
+def test_large_image_kept_at_full_size_fast_decode_reduces_jpegs(tmp_path):
     png = _save(Image.new("RGB", (3000, 1000), (9, 9, 9)), tmp_path / "big.png")
-    out = load_image(png, max_side=600)
-    assert out.size == (600, 200)
-    jpg = _save(Image.new("RGB", (1000, 3000), (9, 9, 9)), tmp_path / "big.jpg")
-    out = load_image(jpg, max_side=500)  # goes through JPEG draft mode
-    assert out.size == (167, 500) or out.size == (166, 500)
-    assert load_image(jpg).size == (683, 2048)  # default max_side
-    assert load_image(jpg, max_side=3000).size == (1000, 3000)  # at the limit: untouched
-    with pytest.raises(ValueError):
-        load_image(jpg, max_side=0)
+    assert load_image(png).size == (3000, 1000)  # the family's own resize is the only one
+    assert load_image(png, media.ImageOptions(fast_decode=True)).size == (3000, 1000)  # JPEGs only
+    jpg = _save(Image.new("RGB", (2200, 4500), (9, 9, 9)), tmp_path / "big.jpg")
+    assert load_image(jpg).size == (2200, 4500)
+    picture = media.open_image(jpg, media.ImageOptions(fast_decode=True))  # libjpeg's 1/2 scale
+    assert picture.image.size == (1100, 2250) and picture.fields()["decode_scale"] == 0.5
+    small = _save(Image.new("RGB", (2000, 4500), (9, 9, 9)), tmp_path / "small.jpg")
+    assert load_image(small, media.ImageOptions(fast_decode=True)).size == (2000, 4500)  # 1000 < 1008
 
 
 @pytest.mark.parametrize("pixels", [99, 40])  # warning zone (1x..2x limit) and hard-error zone (>2x)
@@ -472,7 +482,9 @@ def test_stdin_jsonl(tree):
         json.dumps({"image": "data/sub", "question": "Q", "id": "set"}),
     ]
     rows = list(iter_inputs(["data/a.jpg", "-"], stdin=io.StringIO("\n".join(lines) + "\n")))
-    assert _ids(rows) == ["data/a.jpg", "q1", "data/b.jpg", "stdin:3", "q1~2", "stdin:5", "data/b.jpg~2",
+    # ids by content: a bad line by a hash of the line, a row with its own budget by the image and a hash of it
+    assert _ids(rows) == ["data/a.jpg", "q1", "data/b.jpg", media_inputs.line_id(lines[2]), "q1~2",
+                          media_inputs.line_id(lines[4]), "data/b.jpg~" + content_hash(None, "many", length=8),
                           "set/deep/c.gif"]  # fmt: skip
     q1 = rows[1]
     assert isinstance(q1, Item)

@@ -245,7 +245,7 @@ def test_tokenizer_model_without_sentencepiece_is_one_clear_line(models, monkeyp
 
 
 def _refused_dirs(root: Path, models) -> dict[str, tuple[Path, str]]:
-    # LLaVA-NeXT is supported since issue 17; a NeXT directory without image_newline: tests/test_next_cli.py
+    # LLaVA-NeXT is supported; a NeXT directory without image_newline: tests/test_next_cli.py
     bare = root / "llava-hf-no-template"
     shutil.copytree(models["spm-v5"], bare)
     (bare / "chat_template.jinja").unlink()

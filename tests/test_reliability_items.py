@@ -1,4 +1,4 @@
-"""Issue #15 (defects 2, 6, 8, 9, 11, 13, 15) and #16 (empty answers): no input, file or option kills a run.
+"""No input, file or option kills a run; an empty answer is never a silent blank.
 
 Every per-item problem is an error row for that item alone, bad options are refused before any work, corrupt
 model files are one line, AVIF/HEIC are walked, the mmproj cache trusts nothing it did not verify, the exit
@@ -86,14 +86,14 @@ class FakeBackend:
         pass
 
 
-# -- defect 2: a question holding the image placeholder; a failing batch -----------------------------------------
+# -- a question holding the image placeholder; a failing batch -----------------------------------------
 def test_02_image_placeholder_fails_that_item_alone(tiny_model_dir, tmp_path):
     images = [_img(tmp_path / f"{i}.png", (60 * i, 0, 0)) for i in range(3)]
     rows_in = [{"image": str(p), "question": q} for p, q in zip(images, [Q, "what is <image> here?", Q], strict=True)]
     res = _run(["batch", "-", "-m", tiny_model_dir, "--tokens", 9, "--max-new-tokens", 2], input=_jsonl(rows_in))
     assert res.exit_code == 1, res.output  # one failed row, not a dead run
     rows = _rows(res.stdout)
-    assert [r["id"] for r in rows] == [str(p) for p in images]
+    assert [r["source"] for r in rows] == [str(p) for p in images]  # ids: the image and a hash of its question
     assert rows[1]["error"] and "image placeholder <image>" in rows[1]["error"]
     assert rows[0]["error"] is None and rows[2]["error"] is None
     assert isinstance(rows[0]["answer"], str) and rows[0]["tokens"] == 9
@@ -130,7 +130,7 @@ def test_02_ask_images_raises_the_item_error():
         ask_images(FakeBackend(poison={"boom"}), [0], ["boom"], [Fixed(9)])
 
 
-# -- defect 6: oversized questions are refused before the model runs ---------------------------------------------
+# -- oversized questions are refused before the model runs ---------------------------------------------
 def test_06_oversized_question_is_refused_before_the_model_runs(tiny_model_dir, tmp_path):
     images = [_img(tmp_path / f"{i}.png") for i in range(3)]
     huge = "what colour " * 9000  # ~100 kB
@@ -205,7 +205,7 @@ def test_06_gguf_context_error_is_that_item_alone(tiny_model_dir, tmp_path):
     assert "context is 800" in rows[1]["error"] and "image placeholder" in rows[2]["error"]
 
 
-# -- defect 8: corrupt model files -------------------------------------------------------------------------------
+# -- corrupt model files -------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncated", "empty", "pickle"])
 def test_08_corrupt_model_file_is_one_line_exit_2(tiny_model_dir, tmp_path, scene_png, damage):
     import shutil
@@ -234,7 +234,7 @@ def test_08_corrupt_model_file_is_one_line_exit_2(tiny_model_dir, tmp_path, scen
     assert "pwned" not in res.output and len(lines[0]) < 300
 
 
-# -- defect 9: bad options are usage errors before any work ------------------------------------------------------
+# -- bad options are usage errors before any work ------------------------------------------------------
 BAD_OPTIONS = [
     ("--threshold", ["--auto-scale", "--threshold", "1.5"]),
     ("--threshold", ["--auto-scale", "--threshold", "-1"]),
@@ -293,7 +293,7 @@ def test_09_option_types():
     assert seen["n_gpu_layers"] == ALL_GPU_LAYERS
 
 
-# -- defect 11: AVIF and HEIC in folder walks --------------------------------------------------------------------
+# -- AVIF and HEIC in folder walks --------------------------------------------------------------------
 def test_11_avif_and_heic_are_walked_and_answered(tiny_model_dir, tmp_path):
     pillow_heif = pytest.importorskip("pillow_heif")
     pillow_heif.register_heif_opener()
@@ -344,7 +344,7 @@ def test_11_walk_warns_once_per_unknown_type(tmp_path, caplog):
     assert any("notes.txt" in w for w in warnings) and any("x.xyz" in w for w in warnings)
 
 
-# -- defect 13: the mmproj cache ----------------------------------------------------------------------------------
+# -- the mmproj cache ----------------------------------------------------------------------------------
 @pytest.fixture
 def fake_fix(monkeypatch):
     """fix_mmproj replaced by a deterministic stand-in (the cache logic is what is tested here)."""
@@ -408,7 +408,8 @@ def test_13_a_planted_entry_is_never_loaded(tmp_path, fake_fix, plant):
     assert path.read_bytes() == b"FIXED" + src.read_bytes()
 
 
-def test_13_a_cache_root_open_to_others_is_made_private(tmp_path, fake_fix, caplog):
+def test_13_a_cache_root_open_to_others_keeps_its_mode_and_gets_a_private_folder(tmp_path, fake_fix, caplog):
+    """(Changed: an existing folder is never chmodded; m3's entries go in an owner-only folder inside it.)"""
     from m3cli.gguf.cache import cached_fixed_mmproj
 
     root = tmp_path / "cache"
@@ -417,9 +418,11 @@ def test_13_a_cache_root_open_to_others_is_made_private(tmp_path, fake_fix, capl
     src = tmp_path / "mmproj-legacy.gguf"
     src.write_bytes(b"p" * 10)
     with caplog.at_level(logging.WARNING, logger="m3cli"):
-        cached_fixed_mmproj(src, root)
-    assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    assert any("made it private" in r.getMessage() for r in caplog.records)
+        path, _ = cached_fixed_mmproj(src, root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o777
+    mine = root / f"m3cli-{os.getuid()}"
+    assert mine in path.parents and stat.S_IMODE(mine.stat().st_mode) == 0o700
+    assert any("writable by other users" in r.getMessage() for r in caplog.records)
 
 
 def test_13_a_cache_root_of_another_user_is_refused(tmp_path, fake_fix, monkeypatch):
@@ -431,13 +434,13 @@ def test_13_a_cache_root_of_another_user_is_refused(tmp_path, fake_fix, monkeypa
     src = tmp_path / "mmproj-legacy.gguf"
     src.write_bytes(b"p" * 10)
     owner = root.stat().st_uid
-    monkeypatch.setattr(cache.os, "getuid", lambda: owner + 1)
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
     with pytest.raises(MmprojError, match="belongs to another user") as info:
         cache.cached_fixed_mmproj(src, root)
     assert "\n" not in str(info.value) and not fake_fix
 
 
-# -- defect 15: the exit path ------------------------------------------------------------------------------------
+# -- the exit path ------------------------------------------------------------------------------------
 def _python(code, *args, timeout=60):
     return subprocess.run([sys.executable, *args, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout)
@@ -500,7 +503,7 @@ def test_15_second_ctrl_c_during_exit_is_no_traceback(when):
     assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr, out.stderr
 
 
-# -- issue #16: an empty generation is never a silent blank ------------------------------------------------------
+# -- an empty generation is never a silent blank ----------------------------------------------------------------
 def test_16_empty_answer_has_confidence_0_and_a_note():
     backend = FakeBackend(empty={"say nothing"})
     fixed, = answer_images(backend, [0], ["say nothing"], [Fixed(9)])

@@ -17,7 +17,7 @@ __all__ = ["AnswerRequest", "Backend", "Encoded", "Generation", "ModelLoadError"
            "open_backend"]
 
 BACKENDS = ("auto", "torch", "llamacpp")
-GGUF_OPTIONS = ("mmproj", "n_gpu_layers", "mmproj_offload", "ctx")
+GGUF_OPTIONS = ("mmproj", "n_gpu_layers", "mmproj_offload", "ctx", "prefix_after_special")
 TORCH_OPTIONS = ("vision_tower",)
 
 

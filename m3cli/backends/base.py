@@ -41,6 +41,8 @@ class AnswerRequest:
     # as tokens are added) is below ``stop_below``; None decodes to EOS or max_new_tokens as always
     stop_below: float | None = None
     stop_measure: str = "sequence"
+    # stop sequences (the OpenAI API's ``stop``): decoding ends once the text holds one, which is cut off
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -56,6 +58,29 @@ class Generation:
     # the visual embeddings the language model received (LLaVA-NeXT: every crop's pooled tokens, the tile grid
     # unpadded, one newline per row); None: the request's scale (one crop, no newlines)
     visual_tokens: int | None = None
+    # "stop" (end of sequence or a stop sequence) or "length" (max_new_tokens reached); None: not reported
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None      # positions the LM prefilled for this answer (text + visual)
+    completion_tokens: int | None = None  # tokens generated (None: len(token_ids))
+
+
+def stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop sequence of ``stops`` begins in ``text``, or None when it holds none."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def finish(text: str, stops: Sequence[str], n_tokens: int, max_new_tokens: int, ended: bool) -> tuple[str, str]:
+    """The answer text (cut before the first stop sequence, stripped) and its finish reason.
+
+    ``ended``: the model produced its end-of-sequence token (or decoding stopped at a stop sequence); otherwise
+    the answer is ``"length"`` when it used every one of ``max_new_tokens``.
+    """
+    cut = stop_index(text, stops) if stops else None
+    if cut is not None:
+        return text[:cut].strip(), "stop"
+    reason = "length" if not ended and n_tokens >= max_new_tokens else "stop"
+    return text.strip(), reason
 
 
 def stops_early(request: AnswerRequest, logprobs: list[float]) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from m3cli.backends import visual_counts
-from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
+from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, finish, stop_index, stops_early
 from m3cli.backends.prompt import FamilyPrompt
 from m3cli.errors import M3Error, describe
 from m3cli.matryoshka.scales import nested_scales, pool
@@ -208,6 +208,7 @@ class TorchBackend:
             return []
         pooled = [self._visual(r) for r in requests]
         prompts = [self.prompt_ids(r.question, int(v.shape[0])) for r, v in zip(requests, pooled, strict=True)]
+        prompt_lengths = [len(ids) for ids in prompts]
         before = self.prompt.parts(requests[0].question)[0]
         shared = self.prefix_cache and bool(before) and all(
             self.prompt.parts(r.question)[0] == before for r in requests)
@@ -227,6 +228,7 @@ class TorchBackend:
         logprobs: list[list[float]] = [[] for _ in requests]
         done = [False] * len(requests)
         stopped = [False] * len(requests)
+        ended = [False] * len(requests)  # end of sequence, or a stop sequence
         with torch.inference_mode():
             start = time.perf_counter()
             if shared:
@@ -259,11 +261,14 @@ class TorchBackend:
                         continue
                     if tok in self.eos_ids or len(tokens[row]) >= requests[row].max_new_tokens:
                         done[row] = True
+                        ended[row] = tok in self.eos_ids
                         continue
                     tokens[row].append(tok)
                     logprobs[row].append(lp)
                     if stops_early(requests[row], logprobs[row]):
                         done[row] = stopped[row] = True
+                    elif requests[row].stop and self._hits_stop(tokens[row], requests[row].stop):
+                        done[row] = ended[row] = True
                 if all(done) or step == max_new - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -278,18 +283,19 @@ class TorchBackend:
             _sync(self.device)
             decode_ms = (time.perf_counter() - start) * 1000
         n = len(requests)
-        return [
-            Generation(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                token_ids=ids,
-                logprobs=lps,
-                prefill_ms=prefill_ms / n,
-                decode_ms=decode_ms / n,
-                stopped_early=early,
-                visual_tokens=int(v.shape[0]),
-            )
-            for ids, lps, early, v in zip(tokens, logprobs, stopped, pooled, strict=True)
-        ]
+        out = []
+        for r, ids, lps, early, end, v, n_prompt in zip(requests, tokens, logprobs, stopped, ended, pooled,
+                                                         prompt_lengths, strict=True):
+            text, reason = finish(self.tokenizer.decode(ids, skip_special_tokens=True), r.stop, len(ids),
+                                  r.max_new_tokens, end)
+            out.append(Generation(text=text, token_ids=ids, logprobs=lps, prefill_ms=prefill_ms / n,
+                                  decode_ms=decode_ms / n, stopped_early=early, visual_tokens=int(v.shape[0]),
+                                  finish_reason=reason, prompt_tokens=n_prompt, completion_tokens=len(ids)))
+        return out
+
+    def _hits_stop(self, ids: list[int], stop: Sequence[str]) -> bool:
+        """Whether the text of ``ids`` holds one of the stop sequences."""
+        return stop_index(self.tokenizer.decode(ids, skip_special_tokens=True), stop) is not None
 
     def _visual(self, request: AnswerRequest):
         """The request's visual embeddings ``(n, D)``: the grid pooled to its scale (LLaVA-NeXT: every crop pooled,

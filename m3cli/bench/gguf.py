@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from m3cli.backends.base import Backend
 from m3cli.bench.scenes import BENCH_QUESTION, scene_files
+from m3cli.bench.stats import Spread
 from m3cli.bench.throughput import ThroughputRow, batch_throughput
 from m3cli.errors import UsageError
 
@@ -24,7 +25,7 @@ class GgufComparison:
 
 def stock_llava15_loop(lm_path: str, mmproj_path: str, paths: Sequence[str], question: str, max_new_tokens: int,
                        threads: int | None = None, n_ctx: int = 2048, flash_attn: bool = False,
-                       suppress_eos: bool = False) -> ThroughputRow:
+                       suppress_eos: bool = False, progress: Callable[[int], None] | None = None) -> ThroughputRow:
     """What a llama-cpp-python user writes today: ``Llava15ChatHandler`` + ``create_chat_completion``, one
     image at a time as a data URI, greedy; the full 576-token grid every time (the handler cannot pool).
 
@@ -66,19 +67,27 @@ def stock_llava15_loop(lm_path: str, mmproj_path: str, paths: Sequence[str], que
     try:
         ask(paths[0])  # warm-up (first encode allocates the CLIP graph)
         start = time.perf_counter()
-        tokens = [ask(path) for path in paths]
+        tokens, each = [], []
+        for path in paths:
+            t0 = time.perf_counter()
+            tokens.append(ask(path))
+            each.append(1000 * (time.perf_counter() - t0))
+            if progress is not None:
+                progress(1)
         label = "stock `Llava15ChatHandler`, 576 tokens, one by one" + (", flash_attn=True" if flash_attn else "")
-        return ThroughputRow(label, len(paths), time.perf_counter() - start, sum(tokens) / len(tokens))
+        return ThroughputRow(label, len(paths), time.perf_counter() - start, sum(tokens) / len(tokens),
+                             Spread.of(each))
     finally:
         llm.close()
 
 
 def gguf_comparison(model: str | None, gguf_path: str | None, mmproj: str | None, outtype: str, count: int,
                     tokens: int, batch_size: int, max_new_tokens: int, threads: int | None,
-                    workdir: str) -> GgufComparison:
+                    workdir: str, progress: Callable[[str, int], Callable[[int], None]] | None = None
+                    ) -> GgufComparison:
     """Time the stock handler (flash attention off and on), our llama.cpp backend at 576 and ``tokens``, and our
     torch backend at ``tokens``, all on the CPU over ``count`` scenes. Without ``gguf_path`` the HF ``model`` is
-    converted into ``workdir`` first."""
+    converted into ``workdir`` first. ``progress(label, total)`` gives each run its progress counter."""
     from m3cli.backends import open_backend
     from m3cli.models.registry import resolve_model
 
@@ -93,15 +102,19 @@ def gguf_comparison(model: str | None, gguf_path: str | None, mmproj: str | None
                        n_gpu_layers=0)
     paths = scene_files(Path(workdir) / "scenes", count)
     question = BENCH_QUESTION
-    rows = [stock_llava15_loop(gguf_path, cpp.mmproj_path, paths, question, max_new_tokens, threads, flash_attn=fa)
+    tick = progress or (lambda label, total: None)
+    rows = [stock_llava15_loop(gguf_path, cpp.mmproj_path, paths, question, max_new_tokens, threads, flash_attn=fa,
+                               progress=tick(f"stock handler{', flash_attn' if fa else ''}", len(paths)))
             for fa in (False, True)]
-    batch_throughput(cpp, paths[:batch_size], question, tokens, batch_size, max_new_tokens)  # warm-up
     for t in (576, tokens):
+        batch_throughput(cpp, paths[:batch_size], question, t, batch_size, max_new_tokens)  # warm-up
         rows.append(batch_throughput(cpp, paths, question, t, batch_size, max_new_tokens,
-                                     label=f"m3 batch --backend llamacpp --tokens {t}"))
+                                     label=f"m3 batch --backend llamacpp --tokens {t}",
+                                     progress=tick(f"llamacpp --tokens {t}", len(paths))))
     cpp.close()
     torch_backend = open_backend(hf_dir, backend="torch", device="cpu", threads=threads)
     batch_throughput(torch_backend, paths[:batch_size], question, tokens, batch_size, max_new_tokens)  # warm-up
     rows.append(batch_throughput(torch_backend, paths, question, tokens, batch_size, max_new_tokens,
-                                 label=f"m3 batch --backend torch --tokens {tokens}"))
+                                 label=f"m3 batch --backend torch --tokens {tokens}",
+                                 progress=tick(f"torch --tokens {tokens}", len(paths))))
     return GgufComparison(rows, str(gguf_path), str(cpp.mmproj_path), hf_dir, cpp)

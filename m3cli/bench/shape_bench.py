@@ -94,7 +94,7 @@ def shape_batch(run: ShapeRun, count: int, batch_size: int, scales: Sequence[int
             stock_generate_loop(built.model, built.processor, run.device, naive_paths[:1], BENCH_QUESTION, 1,
                                 fixed_length=True)
         naive = stock_generate_loop(built.model, built.processor, run.device, naive_paths, BENCH_QUESTION,
-                                    run.max_new_tokens, fixed_length=True)
+                                    run.max_new_tokens, fixed_length=True, warm_up=False)
     backend = shape_backend(built, threads=threads)
     # warm-up: one small item (allocations, kernel selection), untimed
     batch_throughput(backend, paths[:1], BENCH_QUESTION, min(scales), 1, min(2, run.max_new_tokens))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from m3cli.backends.base import Backend
 from m3cli.bench.scenes import BENCH_QUESTION
+from m3cli.bench.stats import Spread
 
 
 @dataclass
@@ -16,27 +17,31 @@ class ThroughputRow:
     items: int
     seconds: float
     new_tokens: float | None = None  # mean new tokens per answer, where counted
+    per_item: Spread | None = None  # ms per item over the run's batches (a one-by-one loop: its images)
 
     @property
     def items_per_s(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else float("nan")
 
 
-def naive_generate_loop(backend, paths: Sequence[str], question: str, max_new_tokens: int) -> ThroughputRow:
+def naive_generate_loop(backend, paths: Sequence[str], question: str, max_new_tokens: int,
+                        progress: Callable[[int], None] | None = None) -> ThroughputRow:
     """What a user would write without m3cli: stock ``generate(pixel_values)`` at the full grid, one by one."""
     from transformers import LlavaForConditionalGeneration
 
     # a fresh, untouched transformers model: the backend's own copy skips the unused last tower layer
     model = LlavaForConditionalGeneration.from_pretrained(backend.model_id, dtype=backend.dtype)
     model = model.to(backend.device).eval()
-    return stock_generate_loop(model, backend.processor, backend.device, paths, question, max_new_tokens)
+    return stock_generate_loop(model, backend.processor, backend.device, paths, question, max_new_tokens,
+                               progress=progress)
 
 
 def stock_generate_loop(model, processor, device: str, paths: Sequence[str], question: str, max_new_tokens: int,
-                        fixed_length: bool = False) -> ThroughputRow:
+                        fixed_length: bool = False, progress: Callable[[int], None] | None = None,
+                        warm_up: bool = True) -> ThroughputRow:
     """Stock ``processor(...)`` + ``model.generate(pixel_values=...)`` over ``paths``, one image at a time, on an
-    untouched model. ``fixed_length`` forces exactly ``max_new_tokens`` new tokens (``min_new_tokens``), as
-    the random-weight shapes need for a like-for-like timing."""
+    untouched model, after one untimed item (``warm_up``). ``fixed_length`` forces exactly ``max_new_tokens``
+    new tokens (``min_new_tokens``), as the random-weight shapes need for a like-for-like timing."""
     import torch
 
     from m3cli.media import load_image
@@ -44,19 +49,29 @@ def stock_generate_loop(model, processor, device: str, paths: Sequence[str], que
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     extra = {"min_new_tokens": max_new_tokens} if fixed_length else {}
-    new_tokens = []
-    start = time.perf_counter()
-    for path in paths:
+    new_tokens, each = [], []
+
+    def one(path: str) -> int:
         inputs = processor(images=[load_image(path)], text=[prompt], return_tensors="pt").to(device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        new_tokens.append(out.shape[-1] - inputs["input_ids"].shape[-1])
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out.shape[-1] - inputs["input_ids"].shape[-1]
+
+    if warm_up:
+        one(paths[0])
+    start = time.perf_counter()
+    for path in paths:
+        t0 = time.perf_counter()
+        new_tokens.append(one(path))
+        each.append(1000 * (time.perf_counter() - t0))
+        if progress is not None:
+            progress(1)
     return ThroughputRow("naive loop: stock generate(pixel_values), 576 tokens, batch 1", len(paths),
-                         time.perf_counter() - start, sum(new_tokens) / max(len(new_tokens), 1))
+                         time.perf_counter() - start, sum(new_tokens) / max(len(new_tokens), 1), Spread.of(each))
 
 
 class TokenCounter:
@@ -85,8 +100,13 @@ class TokenCounter:
 
 def batch_throughput(backend: Backend, paths: Sequence[str], question: str, tokens: int | None, batch_size: int,
                      max_new_tokens: int, auto_scale: bool = False, label: str | None = None,
-                     on_row: Callable[[dict], None] | None = None) -> ThroughputRow:
-    """Items/s of the ``m3 batch`` engine (decode thread, batching, ordered JSONL to a null sink)."""
+                     on_row: Callable[[dict], None] | None = None,
+                     progress: Callable[[int], None] | None = None) -> ThroughputRow:
+    """Items/s of the ``m3 batch`` engine (decode thread, batching, ordered JSONL to a null sink), and the spread
+    of its ms per item over its batches (from the times its rows arrive; rows come a batch at a time).
+
+    A fixed ``tokens`` or ``auto_scale`` with the fallback threshold: the bench never applies a model's tuned
+    policy, so the rows it times are the same on every model."""
     import io
 
     from m3cli.engines.local import BatchOptions, run_batch
@@ -96,23 +116,48 @@ def batch_throughput(backend: Backend, paths: Sequence[str], question: str, toke
     opts = BatchOptions(question=question, tokens=tokens, auto_scale=auto_scale, batch_size=batch_size,
                         max_new_tokens=max_new_tokens)
     counter = TokenCounter(backend)
+    arrivals: list[float] = []
+
+    def arrived(row: dict) -> None:
+        arrivals.append(time.perf_counter())
+        if on_row is not None:
+            on_row(row)
+        if progress is not None:
+            progress(1)
+
     start = time.perf_counter()
     run_batch(counter, iter_inputs(list(paths)), opts, OrderedWriter(JsonlSink(io.StringIO())), Summary(),
-              on_row=on_row)
+              on_row=arrived)
     mode = "--auto-scale" if auto_scale else f"--tokens {tokens}"
     return ThroughputRow(label or f"m3 batch {mode} --batch-size {batch_size}", len(paths),
-                         time.perf_counter() - start, counter.mean)
+                         time.perf_counter() - start, counter.mean, batch_spread(start, arrivals, batch_size))
+
+
+def batch_spread(start: float, arrivals: Sequence[float], batch_size: int) -> Spread:
+    """ms per item of each batch: the time from the previous batch's last row (the start, for the first) to
+    this batch's last row, over its rows."""
+    per_item, before = [], start
+    for first in range(0, len(arrivals), batch_size):
+        chunk = arrivals[first:first + batch_size]
+        per_item.append(1000 * (chunk[-1] - before) / len(chunk))
+        before = chunk[-1]
+    return Spread.of(per_item)
 
 
 def batch_comparison(backend: Backend, paths: Sequence[str], batch_size: int, max_new_tokens: int,
-                     skip_naive: bool = False) -> list[ThroughputRow]:
-    """The naive loop (unless ``skip_naive``), then ``m3 batch`` at --tokens 576, 9 and --auto-scale."""
+                     skip_naive: bool = False, progress: Callable[[str, int], Callable[[int], None]] | None = None
+                     ) -> list[ThroughputRow]:
+    """The naive loop (unless ``skip_naive``), then ``m3 batch`` at --tokens 576, 9 and --auto-scale, each after
+    an untimed warm-up of its own. ``progress(label, total)`` gives each run its progress counter."""
     question = BENCH_QUESTION
-    batch_throughput(backend, paths[:batch_size], question, 9, batch_size, max_new_tokens)  # warm-up
-    rows = [] if skip_naive else [naive_generate_loop(backend, paths, question, max_new_tokens)]
-    rows.append(batch_throughput(backend, paths, question, 576, batch_size, max_new_tokens))
-    rows.append(batch_throughput(backend, paths, question, 9, batch_size, max_new_tokens))
-    rows.append(batch_throughput(backend, paths, question, None, batch_size, max_new_tokens, auto_scale=True))
+    tick = progress or (lambda label, total: None)
+    rows = [] if skip_naive else [naive_generate_loop(backend, paths, question, max_new_tokens,
+                                                      tick("naive loop", len(paths)))]
+    for tokens, auto in ((576, False), (9, False), (None, True)):
+        batch_throughput(backend, paths[:batch_size], question, tokens, batch_size, max_new_tokens, auto)  # warm-up
+        label = "--auto-scale" if auto else f"--tokens {tokens}"
+        rows.append(batch_throughput(backend, paths, question, tokens, batch_size, max_new_tokens, auto,
+                                     progress=tick(label, len(paths))))
     return rows
 
 

@@ -12,9 +12,10 @@ from m3cli.cli.bench import bench
 from m3cli.cli.convert import convert
 from m3cli.cli.eval import eval_cmd
 from m3cli.cli.models import list_models
+from m3cli.cli.serve import serve
 from m3cli.cli.train import train
 
-for _command in (ask, batch, merge, eval_cmd, train, convert, bench, list_models):
+for _command in (ask, batch, merge, serve, eval_cmd, train, convert, bench, list_models):
     cli.add_command(_command)
 
 __all__ = ["cli", "main"]

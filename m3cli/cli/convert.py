@@ -34,14 +34,28 @@ Examples:
                    "is not in the local Hugging Face cache (default: $M3_VISION_TOWER).")
 @click.option("--dtype", default="auto", show_default=True, help="hf: auto (keep), float32, float16 or bfloat16.")
 def convert(src, out, target, fix_mmproj, outtype, vision_tower, dtype):
-    """Convert models: SRC --to hf OUT, SRC --to gguf OUT_DIR, or --fix-mmproj IN OUT_DIR."""
+    """Convert models: SRC --to hf OUT, SRC --to gguf OUT_DIR, or --fix-mmproj IN OUT_DIR.
+
+    OUT is checked before any work (not inside SRC; creatable and writable; for --to hf a new or empty
+    folder, which appears whole when the conversion is done) and follows the umask. Exit code 0: written;
+    1: the disk filled or a write failed part-way (nothing half written is left); 2: bad usage, model or
+    output, before any work.
+    """
     if fix_mmproj == (target is not None):
         raise click.UsageError("give exactly one of --to hf|gguf or --fix-mmproj")
+    from m3cli.output import check_output_dir
+
+    check_output_dir(out, "output", empty=target == "hf", inputs=[src])  # OutputError: one line, exit 2
     try:
         if fix_mmproj:
+            from m3cli.errors import describe
             from m3cli.gguf.mmproj import fix_mmproj as fix
+            from m3cli.output import OutputWriteError
 
-            click.echo(str(fix(src, out)))
+            try:
+                click.echo(str(fix(src, out)))
+            except OSError as exc:  # each file is written atomically: none is left half written
+                raise OutputWriteError(f"{out}: cannot write the fixed mmproj ({describe(exc)})") from None
         elif target == "hf":
             from m3cli.backends.locate import vision_tower_option
             from m3cli.convert.original_llava import convert_original_to_hf

@@ -1,8 +1,7 @@
-"""``m3 train``: the staged M3 training recipe, with a progress bar per stage."""
+"""``m3 train``: the staged M3 training recipe, with progress per stage."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -23,7 +22,9 @@ from m3cli.cli.options import DEVICE, THREADS
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="Where to train: cpu, cuda, cuda:N, or auto (cuda when there is one). CPU runs are "
                    "deterministic; a GPU run is fast, not bit-reproducible.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a TTY).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress on stderr, per stage with the latest losses (default: a bar on a terminal, else a "
+                   "line every $M3_PROGRESS_SECONDS seconds, 30; --progress: the bar anyway).")
 def train(config_path, out, resume, init_from, stages, threads, device, progress):
     """Train an M3 model with the staged recipe (vision, full-scale VQA, M3 nested loss).
 
@@ -40,7 +41,10 @@ def train(config_path, out, resume, init_from, stages, threads, device, progress
     if threads:
         config.threads = threads
     run_dir = Path(out or Path("runs") / config.name)
-    bar = _TrainBar(sys.stderr.isatty() if progress is None else progress)
+    from m3cli.output import check_output_dir
+
+    check_output_dir(run_dir, "--out")  # a folder that takes files, checked before the model is built
+    bar = _TrainBar(progress)
     picked = pick_device(device)
     if picked == "mps":
         if device != "auto":
@@ -56,27 +60,22 @@ def train(config_path, out, resume, init_from, stages, threads, device, progress
 
 
 class _TrainBar:
-    """A tqdm bar per stage with the latest per-scale losses; a log line every 50 steps otherwise."""
+    """Progress per stage (:mod:`m3cli.output.progress`), with the latest per-scale losses beside the count."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, flag: bool | None):
+        self.flag = flag
         self.bar = None
         self.stage = None
 
     def update(self, stage: str, step: int, total: int, losses: dict[str, float]) -> None:
-        text = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
-        if not self.enabled:
-            if step % 50 == 0 or step == total:
-                click.echo(f"m3 train: {stage} {step}/{total} {text}", err=True)
-            return
-        from tqdm import tqdm
+        from m3cli.output.progress import Progress
 
+        text = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
         if stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, initial=step - 1, desc=stage, file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(1)
-        self.bar.set_postfix_str(text, refresh=False)
+            self.bar = Progress(f"m3 train: {stage}", total=total, unit="step", mode=self.flag, initial=step - 1)
+        self.bar.update(1, text)
 
     def close(self) -> None:
         if self.bar is not None:

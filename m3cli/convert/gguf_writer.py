@@ -19,7 +19,7 @@ import numpy as np
 
 from m3cli.convert.gguf_vocab import add_vocab_kv, build_vocab, prefix_after_special, special_ids
 from m3cli.convert.hf_llava import HFLlava, load_hf_llava
-from m3cli.errors import ConvertError
+from m3cli.errors import ConvertError, describe
 from m3cli.families.gguf_spec import GGUF_ASPECT_KEY
 from m3cli.families.prompts import GGUF_RECIPE_KEY
 from m3cli.gguf.keys import IMAGE_TOKEN_ID_KEY, PREFIX_AFTER_SPECIAL_KEY
@@ -34,6 +34,7 @@ from m3cli.gguf.layout import (
     rot180_path,
 )
 from m3cli.gguf.writer import KeyValues, gguf_lib, write_gguf
+from m3cli.output import OutputWriteError
 
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -236,8 +237,8 @@ def convert_to_gguf(hf_dir: str | Path, out_dir: str | Path, outtype: str = "f32
     lm_path = out / f"{name}-{outtype}.gguf"
     try:
         write_gguf(lm_path, "llama", _lm_kv(m, name, outtype), _lm_tensor_list(_lm_arrays(m), outtype))
-    except OSError as exc:
-        raise ConvertError(f"cannot write {lm_path}: {exc}") from exc
+    except OSError as exc:  # part-way: the files written so far stay whole (each is written atomically)
+        raise OutputWriteError(f"{lm_path}: cannot write ({describe(exc)})") from None
 
     # mmproj (+ rot180 companion)
     v = m.vision
@@ -262,5 +263,5 @@ def convert_to_gguf(hf_dir: str | Path, out_dir: str | Path, outtype: str = "f32
         try:
             write_gguf(path, "clip", kv, mmproj_tensor_list(tensors, mmproj_type))
         except OSError as exc:
-            raise ConvertError(f"cannot write {path}: {exc}") from exc
+            raise OutputWriteError(f"{path}: cannot write ({describe(exc)})") from None
     return lm_path, mm_path

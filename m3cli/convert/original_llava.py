@@ -45,6 +45,7 @@ from m3cli.families.converted import M3CLI_KEY, m3cli_block, vicuna_v1_template
 from m3cli.fileio import atomic_dir
 from m3cli.models.build import IMAGE_TOKEN
 from m3cli.models.dtypes import DTYPES, torch_dtype
+from m3cli.output import OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,17 @@ def convert_original_to_hf(
     )
     processor = llava_processor(tokenizer, vision_config, strategy, spec, template)
 
-    with atomic_dir(out, prefix=f".{out.name}.converting-") as tmp:
-        model.save_pretrained(tmp, max_shard_size="5GB")
-        processor.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_readme(src, cfg, spec, tower_in_ckpt, tower_dir, added, src_rows, vocab,
-                                               vision_config, strategy, spm))
-        if out.exists():
-            with contextlib.suppress(OSError):  # checked empty above; a racing conversion may have filled it
-                out.rmdir()
+    try:
+        with atomic_dir(out, prefix=f".{out.name}.converting-") as tmp:
+            model.save_pretrained(tmp, max_shard_size="5GB")
+            processor.save_pretrained(tmp)
+            (tmp / "README.md").write_text(_readme(src, cfg, spec, tower_in_ckpt, tower_dir, added, src_rows, vocab,
+                                                   vision_config, strategy, spm))
+            if out.exists():
+                with contextlib.suppress(OSError):  # checked empty above; a racing conversion may have filled it
+                    out.rmdir()
+    except OSError as exc:  # a full disk part-way: nothing half written is left (the folder appears whole)
+        raise OutputWriteError(f"{out}: cannot write the converted model ({describe(exc)})") from None
     log.info("wrote %s", out)
     return out
 

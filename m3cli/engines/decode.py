@@ -2,7 +2,8 @@
 
 Runs ahead of the model (the local engine's prefetch thread, the Ray engine's decode tasks). Each picture
 carries its identity ``key`` (the file's, plus the frame number or the collage's frames and layout), so the
-questions about one picture share one encode; nothing here knows the model.
+questions about one picture share one encode, and what was done to its pixels (``pixels``: the rows'
+``upright`` / ``alpha`` / ``decode_scale``, for an image file); nothing here knows the model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from m3cli.answering.collage import DEFAULT_FRAMES, collage, uniform_indices
 from m3cli.answering.encode_cache import file_identity
-from m3cli.media import BadInput, Item, MediaError, expand_video, load_image
+from m3cli.media import BadInput, ImageOptions, Item, MediaError, expand_video, open_image
 from m3cli.media.inputs import question_ids
 from m3cli.media.video import frames_at
 
@@ -45,24 +46,30 @@ class Decoded:
     key: Hashable | None = None
     load: Callable[[], Any] | None = None
     frames: list[int] | None = None
+    pixels: dict[str, Any] | None = None  # an image file's Picture.fields(); None for video frames and errors
 
 
 class RecentKeys:
     """The keys of the last ``capacity`` images decoded: a repeat is not decoded again ahead of the model,
-    its encoding being expected in the cache (the unit keeps a loader in case it is not)."""
+    its encoding being expected in the cache (the unit keeps a loader in case it is not). Each key keeps
+    what was done to that image's pixels, for the repeat's rows."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(0, capacity)
-        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+        self._keys: OrderedDict[Hashable, dict[str, Any] | None] = OrderedDict()
 
     def __contains__(self, key: object) -> bool:
         return key is not None and key in self._keys
 
-    def add(self, key: Hashable | None) -> None:
-        """Record ``key`` as the latest image decoded."""
+    def pixels(self, key: Hashable) -> dict[str, Any] | None:
+        """What was done to the pixels of the image ``key`` when it was decoded."""
+        return self._keys.get(key)
+
+    def add(self, key: Hashable | None, pixels: dict[str, Any] | None = None) -> None:
+        """Record ``key`` as the latest image decoded (``pixels``: its fields; a repeat keeps the first's)."""
         if key is None or not self.capacity:
             return
-        self._keys[key] = None
+        self._keys[key] = pixels if pixels is not None else self._keys.get(key)
         self._keys.move_to_end(key)
         while len(self._keys) > self.capacity:
             self._keys.popitem(last=False)
@@ -89,12 +96,14 @@ def decode_input(
     done: Container[str],
     sampling: Sampling | None = None,
     recent: RecentKeys | None = None,
+    image: ImageOptions | None = None,
 ) -> Iterator[Decoded]:
     """One input as its pictures, in order: an image, a video's sampled frames or its collage, or an error.
 
     Pictures whose id is in ``done`` (a resumed run) are skipped without decoding. A video that fails part-way
     keeps the frames already yielded and ends with an error for the video itself. An image whose key
-    ``recent`` has seen is not decoded here: it carries a loader instead.
+    ``recent`` has seen is not decoded here: it carries a loader instead. ``image``: how image files become
+    pixels (None: exactly as the model's original code opens them).
     """
     sampling = sampling or Sampling()
     if isinstance(item, BadInput):
@@ -114,17 +123,23 @@ def decode_input(
     else:
         key = _key(item)
         if recent is not None and key in recent:
+            pixels = recent.pixels(key)
             recent.add(key)
-            yield Decoded(item, key=key, load=partial(load_image, item.source))
+            yield Decoded(item, key=key, load=partial(_image, item.source, image), pixels=pixels)
             return
         try:
-            image = load_image(item.source)
+            picture = open_image(item.source, image)
         except MediaError as exc:  # not recorded: a repeat is decoded (and reported) here again
             yield Decoded(item, error=str(exc))
             return
         if recent is not None:
-            recent.add(key)
-        yield Decoded(item, image, key=key)
+            recent.add(key, picture.fields())
+        yield Decoded(item, picture.image, key=key, pixels=picture.fields())
+
+
+def _image(source: str, options: ImageOptions | None) -> Any:
+    """The pixels of an image file (a repeat's loader, when its encoding has left the cache)."""
+    return open_image(source, options).image
 
 
 def _collage(item: Item, done: Container[str], sampling: Sampling) -> Decoded:

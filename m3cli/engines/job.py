@@ -13,8 +13,9 @@ no gap, so ``--resume`` completes it in order.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,9 +23,20 @@ from typing import Any
 from m3cli.engines import EngineRunError
 from m3cli.engines.units import BatchOptions
 from m3cli.errors import UsageError
-from m3cli.output import OrderedWriter, OutputTarget, OutputWriteError, RowSink, Summary, is_stdout
+from m3cli.fileio import escape_surrogates, input_problem
+from m3cli.media.image import ImageNotes
+from m3cli.output import BATCH_ROWS, OrderedWriter, OutputTarget, OutputWriteError, RowSink, Summary, is_stdout
 
 ENGINES = ("local", "ray")
+INPUT_FORMATS = ("media", "openai")
+COUNT_THREAD = "m3-count"  # lists the inputs a second time for the progress total; it logs nothing
+
+
+class _NotFromCounter(logging.Filter):
+    """Drops the log records of the counting thread (the real walk reports skipped files, once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != COUNT_THREAD
 
 
 @dataclass
@@ -39,12 +51,14 @@ class BatchJob:
     resume: bool = False
     retry_errors: bool = False
     force: bool = False  # --resume even if the rows were made with another question, model or budget
+    overwrite: bool = False  # replace an existing -o file (else it must be empty, or resumed)
     shard: tuple[int, int] | None = None  # (K, N)
     engine: str = "local"
     ray_address: str | None = None
     actors: int = 1
     gpus_per_actor: float = 0.0
-    progress: bool | None = None  # None: when stderr is a terminal
+    progress: bool | None = None  # None: a bar on a terminal, else periodic lines (m3cli.output.progress)
+    input_format: str = "media"  # media: files, folders, videos, stdin; openai: OpenAI Batch request files
 
     def check(self) -> None:
         """Raise :class:`UsageError` for options that cannot go together."""
@@ -56,19 +70,45 @@ class BatchJob:
         if opts.fps is not None and opts.every is not None:
             raise UsageError("--fps and --every cannot be combined")
         _check_video_mode(opts)
-        to_jsonl_file = not is_stdout(self.output) and self.fmt == "jsonl"
+        _check_openai(self)
+        to_jsonl_file = not is_stdout(self.output) and self.fmt in ("jsonl", "openai")
         if self.resume and not to_jsonl_file:
-            raise UsageError("--resume needs -o FILE in jsonl format")
+            raise UsageError("--resume needs -o FILE in jsonl (or openai) format")
         if self.shard is not None and not to_jsonl_file:
             raise UsageError("--shard needs -o FILE in jsonl format (not stdout: the shard's sidecar goes beside it)")
         if self.retry_errors and not self.resume:
             raise UsageError("--retry-errors goes with --resume")
         if self.force and not self.resume:
             raise UsageError("--force goes with --resume")
+        if self.overwrite and self.resume:
+            raise UsageError("--overwrite replaces the -o file and --resume completes it: give one of them")
+        if self.overwrite and is_stdout(self.output):
+            raise UsageError("--overwrite goes with -o FILE")
         if self.engine not in ENGINES:
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine != "ray" and (self.ray_address is not None or self.actors != 1 or self.gpus_per_actor):
             raise UsageError("--ray-address, --actors and --gpus-per-actor go with --engine ray")
+
+
+def _check_openai(job: BatchJob) -> None:
+    """What ``--input-format openai`` and ``--format openai`` need: the requests bring their own questions and
+    budgets; the Ray engine and shards read media inputs only."""
+    from m3cli.answering.defaults import DEFAULT_QUESTION
+
+    if job.input_format not in INPUT_FORMATS:
+        raise UsageError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {job.input_format!r}")
+    if job.input_format != "openai":
+        if job.fmt == "openai":
+            raise UsageError("--format openai writes OpenAI Batch output lines: it goes with --input-format openai")
+        return
+    if job.options.questions or (job.options.question or DEFAULT_QUESTION) != DEFAULT_QUESTION:
+        raise UsageError("-q does not go with --input-format openai: each request brings its question")
+    if job.engine != "local" or job.shard is not None:
+        raise UsageError("--input-format openai runs on --engine local, without --shard")
+    for path in job.inputs:
+        problem = None if path == "-" else input_problem(path, empty_ok=True)
+        if problem is not None:  # by type, before anything opens it: a FIFO or device is refused, never read
+            raise UsageError(f"OpenAI Batch file {escape_surrogates(path)}: {problem}")
 
 
 def _check_video_mode(opts: BatchOptions) -> None:
@@ -120,7 +160,8 @@ class JobResult:
 def run_record(job: BatchJob) -> dict[str, Any]:
     """What the run's rows are made with, written in each row as ``run`` and compared by ``--resume``: the
     model (resolved: a path made absolute), the question of items without their own (the list, when there
-    are several), the budget, the answer length, and a collage's frame count and layout. Device, dtype,
+    are several), the budget, the answer length, the image options given (``--upright``,
+    ``--alpha-background``, ``--fast-decode``: other pixels) and a collage's frame count and layout. Device, dtype,
     batch size and frame sampling are left out: they may change between a run and its resumption without
     changing what is asked."""
     from m3cli.models.registry import resolve_model
@@ -131,12 +172,15 @@ def run_record(job: BatchJob) -> dict[str, Any]:
         model = os.path.realpath(model)
     questions = opts.run_questions
     question: str | list[str] = questions if len(questions) > 1 else opts.run_question
-    record: dict[str, Any] = {"model": model, "question": question, "tokens": opts.tokens}
-    if opts.auto_scale:
-        record.update(auto_scale=True, threshold=opts.threshold, ladder=opts.ladder)
+    record: dict[str, Any] = {"model": model, "question": question, **opts.run_policy.record()}
     record["max_new_tokens"] = opts.max_new_tokens
     if opts.max_visual_tokens is not None:  # absent otherwise, so earlier runs' records still match
         record["max_visual_tokens"] = opts.max_visual_tokens
+    record.update(opts.image.record())  # --upright / --alpha-background / --fast-decode: only those given
+    if job.input_format == "openai":  # absent otherwise, so earlier runs' records still match
+        record["input_format"] = "openai"
+        if job.fmt == "openai":
+            record["format"] = "openai"
     if opts.video_mode == "collage":  # a video's row is another picture: a frames run's rows are not its rows
         layout = opts.collage_layout
         record.update(video_mode="collage", collage_frames=opts.collage_frames,
@@ -157,8 +201,14 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
 
         preflight(job.model, job.ray_address)  # EngineError (exit 2) before the output file is touched
     run = run_record(job)
-    target = OutputTarget.open(job.output, job.fmt, resume=job.resume, run=run, force=job.force,
-                               retry_errors=job.retry_errors)
+    openai_out = job.fmt == "openai"
+    schema = BATCH_ROWS
+    if openai_out:  # OpenAI Batch output lines, each wrapping its row: the same guard, the row read out of them
+        from m3cli.engines.openai_batch import OPENAI_BATCH_ROWS as schema
+    target = OutputTarget.open(job.output, "jsonl" if openai_out else job.fmt, resume=job.resume, run=run,
+                               force=job.force, retry_errors=job.retry_errors, overwrite=job.overwrite,
+                               inputs=[p for p in job.inputs if p != "-"], folders=_input_folders(job),
+                               schema=schema)
     try:
         opts = replace(job.options, run=run, done_ids=target.state.done_ids, failed_ids=target.state.failed_ids)
         backend = _open_local_backend(job, opts, notes) if job.engine == "local" else None
@@ -167,22 +217,56 @@ def run_job(job: BatchJob, notes: Callable[[str], None] | None = None) -> JobRes
         target.close(abandon=True)
         raise
     try:
+        if job.input_format == "openai":
+            sink, units = _openai_units(job, backend, opts, sink)
+            return _run_started(job, backend, opts, sink, [], notes, units)
         return _run_started(job, backend, opts, sink, iter_inputs(list(job.inputs)), notes)
     finally:
         target.close()
 
 
+def _input_folders(job: BatchJob) -> list[tuple[str, Callable[[str], bool]]]:
+    """The input folders and what their walk reads (media files): an -o file there would be read next time.
+    OpenAI Batch inputs are files, never walked."""
+    from m3cli.media import media_kind
+
+    if job.input_format != "media":
+        return []
+    return [(p, lambda path: media_kind(path) is not None) for p in job.inputs if p != "-" and os.path.isdir(p)]
+
+
+def _openai_units(job: BatchJob, backend, opts: BatchOptions, sink: RowSink):
+    """The units of OpenAI Batch files, and the sink (written as Batch output lines with ``--format openai``)."""
+    from m3cli.answering.chat_request import ChatDefaults
+    from m3cli.engines.openai_batch import OpenAIBatchInput, OpenAIBatchSink
+
+    defaults = ChatDefaults(tokens=opts.tokens, auto_scale=opts.auto_scale, threshold=opts.threshold,
+                            ladder=opts.ladder, measure=opts.measure, on_miss=opts.on_miss,
+                            model_policy=opts.default_policy, max_visual_tokens=opts.max_visual_tokens,
+                            max_new_tokens=opts.max_new_tokens, image=opts.image)
+    source = OpenAIBatchInput(job.inputs, backend.grid_side, defaults, backend.model_id, job.model.get("model"))
+    if job.fmt == "openai":
+        sink = OpenAIBatchSink(sink, source)
+    return sink, source.units(opts)
+
+
 def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, items: Iterable,
-                 notes: Callable[[str], None] | None = None) -> JobResult:
+                 notes: Callable[[str], None] | None = None, units=None) -> JobResult:
     selector = None
     if job.shard is not None:
-        items, sink, selector = _select_shard(job, items, sink)
+        items, sink, selector = _select_shard(job, items, sink, opts.run)
     writer = OrderedWriter(sink)
-    result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt == "jsonl")
-    bar = _progress_bar(job.progress)
-    on_row = (lambda row: bar.update(1)) if bar is not None else None
+    result = JobResult(Summary(), resumable=not is_stdout(job.output) and job.fmt in ("jsonl", "openai"))
+    bar = _progress(job, opts)
+    pixel_notes = ImageNotes(notes)  # once per run: an EXIF orientation or a transparency the recipe ignores
+
+    def on_row(row: dict) -> None:
+        pixel_notes.see(row, row.get("source"))
+        if bar is not None:
+            bar.update(1)
+
     try:
-        _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes)
+        _run_engine(job, backend, items, opts, writer, result.summary, on_row, notes, units)
     except (EngineRunError, OutputWriteError) as exc:  # rows written so far are kept
         result.incomplete = str(exc)
     except KeyboardInterrupt:
@@ -201,7 +285,7 @@ def _run_started(job: BatchJob, backend, opts: BatchOptions, sink: RowSink, item
         from m3cli.engines.shard import write_sidecar
 
         try:
-            write_sidecar(job.output, selector.k, selector.n, selector.total, True)
+            write_sidecar(job.output, selector.k, selector.n, selector.total, True, run=opts.run)
         except OutputWriteError as exc:
             result.incomplete = str(exc)
     return result
@@ -213,23 +297,24 @@ def _open_local_backend(job: BatchJob, opts: BatchOptions, notes: Callable[[str]
     from m3cli.matryoshka.scales import budget_note
 
     backend = open_backend(**job.model)
-    if opts.auto_scale:
+    policy = opts.run_policy
+    if policy.auto_scale:
         from m3cli.matryoshka.policy import make_ladder
 
-        make_ladder(backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder is a usage error up front
+        make_ladder(backend.grid_side, policy.ladder, policy.tokens)  # a bad ladder is a usage error up front
     note = budget_note(opts.tokens, backend.grid_side)
     if note is not None and notes is not None:
         notes(note)
     return backend
 
 
-def _select_shard(job: BatchJob, items: Iterable, sink: RowSink):
+def _select_shard(job: BatchJob, items: Iterable, sink: RowSink, run: dict[str, Any] | None = None):
     """Keep shard K's items; rows get their ``input_index``; the sidecar is written when the stream ends."""
     from m3cli.engines.shard import IndexingSink, ShardSelector, write_sidecar
 
     k, n = job.shard
     # the hash is the top-level item's: every question of an image (every frame of a video) is in one shard
-    selector = ShardSelector(items, k, n, on_end=lambda total: write_sidecar(job.output, k, n, total, False))
+    selector = ShardSelector(items, k, n, on_end=lambda total: write_sidecar(job.output, k, n, total, False, run=run))
     rows = _QuestionRows(selector) if len(job.options.run_questions) > 1 else selector
     return selector, IndexingSink(sink, rows), selector
 
@@ -252,17 +337,61 @@ class _QuestionRows:
             return self.selector.index_of({**row, "id": base})
 
 
-def _progress_bar(progress: bool | None):
-    """A tqdm bar on stderr counting rows, or None."""
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return None
-    from tqdm import tqdm
+def _progress(job: BatchJob, opts: BatchOptions):
+    """The run's progress on stderr (rows answered), or None with ``--no-progress``. Its total (the rows still
+    to answer) is counted in a background thread when it can be known: files and folders, not stdin."""
+    from m3cli.output.progress import Progress, progress_mode
 
-    return tqdm(desc="m3 batch", unit="item", file=sys.stderr, dynamic_ncols=True)
+    mode = progress_mode(job.progress)
+    if mode == "off":
+        return None
+    bar = Progress("m3 batch", unit="item", mode=mode)  # one per row, as the closing summary counts them
+    if job.shard is None and "-" not in job.inputs:  # a shard answers an unknown share of the rows
+        for name in ("m3cli.media.files", "m3cli.media.inputs"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _NotFromCounter) for f in logger.filters):
+                logger.addFilter(_NotFromCounter())
+        count = count_requests if job.input_format == "openai" else count_rows
+        threading.Thread(target=lambda: bar.set_total(count(job.inputs, opts)), daemon=True,
+                         name=COUNT_THREAD).start()
+    return bar
+
+
+def count_rows(inputs: Iterable[str], opts: BatchOptions) -> int | None:
+    """The rows a run over ``inputs`` (paths; not ``-``) will answer: one per image and question, minus those
+    ``opts.done_ids`` holds (``--resume``). None when it cannot be known before decoding (a video sampled into
+    frames) or the inputs cannot be listed."""
+    from m3cli.engines.units import question_count
+    from m3cli.media import iter_inputs
+    from m3cli.media.inputs import question_ids
+
+    n_questions = len(opts.run_questions)
+    total = 0
+    try:
+        for item in iter_inputs(list(inputs)):
+            if getattr(item, "kind", None) == "video" and opts.video_mode != "collage":
+                return None
+            n = question_count(item, n_questions)
+            total += sum(row_id not in opts.done_ids for row_id in question_ids(item.id, n))
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+def count_requests(inputs: Iterable[str], opts: BatchOptions) -> int | None:
+    """:func:`count_rows` for OpenAI Batch files (``--input-format openai``): one row per request line."""
+    from m3cli.engines.openai_batch import count_requests as count
+    from m3cli.errors import M3Error
+
+    try:
+        return count(list(inputs), opts.done_ids)
+    except (M3Error, OSError, ValueError):
+        return None
 
 
 def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: OrderedWriter, summary: Summary,
-                on_row: Callable[[dict], None] | None, notes: Callable[[str], None] | None = None) -> None:
+                on_row: Callable[[dict], None] | None, notes: Callable[[str], None] | None = None,
+                units=None) -> None:
     if job.engine == "ray":
         from m3cli.engines.ray import run_ray
 
@@ -271,4 +400,4 @@ def _run_engine(job: BatchJob, backend, items, opts: BatchOptions, writer: Order
     else:
         from m3cli.engines.local import run_batch
 
-        run_batch(backend, items, opts, writer, summary, on_row=on_row)
+        run_batch(backend, items, opts, writer, summary, on_row=on_row, units=units)

@@ -29,11 +29,11 @@ def iter_units(inputs: Iterable[Item | BadInput], opts: BatchOptions) -> Iterato
     sampling = opts.sampling
     recent = RecentKeys(opts.encode_cache)
     for item in inputs:
-        for dec in decode_input(item, done_for(item, opts), sampling, recent):
+        for dec in decode_input(item, done_for(item, opts), sampling, recent, opts.image):
             for row_id, question in unit_questions(dec.item, opts):
                 skip = dec.skip or row_id in opts.done_ids
                 yield Unit(seq, dec.item, None if skip else dec.image, dec.error, skip, id=row_id,
-                           question=question, key=dec.key, load=dec.load, frames=dec.frames)
+                           question=question, key=dec.key, load=dec.load, frames=dec.frames, pixels=dec.pixels)
                 seq += 1
 
 
@@ -91,12 +91,15 @@ def run_batch(
     writer: OrderedWriter,
     summary: Summary,
     on_row: Callable[[dict], None] | None = None,
+    units: Iterator[Unit] | None = None,
 ) -> None:
     """Answer every input and write its row; returns when all are written (or raises KeyboardInterrupt).
 
+    ``units``: the work already numbered (an OpenAI Batch file's requests) instead of ``iter_units(inputs)``.
     Rows already written when interrupted stay written and flushed; nothing computed is lost.
     """
-    prefetch = Prefetcher(iter_units(inputs, opts), opts.prefetch or 2 * opts.batch_size)
+    prefetch = Prefetcher(units if units is not None else iter_units(inputs, opts),
+                          opts.prefetch or 2 * opts.batch_size)
     cache = EncodeCache(opts.encode_cache)
     pending: list[Unit] = []
     try:

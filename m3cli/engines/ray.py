@@ -134,7 +134,8 @@ def run_ray(
         raise EngineError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
     ray = import_ray()
     with _guard_stdout():
-        owned = connect(ray, ray_address)
+        with filter_native_stderr(enabled=logs.verbosity() < 1):  # Ray's C++ retry lines while it connects
+            owned = connect(ray, ray_address)
         try:
             quiet_ray_logs()
             actor_cpus, threads = cluster_sizes(ray, actors, gpus_per_actor)
@@ -200,7 +201,8 @@ def _drive(ray, plan, model_kw, opts, writer, summary, actors, gpus_per_actor, a
         blocks = max(1, min(len(work), math.ceil(len(work) / opts.batch_size), 10_000))
         ds = ray.data.from_items(work, override_num_blocks=blocks)
         # Decode tasks keep Ray's default retries (a task whose worker dies is run again).
-        ds = ds.flat_map(decode_task, fn_kwargs={"sampling": opts.sampling, "n_questions": len(opts.run_questions)},
+        ds = ds.flat_map(decode_task, fn_kwargs={"sampling": opts.sampling, "n_questions": len(opts.run_questions),
+                                                 "image_options": opts.image},
                          num_cpus=DECODE_CPUS)
         cluster_opts = replace(opts, done_ids=set(), failed_ids=set())  # the cluster never needs them
         ds = _answer_stage(ds, dict(

@@ -17,6 +17,7 @@ from m3cli.errors import ModelError
 
 RAY_EXTRA_HINT = "--engine ray needs the ray extra: pip install 'm3cli[ray]'"
 DECODE_CPUS = 0.25  # logical CPUs per decode task: light work, and it must fit beside the actors
+GCS_WAIT_S = 5  # tries (about a second each) to reach the GCS of a cluster joined by address
 
 
 def import_ray():
@@ -29,8 +30,32 @@ def import_ray():
     return ray
 
 
+# A gRPC server (Ray's GCS and its client server both are) answers an HTTP/2 client preface with a SETTINGS
+# frame at once; anything else at the address (another service, a proxy, a black hole) does not.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS_FRAME = 0x04
+
+
+def _speaks_grpc(sock: socket.socket, timeout: float) -> bool:
+    """Whether the peer answers an HTTP/2 preface with a SETTINGS frame within ``timeout`` seconds."""
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == _SETTINGS_FRAME
+
+
 def check_reachable(address: str, timeout: float = 3.0) -> None:
-    """Fail fast (one line) when ``host:port`` refuses connections; ``auto``/``local`` are left to Ray."""
+    """Fail fast (one line) when ``host:port`` refuses connections or does not answer as a Ray cluster (a gRPC
+    server) within ``timeout`` seconds, instead of waiting out Ray's own retries; ``auto``/``local`` are left
+    to Ray."""
     target = address.strip()
     if target in ("auto", "local"):
         return
@@ -43,14 +68,18 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         return  # not host:port: let ray.init judge it
     host = host.strip("[]") or "127.0.0.1"
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise EngineError(
             f"no Ray cluster reachable at {address} ({reason}); start one with `ray start --head` "
             "or fix --ray-address"
         ) from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0") not in ("1", "true", "True") and not _speaks_grpc(sock, timeout):
+            raise EngineError(f"{address} accepts connections but does not answer as a Ray cluster within "
+                              f"{timeout:g} s (no gRPC reply); check --ray-address (the head's GCS port, 6379 by "
+                              "default, or ray://HOST:10001)")
 
 
 def preflight(model_kw: dict[str, Any], ray_address: str | None) -> None:
@@ -69,7 +98,8 @@ def preflight(model_kw: dict[str, Any], ray_address: str | None) -> None:
 
 
 def ray_error_line(exc: BaseException) -> str:
-    """A short line for an exception from Ray: the innermost cause's type and first line."""
+    """A short line for an exception from Ray: the innermost cause's type and first line (a traceback that Ray
+    folded into its message is left out: its last line, the error itself, is kept)."""
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
@@ -77,7 +107,12 @@ def ray_error_line(exc: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         exc = inner
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = str(exc)
+    head, marker, trace = text.partition("Traceback (most recent call last):")
+    lines = [ln.strip() for ln in head.splitlines() if ln.strip()]
+    if marker:  # "... Last connection error: Traceback ...": the message before it, and the traceback's last line
+        tail = [ln.strip() for ln in trace.splitlines() if ln.strip() and not ln.startswith((" ", "\t"))]
+        lines = [" ".join(lines) + (f" {tail[-1]}" if tail else "")] if lines else tail[-1:]
     text = lines[-1] if lines and lines[0].startswith("ray::") else (lines[0] if lines else "")
     name = type(exc).__name__
     return f"{name}: {text}" if text and not text.startswith(name) else (text or name)
@@ -96,6 +131,10 @@ def connect(ray, ray_address: str | None) -> bool:
     local = ray_address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
     if local:
         kwargs["num_cpus"] = os.cpu_count() or 1
+    else:
+        # Ray waits ~20 s (20 tries) for a GCS that answers wrongly or not at all; a cluster that is up answers
+        # the first try, so a few seconds fail fast without slowing a real join (an operator's setting wins)
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(GCS_WAIT_S))
     try:
         ray.init(address=ray_address or None, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any start/connect failure is one user-facing line

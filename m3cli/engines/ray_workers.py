@@ -25,7 +25,7 @@ from m3cli.engines.units import (
 )
 from m3cli.errors import one_line
 from m3cli.fileio import json_default
-from m3cli.media import BadInput, Item
+from m3cli.media import BadInput, ImageOptions, Item
 from m3cli.media.inputs import question_ids
 
 SETUP_MARK = "m3-ray-setup:"
@@ -54,7 +54,8 @@ def dumps_meta(data: Any) -> str:
     return json.dumps(data, ensure_ascii=True)
 
 
-def decode_task(row: dict[str, Any], sampling: Sampling, n_questions: int = 1) -> list[dict]:
+def decode_task(row: dict[str, Any], sampling: Sampling, n_questions: int = 1,
+                image_options: ImageOptions | None = None) -> list[dict]:
     """Decode task: one input -> its pictures as records ``{i, j, meta, image}`` (image: uint8 HxWx3).
 
     ``meta`` says which of the picture's rows (one per question, ``n_questions`` for an item without its
@@ -70,10 +71,10 @@ def decode_task(row: dict[str, Any], sampling: Sampling, n_questions: int = 1) -
     n = question_count(item, n_questions)
     empty = np.zeros((0, 0, 3), dtype=np.uint8)
     out: list[dict] = []
-    for dec in decode_input(item, done if n == 1 else AllDone(done, n), sampling):
+    for dec in decode_input(item, done if n == 1 else AllDone(done, n), sampling, image=image_options):
         meta = {"item": encode_item(dec.item), "error": dec.error, "skip": dec.skip,
                 "done": [r for r in question_ids(dec.item.id, n) if r in done],
-                "key": None if dec.key is None else list(dec.key), "frames": dec.frames}
+                "key": None if dec.key is None else list(dec.key), "frames": dec.frames, "pixels": dec.pixels}
         pixels = empty if dec.image is None else np.ascontiguousarray(np.asarray(dec.image, dtype=np.uint8))
         out.append({"i": index, "j": len(out), "meta": dumps_meta(meta), "image": pixels})
     return out
@@ -91,10 +92,11 @@ class Answerer:
             if threads and not options.get("threads"):
                 options["threads"] = threads
             self.backend = open_backend(**options, verbose=False)  # llama.cpp's own logs stay out of the workers
-            if opts.auto_scale:
+            policy = opts.run_policy
+            if policy.auto_scale:
                 from m3cli.matryoshka.policy import make_ladder
 
-                make_ladder(self.backend.grid_side, opts.ladder, opts.tokens)  # a bad ladder fails up front
+                make_ladder(self.backend.grid_side, policy.ladder, policy.tokens)  # a bad ladder fails up front
         except Exception as exc:  # noqa: BLE001 - reported on the driver as one line
             raise SetupFailed(f"{SETUP_MARK}{one_line(exc) or type(exc).__name__}") from None
         self.opts = opts
@@ -129,7 +131,8 @@ class Answerer:
                 skips.append(skip)
                 if not skip:
                     units.append(Unit(len(ids) - 1, item, image=image, error=meta["error"], id=row_id,
-                                      question=question, key=key, frames=meta.get("frames")))
+                                      question=question, key=key, frames=meta.get("frames"),
+                                      pixels=meta.get("pixels")))
         rows: list[str] = [""] * len(ids)
         for seq, row in answer_units(self.backend, units, self.opts, self.cache):
             rows[seq] = json.dumps(row, ensure_ascii=False, default=json_default)

@@ -4,9 +4,12 @@ Each of N processes enumerates the FULL input stream and keeps the top-level ite
 shard (:func:`shard_of`: a stable hash, so adding files never moves other items; frames of a video follow
 the video's id, so one process decodes each video). Its rows carry ``input_index``, the item's position in
 the full stream, and a sidecar ``<output>.shard.json`` records the shard, the shard count, the size of the
-full stream and whether the run finished. :func:`merge_outputs` puts the rows back in input order, keeps
-the last row per id, strips ``input_index`` and says whether anything is missing, so the merged file is
-the one the single-process run writes.
+full stream, whether the run finished and the run record (model, question, budget). A shard that got no
+items is an empty file with its sidecar, and a valid shard. :func:`merge_outputs` refuses shards of
+different runs (sidecars or rows whose ``run`` differ), puts the rows back in input order, keeps the last
+row per id, strips ``input_index`` and says whether anything is missing, so the merged file is the one the
+single-process run writes. It never writes an empty file for a merge that failed, and never writes over
+one of its inputs (the output guard, :class:`m3cli.output.OutputFile`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from m3cli.errors import OutputError, UsageError, describe
-from m3cli.fileio import atomic_open, atomic_write_text, escape_surrogates, iter_jsonl
-from m3cli.output import JsonlSink, OutputWriteError, RowSink
+from m3cli.errors import UsageError, describe
+from m3cli.fileio import LineTooLong, atomic_write_text, escape_surrogates, iter_jsonl
+from m3cli.output import JsonlSink, OutputFile, OutputWriteError, RowSink
+from m3cli.output.resume import RUN_KEY, run_differences
 
 if TYPE_CHECKING:  # media pulls in PyAV/numpy/Pillow; only its types are needed here
     from m3cli.media import BadInput, Item
@@ -178,14 +182,17 @@ def sidecar_path(output_path: str | os.PathLike[str]) -> str:
     return os.fspath(output_path) + SIDECAR_SUFFIX
 
 
-def write_sidecar(output_path: str | os.PathLike[str], k: int, n: int, inputs: int, complete: bool) -> str:
-    """Atomically write ``<output>.shard.json``; returns its path."""
+def write_sidecar(output_path: str | os.PathLike[str], k: int, n: int, inputs: int, complete: bool,
+                  run: dict[str, Any] | None = None) -> str:
+    """Atomically write ``<output>.shard.json`` (with the run record ``run``, when given); returns its path."""
     if not (isinstance(n, int) and isinstance(k, int) and 0 <= k < n):
         raise ValueError(f"bad shard {k}/{n}: expected integers 0 <= K < N")
     if isinstance(inputs, bool) or not isinstance(inputs, int) or inputs < 0:
         raise ValueError(f"inputs must be an integer >= 0, got {inputs!r}")
     path = sidecar_path(output_path)
-    data = {"shard": k, "of": n, "inputs": inputs, "complete": bool(complete)}
+    data: dict[str, Any] = {"shard": k, "of": n, "inputs": inputs, "complete": bool(complete)}
+    if run is not None:
+        data[RUN_KEY] = run
     try:
         atomic_write_text(path, json.dumps(data) + "\n")
     except OSError as exc:
@@ -217,6 +224,7 @@ def read_sidecar(output_path: str | os.PathLike[str]) -> dict[str, Any] | None:
         and isinstance(data.get("complete"), bool)
         and 0 <= data["shard"] < data["of"]
         and data["inputs"] >= 0
+        and isinstance(data.get(RUN_KEY, {}), dict)
     )
     if not ok:
         raise ValueError(f"{path}: not a shard sidecar (expected shard, of, inputs, complete)")
@@ -289,30 +297,59 @@ def _read_rows(path: str, report: MergeReport) -> Iterator[tuple[int, dict[str, 
     Same rules as :func:`m3cli.output.read_done_ids`: an unterminated last line is ignored even if it
     parses, as are lines that are not JSON objects with an id.
     """
+    from m3cli.fileio import input_problem
+
+    problem = input_problem(path)
+    if problem is not None:
+        raise MergeError(f"{path}: {problem}")
     try:
         f = open(path, "rb")  # closed by the with below
     except OSError as e:
         raise MergeError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
-        for lineno, _, raw, row in iter_jsonl(f):
-            if not raw.endswith(b"\n"):
-                log.warning("%s:%d: half-written last line, ignored", path, lineno)
-                report.skipped_lines += 1
-                break
-            if not raw.strip():
-                continue
-            if isinstance(row, Exception):
-                log.warning("%s:%d: not valid JSON, ignored", path, lineno)
-                report.skipped_lines += 1
-                continue
-            if not isinstance(row, dict) or row.get("id") is None:
-                log.warning("%s:%d: not a result row, ignored", path, lineno)
-                report.skipped_lines += 1
-                continue
-            yield lineno, row
+        try:
+            for lineno, _, raw, row in iter_jsonl(f):
+                if not raw.endswith(b"\n"):
+                    log.warning("%s:%d: half-written last line, ignored", path, lineno)
+                    report.skipped_lines += 1
+                    break
+                if not raw.strip():
+                    continue
+                if isinstance(row, Exception):
+                    log.warning("%s:%d: not valid JSON, ignored", path, lineno)
+                    report.skipped_lines += 1
+                    continue
+                if not isinstance(row, dict) or row.get("id") is None:
+                    log.warning("%s:%d: not a result row, ignored", path, lineno)
+                    report.skipped_lines += 1
+                    continue
+                yield lineno, row
+        except LineTooLong as exc:
+            raise MergeError(f"{path}: {exc}, so this is not m3 batch output") from None
 
 
-def _load_sidecars(paths: Sequence[str], report: MergeReport) -> tuple[int, int] | None:
+class _Runs:
+    """The run record every merged shard must share: from the first sidecar or row that has one."""
+
+    def __init__(self) -> None:
+        self.first: tuple[str, Any] | None = None  # (where, record)
+
+    def check(self, where: str, record: Any) -> None:
+        if self.first is None:
+            self.first = (where, record)
+            return
+        if record != self.first[1]:
+            first_where, first = self.first
+            if isinstance(first, dict) and isinstance(record, dict):
+                how = f"made with {run_differences(first, record, escape_surrogates(where))}"
+            else:
+                how = "one of them has no run record"
+            raise MergeError(f"shards of different runs: {escape_surrogates(first_where)} and "
+                             f"{escape_surrogates(where)} differ ({how}); merge the shards of one run only")
+
+
+def _load_sidecars(paths: Sequence[str], report: MergeReport, runs: _Runs | None = None
+                   ) -> tuple[int, int] | None:
     """(N, inputs) agreed by the sidecars, None when there are none; fills missing/incomplete shards."""
     cars: dict[str, dict[str, Any]] = {}
     for path in paths:
@@ -326,6 +363,8 @@ def _load_sidecars(paths: Sequence[str], report: MergeReport) -> tuple[int, int]
         return None
     first_path, first = next(iter(cars.items()))
     for path, car in cars.items():
+        if runs is not None and RUN_KEY in car:
+            runs.check(sidecar_path(path), car[RUN_KEY])
         if (car["of"], car["inputs"]) != (first["of"], first["inputs"]):
             raise MergeError(
                 f"shards of different runs: {first_path} is one of {first['of']} shards over {first['inputs']}"
@@ -343,17 +382,25 @@ def _load_sidecars(paths: Sequence[str], report: MergeReport) -> tuple[int, int]
     return n, inputs
 
 
-def merge_outputs(paths: Sequence[str], out_path: str | None) -> MergeReport:
+def merge_outputs(paths: Sequence[str], out_path: str | None, overwrite: bool = False) -> MergeReport:
     """Merge shard JSONL outputs into input order (see the module doc); stdout when ``out_path`` is None/"-".
 
     The last row per id wins (files in the order given, lines in file order). Rows are ordered by
     ``(input_index, frame, id)``; a video's own row (its error, frame None) goes before its frames when it
     has none and after them otherwise, where the single-process run writes it. Raises MergeError for rows
-    without a usable ``input_index`` or sidecars of different runs. Nothing is written on error.
+    without a usable ``input_index`` or shards of different runs (sidecars or rows with another ``run``);
+    OutputError for an output that is one of the shards, or an existing file without ``overwrite``, before
+    anything is read. Nothing is written on error, nor when the merge is not exact and has no row at all.
     """
     paths = [os.fspath(p) for p in paths]
+    target = None
+    if out_path is not None and os.fspath(out_path) != "-":
+        shards = paths + [sidecar_path(p) for p in paths]
+        target = OutputFile.check(os.fspath(out_path), "-o", overwrite=overwrite, results=True, inputs=shards,
+                                  create_parent=True)
     report = MergeReport(files=len(paths))
-    cover = _load_sidecars(paths, report)
+    runs = _Runs()
+    cover = _load_sidecars(paths, report, runs)
 
     rows: dict[str, dict[str, Any]] = {}
     seen: dict[str, int] = {}
@@ -366,6 +413,7 @@ def merge_outputs(paths: Sequence[str], out_path: str | None) -> MergeReport:
                 raise MergeError(f"{path}:{lineno}: bad {INDEX_KEY} {index!r}")
             if cover is not None and index >= cover[1]:
                 raise MergeError(f"{path}:{lineno}: {INDEX_KEY} {index} but the sidecars say {cover[1]} inputs")
+            runs.check(path, row.get(RUN_KEY))
             ident = str(row["id"])
             seen[ident] = seen.get(ident, 0) + 1
             rows.pop(ident, None)  # keep dict order = order of the kept (last) rows
@@ -393,23 +441,23 @@ def merge_outputs(paths: Sequence[str], out_path: str | None) -> MergeReport:
         report.missing.extend(f"input #{i} (no row)" for i in range(top + 1) if i not in present)
         report.notes.append(f"no {SIDECAR_SUFFIX} sidecars: inputs after #{top} and whole shards unchecked")
 
-    _write_rows(({k: v for k, v in r.items() if k != INDEX_KEY} for r in ordered), out_path)
+    if not ordered and not report.exact:
+        report.notes.append("nothing written" if target is not None else "nothing merged")
+        return report
+    _write_rows(({k: v for k, v in r.items() if k != INDEX_KEY} for r in ordered), target)
     report.rows_written = len(ordered)
     return report
 
 
-def _write_rows(rows: Iterable[dict[str, Any]], out_path: str | None) -> None:
-    if out_path is None or str(out_path) == "-":
+def _write_rows(rows: Iterable[dict[str, Any]], target: OutputFile | None) -> None:
+    if target is None:
         sink = JsonlSink(sys.stdout, owns=False)
         for row in rows:
             sink.write(row)
         sink.close()
         return
-    try:
-        with atomic_open(out_path) as stream:
-            sink = JsonlSink(stream, owns=False)
-            for row in rows:
-                sink.write(row)
-            sink.flush()
-    except OSError as exc:  # the folder cannot take the file: nothing was written
-        raise OutputError(f"{escape_surrogates(os.fspath(out_path))}: cannot write ({describe(exc)})") from None
+    with target.open() as stream:  # atomic: a failure leaves nothing (or the old file), never half a merge
+        sink = JsonlSink(stream, owns=False)
+        for row in rows:
+            sink.write(row)
+        sink.flush()

@@ -21,21 +21,22 @@ from typing import Any
 from m3cli.answering.collage import DEFAULT_FRAMES, collage_question
 from m3cli.answering.core import (
     DEFAULT_MAX_QUESTION_CHARS,
+    MODEL_FAILURE,
+    REFUSED,
     Query,
     Result,
     answer_queries,
     check_question,
     each_alone,
-    make_policy,
+    policy_from_spec,
 )
 from m3cli.answering.defaults import DEFAULT_QUESTION
 from m3cli.answering.encode_cache import EncodeCache
 from m3cli.backends.base import Backend, Encoded
 from m3cli.engines.decode import VIDEO_MODES, AllDone, Decoded, RecentKeys, Sampling, decode_input
 from m3cli.errors import M3Error
-from m3cli.matryoshka.confidence import DEFAULT_MEASURE
-from m3cli.matryoshka.policy import DEFAULT_THRESHOLD, Policy
-from m3cli.media import BadInput, Item, MediaError
+from m3cli.matryoshka.policy import Policy, PolicySpec
+from m3cli.media import BadInput, ImageOptions, Item, MediaError
 from m3cli.media.inputs import question_ids
 from m3cli.output import make_row
 
@@ -58,17 +59,21 @@ class BatchOptions:
     record of what the run's rows are made with (written in every row; ``--resume`` compares it), None for
     none. ``video_mode`` ``"collage"`` answers a video once, about ``collage_frames`` frames tiled
     ``collage_layout`` (columns, rows; None: IG-VLM's).
+
+    The scale policy is what the flags state (``tokens``, ``auto_scale``, ``threshold``, ``ladder``,
+    ``measure``, ``on_miss``; None: unstated), the rest taken from ``default_policy`` (the model's tuned
+    policy, :func:`m3cli.answering.defaults.model_policy`), then from the fallback: :attr:`run_policy`.
     """
 
     question: str | None = DEFAULT_QUESTION
     tokens: int | None = None
     auto_scale: bool = False
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = None
     ladder: list[int] | None = None
     batch_size: int = 8
     max_new_tokens: int = 16
     max_question_chars: int | None = DEFAULT_MAX_QUESTION_CHARS
-    measure: str = DEFAULT_MEASURE
+    measure: str | None = None
     fps: float | None = None
     every: int | None = None
     max_frames: int | None = None
@@ -82,6 +87,19 @@ class BatchOptions:
     collage_layout: tuple[int, int] | None = None
     encode_cache: int = DEFAULT_BATCH_CACHE
     max_visual_tokens: int | None = None  # --max-visual-tokens: a cap on each image's total (answering.VisualCap)
+    image: ImageOptions = ImageOptions()  # --upright / --alpha-background / --fast-decode (default: the recipe)
+    on_miss: str | None = None
+    default_policy: PolicySpec | None = None
+
+    def policy_spec(self, tokens: int | None = None) -> PolicySpec:
+        """What the run's flags state about the scale policy (``tokens``: an item's own budget instead)."""
+        return PolicySpec(self.tokens if tokens is None else tokens, self.auto_scale, self.threshold,
+                          self.measure, tuple(self.ladder) if self.ladder else None, self.on_miss)
+
+    @property
+    def run_policy(self) -> PolicySpec:
+        """The run's policy in full: the flags, then the model's policy, then the fallback."""
+        return self.policy_spec().over(self.default_policy)
 
     @property
     def run_question(self) -> str:
@@ -120,6 +138,12 @@ class Unit:
     key: Hashable | None = None
     load: Callable[[], Any] | None = None
     frames: list[int] | None = None
+    pixels: dict[str, Any] | None = None  # what was done to an image file's pixels (its rows' fields)
+    # a unit that brings its own answering (an OpenAI request): policy, answer length and stop sequences
+    policy: Policy | None = None
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    failure: str | None = None  # set when answered with an error: answering.core's REFUSED or MODEL_FAILURE
 
     @property
     def row_id(self) -> str:
@@ -152,9 +176,9 @@ def question_for(item: Item | BadInput, opts: BatchOptions) -> str:
 
 
 def policy_for(item: Item, opts: BatchOptions, grid: int) -> Policy:
-    """The item's scale policy: its own budget (JSONL ``tokens``) or the run's, fixed or escalating."""
-    tokens = item.tokens if item.tokens is not None else opts.tokens
-    return make_policy(grid, tokens, opts.auto_scale, opts.threshold, opts.ladder, opts.max_visual_tokens)
+    """The item's scale policy: its own budget (JSONL ``tokens``, which like ``--tokens`` replaces the model's
+    policy) or the run's, fixed or escalating."""
+    return policy_from_spec(grid, opts.policy_spec(item.tokens), opts.max_visual_tokens, opts.default_policy)
 
 
 def _failed(error: str) -> Result:
@@ -175,16 +199,20 @@ def answer_units(backend: Backend, units: list[Unit], opts: BatchOptions,
     for unit in units:
         question = unit.question or question_for(unit.item, opts)
         if unit.error is not None:
-            rows[unit.seq] = _row(unit, backend, opts, question, error=unit.error)
+            # a unit that never learnt its question (an OpenAI request that could not be read) records none
+            rows[unit.seq] = _row(unit, backend, opts, question if unit.question is not None else None,
+                                  error=unit.error)
             continue
         try:
-            policy = policy_for(unit.item, opts, backend.grid_side)
+            policy = unit.policy or policy_for(unit.item, opts, backend.grid_side)
         except (M3Error, ValueError) as exc:  # a bad per-item budget or ladder: that item's error row
+            unit.failure = REFUSED
             rows[unit.seq] = _row(unit, backend, opts, question, error=str(exc))
             continue
-        problem = check_question(backend, _asked(unit, question), policy, opts.max_new_tokens,
+        problem = check_question(backend, _asked(unit, question), policy, _max_new(unit, opts),
                                  opts.max_question_chars)
         if problem is not None:
+            unit.failure = REFUSED
             rows[unit.seq] = _row(unit, backend, opts, question, result=_failed(problem))
         else:
             ready.append((unit, question, policy))
@@ -193,14 +221,20 @@ def answer_units(backend: Backend, units: list[Unit], opts: BatchOptions,
         live = [(u, q, p) for u, q, p in ready if isinstance(encodings[u.seq], Encoded)]
         for unit, question, _ in ready:
             if not isinstance(encodings[unit.seq], Encoded):
+                unit.failure = MODEL_FAILURE
                 rows[unit.seq] = _row(unit, backend, opts, question, result=_failed(encodings[unit.seq]))
-        queries = [Query(encodings[u.seq], _asked(u, q), p, opts.max_new_tokens) for u, q, p in live]
+        queries = [Query(encodings[u.seq], _asked(u, q), p, _max_new(u, opts), u.stop) for u, q, p in live]
         # never raises for one item: a failed answer is that item's error result
-        results = answer_queries(backend, queries, opts.measure, opts.max_question_chars)
+        results = answer_queries(backend, queries, None, opts.max_question_chars)  # each policy's measure
         for (unit, question, _), result in zip(live, results, strict=True):
             _charge(result, shares[unit.seq])
+            unit.failure = result.failure
             rows[unit.seq] = _row(unit, backend, opts, question, result=result)
     return sorted(rows.items())
+
+
+def _max_new(unit: Unit, opts: BatchOptions) -> int:
+    return unit.max_new_tokens if unit.max_new_tokens is not None else opts.max_new_tokens
 
 
 def _asked(unit: Unit, question: str) -> str:
@@ -262,7 +296,7 @@ def _charge(result: Result, share: float | None) -> None:
     timings["encode_ms"] = share
 
 
-def _row(unit: Unit, backend: Backend, opts: BatchOptions, question: str, result=None, error=None) -> dict:
+def _row(unit: Unit, backend: Backend, opts: BatchOptions, question: str | None, result=None, error=None) -> dict:
     item = unit.item
     fields = {
         "id": unit.row_id,
@@ -277,6 +311,8 @@ def _row(unit: Unit, backend: Backend, opts: BatchOptions, question: str, result
     }
     if unit.frames is not None:
         fields["frames"] = list(unit.frames)
+    if unit.pixels is not None:
+        fields.update(unit.pixels)
     if result is not None:
         fields.update(result.to_dict())
         fields["note"] = result.note

@@ -19,8 +19,24 @@ Row fields (CSV: the header names them, case-insensitively; an empty cell is a m
 Ids are made unique in stream order by suffixing ``~2``, ``~3``, ... (as ``m3 batch`` does). Line numbers
 are the file's (CSV: the line a record starts on; the header is line 1). A row that cannot be used is a
 :class:`BadRow` with a one-line reason, never an exception; only a source that cannot be read at all
-(missing, unreadable, not JSONL/CSV, a CSV header without ``image``/``question``) raises ``UsageError``.
-Nothing here decodes images: a row's image is only checked to be an existing file.
+(missing, unreadable, a FIFO or device, not JSONL/CSV, a CSV header without ``image``/``question``, a line
+longer than the bounded reader's limit) raises ``UsageError``. A folder's FIFOs, devices and broken links
+are skipped with a warning. Nothing here decodes images: a row's image is only checked to be a readable
+regular file (by its type, before anything opens it).
+
+Two benchmark layouts are read by their own modules (the file is recognised by its content):
+
+- an MMBench / VLMEvalKit TSV (header with ``index``, ``question``, ``A``, ``B``): :mod:`m3cli.eval.mmbench`;
+- LLaVA question rows (``question_id`` + ``text``, no ``question``) in JSONL: :mod:`m3cli.eval.llava_files`.
+
+``image_folder`` (``--image-folder``) replaces the data file's folder as the base of relative image paths.
+
+Every row has a content ``key`` besides its id: a hash of what it asks and how it is scored (its image file,
+size and modification time, question, gold, choices, family, and an ``id`` the data gives; an MMBench row's
+``index``, hint, options and the content of its picture cell; a LLaVA row's ``question_id``), made unique in
+stream order like ids. ``--resume`` matches samples by it, so inserted, removed or reordered rows (whose
+default ids ``<stem>:<line>`` shift) are evaluated exactly once, and a row whose answer or image changed is
+evaluated again.
 """
 
 from __future__ import annotations
@@ -28,20 +44,31 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import IO, Any, Literal
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import IO, Any, Literal, Protocol
 
-from m3cli.errors import UsageError, describe
-from m3cli.eval.fields import Bad, GoldKind, image_path, json_type, parse_gold, scalar_text
+from m3cli.errors import UsageError, describe, escape_controls
+from m3cli.eval.fields import Bad, GoldKind, image_path, json_type, parse_gold, question_text, scalar_text
 from m3cli.eval.scoring import choice_letters
-from m3cli.fileio import iter_jsonl
+from m3cli.fileio import LineTooLong, content_hash, input_problem, iter_jsonl, iter_lines
 from m3cli.media.inputs import unique_ids
+
+log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson")
 CSV_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
+
+
+class ImageSource(Protocol):
+    """An image that is not a file of its own (an MMBench TSV's base64 cell): its encode-cache key and a
+    function giving its encoded bytes as a named stream (decoded by the run's image loader and options)."""
+
+    key: Hashable
+    open: Callable[[], IO[bytes]]
 
 
 @dataclass(frozen=True)
@@ -49,7 +76,13 @@ class EvalRow:
     """One question with its gold answer.
 
     ``gold`` holds the gold values: ``(answer,)`` for "answer", the human answers for "answers", and
-    ``(letter,)`` (the resolved option letter) for "choice", whose options are ``choices``.
+    ``(letter,)`` (the resolved option letter) for "choice", whose options are ``choices``; nothing for
+    "none" (a row without a gold answer: answered and written, not scored).
+
+    A benchmark layout may fix more: ``prompt`` (the text before the suffix, laid out as the benchmark's own
+    script does; None: built from ``question`` and ``choices``), ``metric`` (None: by the gold's form),
+    ``image_source`` (the pixels when ``image`` names no file of its own) and ``meta`` (the layout's own
+    fields, written with the row's sample: MMBench's index, hint, category levels; LLaVA's question_id).
     """
 
     id: str
@@ -61,10 +94,17 @@ class EvalRow:
     family: str | None = None
     source: str = ""  # the data file ("-" for stdin)
     line: int = 0
+    key: str = ""  # what the row asks and how it is scored (see the module doc): --resume matches by it
+    prompt: str | None = None
+    metric: str | None = None
+    image_source: ImageSource | None = field(default=None, compare=False)
+    meta: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def reference(self) -> str:
-        """One human-readable gold: the answer, the most common human answer, or ``"B. text"``."""
+        """One human-readable gold: the answer, the most common human answer, or ``"B. text"`` ("" for none)."""
+        if self.gold_kind == "none":
+            return ""
         if self.gold_kind == "choice":
             letter = self.gold[0]
             return f"{letter}. {self.choices[choice_letters(len(self.choices)).index(letter)]}"
@@ -81,6 +121,7 @@ class BadRow:
     source: str
     line: int
     reason: str
+    key: str = ""  # a hash of the row's raw content
 
     @property
     def message(self) -> str:
@@ -92,7 +133,7 @@ class BadRow:
 @dataclass(frozen=True)
 class _DataFile:
     path: str  # "-" for stdin
-    fmt: Literal["jsonl", "csv", "tsv"] | None  # None: sniff (stdin)
+    fmt: Literal["jsonl", "csv", "tsv", "mmbench"] | None  # None: sniff (stdin)
     prefix: str  # default-id prefix
     base_dir: str  # relative image paths resolve against this
 
@@ -109,6 +150,11 @@ def _format_of(path: str) -> Literal["jsonl", "csv", "tsv"] | None:
     return None
 
 
+def is_data_file(path: str) -> bool:
+    """Whether a folder source would read this file (by its suffix): an output there must not look like one."""
+    return _format_of(path) is not None
+
+
 def _list_folder(root: str) -> list[str]:
     found: list[tuple[tuple[str, ...], str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -117,11 +163,18 @@ def _list_folder(root: str) -> list[str]:
             if name.startswith(".") or _format_of(name) is None:
                 continue
             path = os.path.join(dirpath, name)
+            problem = input_problem(path)
+            if problem is not None:  # a FIFO would block the run, a device never end: skipped, and said
+                log.warning("skipped %s: %s", escape_controls(path), problem)
+                continue
             found.append((tuple(os.path.relpath(path, root).split(os.sep)), path))
     return [path for _, path in sorted(found)]
 
 
 def _check_readable(path: str) -> None:
+    problem = input_problem(path)  # by type first: opening a FIFO blocks
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}")
     try:
         with open(path, "rb"):
             pass
@@ -129,11 +182,20 @@ def _check_readable(path: str) -> None:
         raise UsageError(f"{path}: cannot read ({describe(exc)})") from None
 
 
-def _plan(source: str) -> list[_DataFile]:
+def _plan(source: str, image_folder: str | None = None) -> list[_DataFile]:
+    if image_folder is not None:
+        problem = input_problem(image_folder, folder_ok=True)  # by type: a FIFO or device is named for what it is
+        if problem is None and not os.path.isdir(image_folder):
+            problem = "is a file, not a folder"
+        if problem is not None:
+            problem = "no such folder" if problem == "file not found" else problem
+            raise UsageError(f"--image-folder {image_folder}: {problem}")
+    base = os.path.abspath(image_folder) if image_folder is not None else None
     if source == "-":
-        return [_DataFile("-", None, "stdin", os.getcwd())]
+        return [_DataFile("-", None, "stdin", base or os.getcwd())]
     if not os.path.exists(source):
-        raise UsageError(f"{source}: no such file or folder")
+        problem = input_problem(source)
+        raise UsageError(f"{source}: {problem if problem != 'file not found' else 'no such file or folder'}")
     if os.path.isdir(source):
         paths = _list_folder(source)
         if not paths:
@@ -142,39 +204,72 @@ def _plan(source: str) -> list[_DataFile]:
         for path in paths:
             rel = os.path.relpath(path, source)
             prefix = os.path.splitext(rel)[0].replace(os.sep, "/")
-            files.append(_DataFile(path, _format_of(path), prefix, os.path.dirname(os.path.abspath(path))))
+            files.append(_DataFile(path, _format_of(path), prefix, base or os.path.dirname(os.path.abspath(path))))
     else:
         fmt = _format_of(source)
         if fmt is None:
             raise UsageError(f"{source}: not a JSONL or CSV file (expected {', '.join(JSONL_SUFFIXES + CSV_SUFFIXES)})")
         stem = os.path.splitext(os.path.basename(source))[0]
-        files = [_DataFile(source, fmt, stem, os.path.dirname(os.path.abspath(source)))]
+        files = [_DataFile(source, fmt, stem, base or os.path.dirname(os.path.abspath(source)))]
+    checked = []
     for f in files:
         _check_readable(f.path)
         if f.fmt in ("csv", "tsv"):
+            from m3cli.eval import mmbench
+
             with open(f.path, "rb") as fh:
-                _csv_header(_text_lines(fh), f.path, f.fmt)
-    return files
+                head = _csv_header(_text_lines(_bounded(fh, f.path)), f.path, f.fmt)
+            if f.fmt == "tsv" and head is not None and mmbench.is_mmbench_header(head[3]):
+                f = _DataFile(f.path, "mmbench", f.prefix, f.base_dir)
+        checked.append(f)
+    return checked
+
+
+def _bounded(stream: IO[Any], where: str) -> Iterator[Any]:
+    """The lines of a data source through the one bounded reader; a line over its limit is a UsageError
+    (the data is read before the model loads, so the run stops before any work)."""
+    try:
+        yield from iter_lines(stream)
+    except LineTooLong as exc:
+        raise UsageError(f"{'stdin' if where == '-' else where}: {exc}") from None
 
 
 # --- rows ------------------------------------------------------------------------------------------
 
 
+def raw_key(raw: Any) -> str:
+    """The content key of a row that cannot be used: a hash of what it holds."""
+    return content_hash("bad", raw)
+
+
+def file_version(path: str) -> tuple[int, int] | None:
+    """An image file's size and modification time, for a row's content key (a changed file is another image)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def _parse_row(raw: Mapping[str, Any], f: _DataFile, line: int, default_id: str, csv_cell: bool) -> EvalRow | BadRow:
+    if not csv_cell and "question" not in raw and "text" in raw and "question_id" in raw:
+        from m3cli.eval import llava_files
+
+        return llava_files.parse_question(raw, f.path, line, f.base_dir)
     try:
-        row_id = scalar_text(raw.get("id"), "id") or default_id
+        given_id = scalar_text(raw.get("id"), "id")
     except Bad as bad:
-        return BadRow(default_id, f.path, line, str(bad))
+        return BadRow(default_id, f.path, line, str(bad), raw_key(raw))
+    row_id = given_id or default_id
     try:
-        question = scalar_text(raw.get("question"), "question")
-        if question is None:
-            raise Bad("missing field 'question'")
+        question = question_text(raw.get("question"))
         kind, gold, choices = parse_gold(raw, csv_cell)
         family = scalar_text(raw.get("family"), "family") or scalar_text(raw.get("category"), "category")
         image = image_path(raw.get("image"), f.base_dir)
     except Bad as bad:
-        return BadRow(row_id, f.path, line, str(bad))
-    return EvalRow(row_id, image, question, kind, gold, choices, family, f.path, line)
+        return BadRow(row_id, f.path, line, str(bad), raw_key(raw))
+    key = content_hash(given_id, image, file_version(image), question, kind, gold, choices, family)
+    return EvalRow(row_id, image, question, kind, gold, choices, family, f.path, line, key)
 
 
 # --- the two formats -------------------------------------------------------------------------------
@@ -202,8 +297,9 @@ class _Counted:
         return line
 
 
-def _csv_header(lines: Iterable[str], path: str, fmt: str) -> tuple[list[str], Any, _Counted] | None:
-    """Read the header of a CSV stream; None for an empty stream. UsageError when required columns lack."""
+def _csv_header(lines: Iterable[str], path: str, fmt: str) -> tuple[list[str], Any, _Counted, list[str]] | None:
+    """Read the header of a CSV stream (lower-cased names, the reader, its line count, the names as written);
+    None for an empty stream. UsageError when required columns lack."""
     counted = _Counted(iter(lines))
     reader = csv.reader(counted, delimiter="\t" if fmt == "tsv" else ",")
     for cells in reader:
@@ -217,7 +313,7 @@ def _csv_header(lines: Iterable[str], path: str, fmt: str) -> tuple[list[str], A
                 f"{where}: the CSV header has no {' or '.join(repr(m) for m in missing)} column "
                 f"(found: {', '.join(h for h in header if h) or 'nothing'})"
             )
-        return header, reader, counted
+        return header, reader, counted, [c.strip() for c in cells]
     return None
 
 
@@ -225,7 +321,7 @@ def _iter_csv(lines: Iterable[str], f: _DataFile, fmt: str) -> Iterator[EvalRow 
     head = _csv_header(lines, f.path, fmt)
     if head is None:
         return
-    header, reader, counted = head
+    header, reader, counted, _raw = head
     while True:
         start = counted.count + 1
         try:
@@ -233,7 +329,8 @@ def _iter_csv(lines: Iterable[str], f: _DataFile, fmt: str) -> Iterator[EvalRow 
         except StopIteration:
             return
         except csv.Error as exc:
-            yield BadRow(f"{f.prefix}:{start}", f.path, start, f"not valid CSV ({describe(exc)})")
+            yield BadRow(f"{f.prefix}:{start}", f.path, start, f"not valid CSV ({describe(exc)})",
+                         raw_key([f.path, start, describe(exc)]))
             continue
         if not any(c.strip() for c in cells):
             continue
@@ -242,26 +339,28 @@ def _iter_csv(lines: Iterable[str], f: _DataFile, fmt: str) -> Iterator[EvalRow 
 
 
 def _iter_jsonl(lines: Iterable[bytes], f: _DataFile) -> Iterator[EvalRow | BadRow]:
-    for line, _end, _raw, parsed in iter_jsonl(lines):  # type: ignore[arg-type]  # any iterable of lines
+    # ``lines`` come from the bounded reader (_bounded): iter_jsonl only checks them
+    for line, _end, raw, parsed in iter_jsonl(lines):  # type: ignore[arg-type]
         default_id = f"{f.prefix}:{line}"
         if parsed is None:
             continue
         if isinstance(parsed, Exception):
             reason = f"not valid JSON ({parsed.msg})" if isinstance(parsed, json.JSONDecodeError) else "not UTF-8"
-            yield BadRow(default_id, f.path, line, reason)
+            yield BadRow(default_id, f.path, line, reason, raw_key(raw.strip().decode("utf-8", "replace")))
         elif not isinstance(parsed, dict):
-            yield BadRow(default_id, f.path, line, f"expected a JSON object (got {json_type(parsed)})")
+            yield BadRow(default_id, f.path, line, f"expected a JSON object (got {json_type(parsed)})",
+                         raw_key(parsed))
         else:
             yield _parse_row(parsed, f, line, default_id, csv_cell=False)
 
 
 def _byte_lines(stream: IO[Any]) -> Iterator[bytes]:
-    """Byte lines of a binary or text stream (tests hand in io.StringIO)."""
+    """Byte lines of a binary or text stream (tests hand in io.StringIO), through the bounded reader."""
     binary = getattr(stream, "buffer", None)
     if binary is not None:
-        yield from binary
+        yield from _bounded(binary, "-")
         return
-    for line in stream:
+    for line in _bounded(stream, "-"):
         yield line if isinstance(line, bytes) else line.encode("utf-8")
 
 
@@ -288,18 +387,24 @@ def _iter_file(f: _DataFile) -> Iterator[EvalRow | BadRow]:
         raise UsageError(f"{f.path}: cannot read ({describe(exc)})") from None
     with fh:
         if f.fmt == "jsonl":
-            yield from _iter_jsonl(fh, f)
+            yield from _iter_jsonl(_bounded(fh, f.path), f)
+        elif f.fmt == "mmbench":
+            from m3cli.eval import mmbench
+
+            yield from mmbench.iter_rows(fh, f.path)
         else:
-            yield from _iter_csv(_text_lines(fh), f, f.fmt or "csv")
+            yield from _iter_csv(_text_lines(_bounded(fh, f.path)), f, f.fmt or "csv")
 
 
-def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None) -> Iterator[EvalRow | BadRow]:
+def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None,
+                   image_folder: str | os.PathLike[str] | None = None) -> Iterator[EvalRow | BadRow]:
     """The rows of an eval data source (file, folder or ``-``), in order, ids unique.
 
     The source is checked now (UsageError if it cannot be read, is not JSONL/CSV, or a CSV header lacks
-    ``image``/``question``); rows are parsed lazily. ``stdin`` replaces ``sys.stdin`` for ``-``.
+    ``image``/``question``); rows are parsed lazily. ``stdin`` replaces ``sys.stdin`` for ``-``; relative
+    image paths resolve against ``image_folder`` when given.
     """
-    files = _plan(os.fspath(source))
+    files = _plan(os.fspath(source), os.fspath(image_folder) if image_folder is not None else None)
 
     def rows() -> Iterator[EvalRow | BadRow]:
         for f in files:
@@ -308,7 +413,17 @@ def read_eval_data(source: str | os.PathLike[str], stdin: IO[Any] | None = None)
             else:
                 yield from _iter_file(f)
 
-    return unique_ids(rows())
+    return unique_keys(unique_ids(rows()))
+
+
+def unique_keys(rows: Iterable[EvalRow | BadRow]) -> Iterator[EvalRow | BadRow]:
+    """Rows whose content keys repeat (the same question about the same image, scored the same) get
+    ``~2``, ``~3``, ... in stream order, so each is evaluated once."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        n = counts.get(row.key, 0) + 1
+        counts[row.key] = n
+        yield row if n == 1 else replace(row, key=f"{row.key}~{n}")
 
 
 # --- many questions per image ----------------------------------------------------------------------
@@ -342,8 +457,16 @@ __all__ = [
     "BadRow",
     "EvalRow",
     "GoldKind",
+    "ImageSource",
+    "data_files",
     "group_by_image",
     "image_key",
+    "is_data_file",
     "read_eval_data",
     "split_rows",
 ]
+
+
+def data_files(source: str | os.PathLike[str]) -> list[str]:
+    """The files a data source reads (none for stdin): what an output of the same run must not be."""
+    return [f.path for f in _plan(os.fspath(source)) if f.path != "-"]

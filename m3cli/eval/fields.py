@@ -10,26 +10,39 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from m3cli.errors import describe
 from m3cli.eval.scoring import choice_letters, gold_letter
+from m3cli.fileio import input_problem, looks_like_url
 
 MAX_CHOICES = 26
 
-GoldKind = Literal["answer", "answers", "choice"]
+GoldKind = Literal["answer", "answers", "choice", "none"]  # none: answered, not scored (a test split)
 
 
 class Bad(Exception):
     """The current row is bad, with this reason."""
 
 
-def scalar_text(value: Any, name: str) -> str | None:
-    """A string or number as text; None when missing or empty; Bad for anything else."""
+def scalar_text(value: Any, name: str, what: str | None = None) -> str | None:
+    """A string or number as text (ids, answers: ``3`` is a fine answer to "how many"); None when missing or
+    empty; Bad for anything else, a boolean included (``true`` is not the text of any answer)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise Bad(f"'{name}' must be a string (got {json_type(value)})")
+        raise Bad(f"{what or repr(name)} must be a string or a number (got {json_type(value)})")
     text = str(value).strip()
     return text or None
+
+
+def question_text(value: Any) -> str:
+    """The question: a non-empty string (a number is no question); Bad otherwise."""
+    if value is None:
+        raise Bad("missing field 'question'")
+    if not isinstance(value, str):
+        raise Bad(f"'question' must be a string (got {json_type(value)})")
+    text = value.strip()
+    if not text:
+        raise Bad("'question' is empty")
+    return text
 
 
 def json_type(value: Any) -> str:
@@ -66,12 +79,14 @@ def text_list(value: Any, name: str, csv_cell: bool) -> list[str] | None:
     if not isinstance(value, list):
         raise Bad(f"'{name}' must be a list (got {json_type(value)})")
     out = []
-    for item in value:
+    for number, item in enumerate(value, start=1):
         if name == "answers" and isinstance(item, dict):
             item = item.get("answer")  # VQAv2 annotations: [{"answer": ..., "answer_id": ...}, ...]
-        text = scalar_text(item, name + " item")
+        if item is None:
+            raise Bad(f"'{name}' item {number} is null")
+        text = scalar_text(item, name, f"'{name}' item {number}")
         if text is None:
-            raise Bad(f"'{name}' has an empty item")
+            raise Bad(f"'{name}' item {number} is empty")
         out.append(text)
     if not out:
         raise Bad(f"'{name}' is empty")
@@ -104,18 +119,23 @@ def parse_gold(raw: Mapping[str, Any], csv_cell: bool) -> tuple[GoldKind, tuple[
 
 
 def image_path(value: Any, base_dir: str) -> str:
-    image = scalar_text(value, "image")
-    if image is None:
+    """The row's image as an absolute path, checked by type (:func:`m3cli.fileio.input_problem`) without
+    opening it: a FIFO or a device is refused for what it is, a URL is said to be one."""
+    if value is not None and not isinstance(value, str):
+        raise Bad(f"'image' must be a string (got {json_type(value)})")
+    image = value.strip() if value else ""
+    if not image:
         raise Bad("missing field 'image'")
+    if looks_like_url(image):
+        raise Bad(f"image is a URL: m3 reads local files only, not URLs (download it first): {image}")
     path = os.path.normpath(os.path.join(base_dir, image))
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise Bad(f"image not found: {path}") from None
-    except OSError as exc:
-        raise Bad(f"image cannot be read: {path} ({describe(exc)})") from None
-    if os.path.isdir(path):
+    problem = input_problem(path, empty_ok=False)
+    if problem == "file not found":
+        raise Bad(f"image not found: {path}")
+    if problem == "is a directory, not a file":
         raise Bad(f"image is a folder: {path}")
-    if st.st_size == 0:
+    if problem == "empty file":
         raise Bad(f"image is an empty file: {path}")
+    if problem is not None:
+        raise Bad(f"image {problem}: {path}")
     return path

@@ -5,6 +5,11 @@ computed from the recorded per-scale answers. Because decoding is greedy and eac
 grid, an escalation policy's outcome equals a replay of those answers; its time is the encode plus the
 rungs it would have tried.
 
+A record may stand for one question asked several ways (MMBench's CircularEval: once per rotation of its
+options, :func:`combine`): it is right at a scale only when every way is, the oracle is the fewest tokens at
+which every way is right, the escalation replay runs the policy on each way (each is a query of its own)
+and counts the question right only when every way ends right, and calibration looks at each way.
+
 A record's per-scale ``scores`` are the metric's values in [0, 1] (VQA accuracy can be fractional; the
 scenes' ``describe`` family scores the fraction of objects a description names); records without them are
 the synthetic scenes' one-word answers, right when the first word matches. Accuracy is the mean score; a
@@ -44,6 +49,7 @@ class Record:
     pass_mark: float = 1.0  # the score that counts as correct (describe: m3cli.data.describe.PASS_MARK)
     visual: dict[int, int] | None = None  # visual tokens the LM received per scale (LLaVA-NeXT); None: the scale
     capped: dict[int, bool] | None = None  # the answer ran to its token cap (did not end by itself) per scale
+    parts: tuple[Record, ...] = ()  # the ways this question was asked (CircularEval); () for one plain question
 
     def score(self, scale: int) -> float:
         """The answer's score at ``scale``, in [0, 1]."""
@@ -54,6 +60,19 @@ class Record:
     def correct(self, scale: int) -> bool:
         """The score at ``scale`` reaches the record's pass mark (full credit unless its family says less)."""
         return self.score(scale) >= self.pass_mark
+
+
+def combine(parts: Sequence[Record], id: str, family: str) -> Record:
+    """One question asked as each of ``parts`` (its rotations): right at a scale only when every part is (its
+    score: the lowest part score); its answers and logprobs are the first part's, its times the parts' mean
+    (each part is one query)."""
+    first, n = parts[0], len(parts)
+    scales = list(first.answers)
+    return Record(
+        family=family, question=first.question, truth=first.truth, answers=dict(first.answers),
+        logprobs=dict(first.logprobs), ms={s: sum(p.ms[s] for p in parts) / n for s in scales},
+        encode_ms=sum(p.encode_ms for p in parts) / n, scores={s: min(p.score(s) for p in parts) for s in scales},
+        id=id, pass_mark=min(p.pass_mark for p in parts), visual=first.visual, parts=tuple(parts))
 
 
 def soft_calibration_error(confidences: Sequence[float], scores: Sequence[float], bins: int = 10) -> float:
@@ -135,21 +154,29 @@ class EvalReport:
         }
 
     def escalation(self, threshold: float, measure: str, ladder: Sequence[int] | None = None) -> dict[str, float]:
-        """Replay ``Escalate(ladder, threshold)`` over the recorded per-scale answers."""
+        """Replay ``Escalate(ladder, threshold)`` over the recorded per-scale answers.
+
+        A question asked several ways (``parts``) replays each way; it is right only when every way ends
+        right, and its tokens, rungs and time are the mean over its ways (per query)."""
         policy = Escalate(tuple(sorted(ladder or self.scales)), threshold)
         fn = MEASURES[measure]
-        right = tokens = rungs = ms = 0.0
-        for r in self.records:
+
+        def replay(r: Record) -> tuple[float, float, float, float]:
             tried: list[Rung] = []
             scale: int | None = policy.first()
             while scale is not None:
                 tried.append(Rung(scale, r.answers[scale], fn(r.logprobs[scale])))
                 scale = policy.next(tried)
-            final = tried[-1].scale
-            right += r.score(final)
-            tokens += final
-            rungs += len(tried)
-            ms += r.encode_ms + sum(r.ms[t.scale] for t in tried)
+            return (r.score(tried[-1].scale), tried[-1].scale, len(tried),
+                    r.encode_ms + sum(r.ms[t.scale] for t in tried))
+
+        right = tokens = rungs = ms = 0.0
+        for r in self.records:
+            ways = [replay(p) for p in r.parts] if r.parts else [replay(r)]
+            right += min(w[0] for w in ways)
+            tokens += sum(w[1] for w in ways) / len(ways)
+            rungs += sum(w[2] for w in ways) / len(ways)
+            ms += sum(w[3] for w in ways) / len(ways)
         n = len(self.records) or math.nan
         return {"threshold": threshold, "accuracy": right / n, "mean_tokens": tokens / n,
                 "mean_rungs": rungs / n, "ms_per_item": ms / n}
@@ -160,9 +187,11 @@ class EvalReport:
         return sum(r.encode_ms + r.ms[scale] for r in self.records) / n
 
     def calibration(self, measure: str, scale: int) -> dict[str, float]:
-        """ECE, mean confidence and accuracy of ``measure`` at ``scale``."""
-        conf = [MEASURES[measure](r.logprobs[scale]) for r in self.records]
-        scores = [r.score(scale) for r in self.records]
+        """ECE, mean confidence and accuracy of ``measure`` at ``scale`` (over every query: each way a question
+        was asked counts)."""
+        queries = [p for r in self.records for p in (r.parts or (r,))]
+        conf = [MEASURES[measure](r.logprobs[scale]) for r in queries]
+        scores = [r.score(scale) for r in queries]
         n = len(conf) or math.nan
         return {"measure": measure, "tokens": scale, "ece": soft_calibration_error(conf, scores),
                 "mean_confidence": sum(conf) / n, "accuracy": sum(scores) / n}

@@ -88,7 +88,7 @@ CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly
 #: LLaVA's VQAv2/GQA/TextVQA question suffix (lmms-eval's vqav2 ``post_prompt``).
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
-METRICS: tuple[str, ...] = ("exact", "vqa", "choice", "contains")
+METRICS: tuple[str, ...] = ("exact", "vqa", "choice", "contains", "mmbench")
 GOLD_KINDS: tuple[str, ...] = ("answer", "answers", "choice")
 
 
@@ -248,6 +248,41 @@ def extract_choice(pred: str, choices: Sequence[str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+# VLMEvalKit's answers that refuse to pick (its ``can_infer_option`` maps them to the "none" option Z).
+_REFUSALS: tuple[str, ...] = (
+    "Sorry, I can't help with images of people yet.", "I can't process this file.",
+    "I'm sorry, but without the image provided", "Cannot determine the answer",
+)
+_OPTION_SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
+
+
+def infer_option(pred: str, choices: Sequence[str]) -> str | None:
+    """The option letter MMBench's exact matching reads from ``pred`` (VLMEvalKit's ``can_infer``), or None.
+
+    First the letter as a word: ``.()[],:;!*#{}`` become spaces, the answer is split on whitespace, and if
+    exactly one option letter is among the words and it is one of the last five words, that letter. A refusal
+    (or a lone ``Z``, VLMEvalKit's "none of them") picks nothing. Otherwise the option text: if the answer is at
+    most twice as long as all the options together and exactly one option's text occurs in it (lower case,
+    as a plain substring), that option. Without an LLM judge, anything else is wrong (VLMEvalKit's
+    ``exact_matching``); CircularEval reads every rotation this way, with no length cap.
+    """
+    letters = choice_letters(len(choices))
+    text = str(pred)
+    if any(refusal in text for refusal in _REFUSALS):
+        return None
+    words = text.translate(_OPTION_SEPARATORS).split()
+    named = [c for c in letters if c in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0]
+    if not named and "Z" in words:
+        return None
+    lower = text.lower()
+    if len(lower) > 2 * sum(len(c) for c in choices):
+        return None
+    hits = [letter for letter, c in zip(letters, choices, strict=True) if c.lower() in lower]
+    return hits[0] if len(hits) == 1 else None
+
+
 def gold_letter(choices: Sequence[str], answer: str) -> str | None:
     """The gold option letter for ``answer`` given as a letter ("b", "B", "(B)", "B.") or as a
     choice's text; None when it is neither. A letter wins over a choice whose text is that letter."""
@@ -325,6 +360,7 @@ def score(metric: str, pred: str, row: Any) -> float:
     - vqa: official VQA accuracy against the human answers (one answer: exact match; choice row:
       as "choice").
     - choice: 1 if the extracted option letter is the gold one; needs a row with choices.
+    - mmbench: 1 if the letter MMBench's exact matching reads (:func:`infer_option`) is the gold one; choices.
     - contains: 1 if a gold text (any human answer; a choice row's gold option text) occurs in the
       answer as whole words.
     """
@@ -336,13 +372,15 @@ def score(metric: str, pred: str, row: Any) -> float:
     if kind == "choice":
         letter = gold[0]
         text = choices[choice_letters(len(choices)).index(letter)]
+        if metric == "mmbench":
+            return float(infer_option(pred, choices) == letter)
         if metric in ("choice", "vqa"):
             return float(extract_choice(pred, choices) == letter)
         if metric == "exact":
             return float(exact_match(pred, letter) or exact_match(pred, text))
         return float(contains(pred, text))
-    if metric == "choice":
-        raise UsageError(f"metric 'choice' needs rows with choices (row {_get(row, 'id', '?')} has none)")
+    if metric in ("choice", "mmbench"):
+        raise UsageError(f"metric {metric!r} needs rows with choices (row {_get(row, 'id', '?')} has none)")
     if metric == "vqa":
         return vqa_accuracy(pred, gold)
     if metric == "exact":

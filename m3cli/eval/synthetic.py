@@ -9,14 +9,18 @@ default the one-word families are asked in their templates, so the default quest
 earlier table; ``phrasing`` asks the same questions in training or held-out phrasings
 (:mod:`m3cli.data.phrasings`) and ``drawn`` about the split's drawings (:mod:`m3cli.data.drawings`: other
 sizes, larger shapes). Answers that run to their token cap are counted per family and scale (``capped``).
-``export_scenes`` writes the same questions as a data file (PNG images + JSONL), so ``m3 eval --data`` can
-be tried on a fresh clone.
+``export_scenes`` writes the same questions as a data file (PNG images + JSONL, or the benchmarks' layouts:
+an MMBench TSV, a LLaVA question file), so ``m3 eval --data`` can be tried on a fresh clone.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -24,10 +28,11 @@ from functools import partial
 from m3cli.backends.base import Backend
 from m3cli.data import describe as describe_family
 from m3cli.data import drawings, phrasings, scenes
-from m3cli.errors import M3Error, OutputError, UsageError, describe
+from m3cli.errors import M3Error, UsageError, describe
 from m3cli.eval.engine import DEFAULT_CACHE, EncodeCache, EvalItem, ItemResult, answer_items
 from m3cli.eval.report import EvalReport, Record
 from m3cli.fileio import atomic_write_text
+from m3cli.output import OutputWriteError
 
 Progress = Callable[[int, int], None]
 
@@ -138,39 +143,104 @@ def evaluate(
                       questions=", ".join(variant) or None)
 
 
-def export_scenes(out_dir: str | os.PathLike[str], split: str = "test", n: int = 600,
-                  families: Sequence[str] | None = None, phrasing: str = "template",
-                  drawn: bool = False) -> tuple[str, int, int]:
-    """Write the questions ``evaluate(split, n, families, phrasing=..., drawn=...)`` asks as
-    ``<out_dir>/<split>.jsonl`` (``id``, ``image``, ``question``, ``answer``, ``family``) and their images as
-    ``<out_dir>/images/*.png``.
+EXPORT_FORMATS: tuple[str, ...] = ("jsonl", "mmbench", "llava")
 
-    Returns (the JSONL path, rows, images). Existing files of the same names are replaced. The ``describe``
-    family is refused: its answers need their own scoring, which ``--data`` rows cannot name.
+
+def export_scenes(out_dir: str | os.PathLike[str], split: str = "test", n: int = 600,
+                  families: Sequence[str] | None = None, fmt: str = "jsonl", phrasing: str = "template",
+                  drawn: bool = False) -> tuple[str, int, int]:
+    """Write the questions ``evaluate(split, n, families, phrasing=..., drawn=...)`` asks, in the layout
+    ``fmt``:
+
+    - ``jsonl``: ``<out_dir>/<split>.jsonl`` (``id``, ``image``, ``question``, ``answer``, ``family``) and the
+      pictures as ``<out_dir>/images/*.png``;
+    - ``mmbench``: ``<out_dir>/<split>.tsv``, an MMBench/VLMEvalKit TSV: each question as multiple choice over 2
+      to 5 of its family's answer words (the gold among them), a hint on every fourth row, ``category`` = the
+      family, ``l2-category`` = coarse or fine perception, the picture's PNG in base64 on the first row about
+      it and the ``index`` of that row on the others;
+    - ``llava``: ``<out_dir>/llava_<split>.jsonl`` (``question_id``, ``image`` under ``<out_dir>/images``,
+      ``text``, ``category``, plus ``answer``, which LLaVA's own files do not carry) and the PNGs.
+
+    Returns (the data file's path, rows, images). Existing files of the same names are replaced. The
+    ``describe`` family is refused: its answers need their own scoring, which ``--data`` rows cannot name.
     """
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown export format {fmt!r} (choose from {', '.join(EXPORT_FORMATS)})")
     if families and scenes.DESCRIBE in families:
         raise UsageError("--export-data writes the one-word families; describe answers have their own scoring "
                          "(m3 eval --family describe)")
     out_dir = os.fspath(out_dir)
     items = _items(split, n, families, phrasing, drawn)
     try:
-        return _export(out_dir, split, items)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot write the export ({describe(exc)})") from None
+        if fmt == "mmbench":
+            return _export_mmbench(out_dir, split, items)
+        return _export(out_dir, split, items, llava=fmt == "llava")
+    except OSError as exc:  # part-way (the file was checked before): what is written stays, exit code 1
+        raise OutputWriteError(f"{out_dir}: cannot write the export ({describe(exc)})") from None
 
 
-def _export(out_dir: str, split: str, items: list[EvalItem]) -> tuple[str, int, int]:
+def export_path(out_dir: str | os.PathLike[str], split: str = "test", fmt: str = "jsonl") -> str:
+    """The data file :func:`export_scenes` writes for ``fmt`` (what the output guard checks before any work)."""
+    name = {"mmbench": f"{split}.tsv", "llava": f"llava_{split}.jsonl"}.get(fmt, f"{split}.jsonl")
+    return os.path.join(os.fspath(out_dir), name)
+
+
+def _picture_name(item: EvalItem) -> str:
+    """The PNG of an item's picture: its id without the family (``test-00012.png``, ``test-drawing-00012.png``)."""
+    return item.id.rsplit("-", 1)[0] + ".png"
+
+
+def _export(out_dir: str, split: str, items: list[EvalItem], llava: bool = False) -> tuple[str, int, int]:
     images = os.path.join(out_dir, "images")
     os.makedirs(images, exist_ok=True)
     lines, written = [], set()
-    for item in items:
-        name = item.id.rsplit("-", 1)[0] + ".png"
+    for i, item in enumerate(items):
+        name = _picture_name(item)
         if name not in written:
             item.load().save(os.path.join(images, name))
             written.add(name)
         qa = item.payload
-        lines.append(json.dumps({"id": item.id, "image": f"images/{name}", "question": qa.question,
-                                 "answer": qa.answer, "family": qa.family}))
-    path = os.path.join(out_dir, f"{split}.jsonl")
+        if llava:
+            row = {"question_id": i, "image": name, "text": qa.question, "category": qa.family, "answer": qa.answer}
+        else:
+            row = {"id": item.id, "image": f"images/{name}", "question": qa.question, "answer": qa.answer,
+                   "family": qa.family}
+        lines.append(json.dumps(row))
+    path = export_path(out_dir, split, "llava" if llava else "jsonl")
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path, len(lines), len(written)
+
+
+MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "E", "answer", "category", "l2-category",
+                    "split", "image")
+_COARSE = frozenset({"background", "exists"})
+_HINT = "The picture shows coloured shapes and letters on a plain background."
+
+
+def _export_mmbench(out_dir: str, split: str, items: list[EvalItem]) -> tuple[str, int, int]:
+    os.makedirs(out_dir, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(MMBENCH_COLUMNS)
+    first_row: dict[str, int] = {}  # picture -> index of the row carrying it
+    for i, item in enumerate(items):
+        qa, picture = item.payload, _picture_name(item)
+        rng = random.Random(f"{split}-{i}")
+        words = [w for w in scenes.answer_words(qa.family) if w != qa.answer]
+        k = min(len(words) + 1, 2 + i % 4)  # 2 to 5 options
+        options = [qa.answer, *rng.sample(words, k - 1)]
+        rng.shuffle(options)
+        if picture in first_row:
+            image = str(first_row[picture])
+        else:
+            png = io.BytesIO()
+            item.load().save(png, format="PNG")
+            image = base64.b64encode(png.getvalue()).decode("ascii")
+            first_row[picture] = i
+        letter = "ABCDE"[options.index(qa.answer)]
+        l2 = "coarse_perception" if qa.family in _COARSE else "finegrained_perception"
+        writer.writerow([i, qa.question, _HINT if i % 4 == 0 else "", *(options + [""] * (5 - k)), letter,
+                         qa.family, l2, "dev", image])
+    path = export_path(out_dir, split, "mmbench")
+    atomic_write_text(path, buffer.getvalue())
+    return path, i + 1 if first_row else 0, len(first_row)

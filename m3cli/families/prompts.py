@@ -30,7 +30,6 @@ Tokenisation goes through :class:`m3cli.families.tokenizing.PieceEncoder`, so bo
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +38,9 @@ from typing import Any, Protocol
 
 from m3cli.errors import UsageError, describe
 from m3cli.families.spec import QuestionError, TemplateError
+from m3cli.families.templates import check_template, render_chat_template
 from m3cli.families.tokenizing import PieceEncoder, TokenizerAdapter, encoder_for
+from m3cli.fileio import input_problem
 
 IMAGE = "<image>"
 
@@ -124,7 +125,7 @@ class TemplateRecipe:
             raise TemplateError("empty chat template")
         self.template = template
         self.prefix_after_special = prefix_after_special
-        _compiled(template)  # a broken template fails at load, in one line, not per item
+        check_template(template)  # a broken template fails at load, in one line, not per item
 
     def text(self, question: str, *, bos_token: str | None = None, eos_token: str | None = None) -> str:
         return render_chat_template(self.template, question, bos_token=bos_token or "", eos_token=eos_token or "")
@@ -236,14 +237,20 @@ def chat_template_option(value: str) -> PromptRecipe:
     if value in RECIPE_NAMES and value != "hf_template":
         return recipe_named(value)
     path = Path(value)
-    if not path.is_file():
+    problem = input_problem(path)
+    if problem == "file not found":
         raise UsageError(f"--chat-template {value}: neither a recipe ({', '.join(CONVERSATIONS)}) nor a file")
+    if problem is not None:
+        raise UsageError(f"--chat-template {value}: {problem}")
     return recipe_for_template(read_chat_template(path))
 
 
 def read_chat_template(path: str | Path) -> str:
     """A chat template from a file: ``chat_template.json`` style (``{"chat_template": ...}``) or raw jinja."""
     path = Path(path)
+    problem = input_problem(path)  # by type first: a FIFO would block
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -259,65 +266,3 @@ def read_chat_template(path: str | Path) -> str:
     if not text.strip():
         raise UsageError(f"{path}: empty chat template")
     return text
-
-
-# -- jinja --------------------------------------------------------------------------------------------------
-def chat_messages(question: str) -> list[dict]:
-    """One user turn in the transformers messages format: the image first, then the question."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-
-
-def render_chat_template(template: str, question: str, *, bos_token: str = "", eos_token: str = "",
-                         add_generation_prompt: bool = True) -> str:
-    """Render ``template`` for one question as transformers' ``apply_chat_template`` does.
-
-    Same jinja settings (sandboxed, ``trim_blocks``, ``lstrip_blocks``, loop controls, ``raise_exception``,
-    ``strftime_now``, a non-escaping ``tojson``); ``{% generation %}`` ... ``{% endgeneration %}`` renders its
-    body as it is. Errors become one-line :class:`TemplateError`.
-    """
-    import jinja2
-
-    try:
-        return _compiled(template).render(messages=chat_messages(question), add_generation_prompt=add_generation_prompt,
-                                          bos_token=bos_token, eos_token=eos_token)
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"chat template failed: {describe(exc)}") from exc
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled(template: str) -> Any:
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(jinja2.ext.Extension):
-        # transformers' AssistantTracker records where assistant text is for training masks; at inference the
-        # block is only its body
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def strftime_now(fmt: str) -> str:
-        from datetime import datetime
-
-        return datetime.now().strftime(fmt)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"chat template is not valid jinja: {describe(exc)}") from exc

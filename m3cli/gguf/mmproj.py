@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from m3cli.errors import ConvertError
+from m3cli.fileio import input_problem
 from m3cli.gguf.keys import ANYRES_MMPROJ_KEYS, IMAGE_NEWLINE_TENSORS
 from m3cli.gguf.layout import (
     LAYOUT_CLS_LAST,
@@ -75,8 +76,11 @@ def _reader(path: str | Path):
     except ImportError as exc:
         raise MmprojError("the 'gguf' package is not installed (pip install gguf)") from exc
     p = Path(path).expanduser()
-    if not p.is_file():
+    problem = input_problem(p, empty_ok=False)  # by type first: /dev/null is no missing file, a FIFO would block
+    if problem == "file not found":
         raise MmprojError(f"mmproj file not found: {path}")
+    if problem is not None:
+        raise MmprojError(f"mmproj {path}: {problem}")
     try:
         if not has_gguf_magic(p):
             raise MmprojError(f"{path}: not a GGUF file")

@@ -1,15 +1,18 @@
-"""Which paths are media (by extension), and whether a named file can be handed to a decoder."""
+"""Which paths are media (by extension), and whether a named file can be handed to a decoder.
+
+:func:`check_readable_file` is the media side of the one input-path check (:func:`m3cli.fileio.input_problem`):
+a FIFO, device or socket is refused by its type before anything opens it, a URL is said to be one.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections.abc import MutableSet
 from typing import Literal
 
-from m3cli.errors import MediaError, describe
-from m3cli.fileio import escape_surrogates
+from m3cli.errors import MediaError
+from m3cli.fileio import escape_surrogates, input_problem
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +60,8 @@ def note_skipped(path: str | os.PathLike[str], seen: MutableSet[str]) -> None:
 
 
 def check_readable_file(name: str) -> None:
-    """Turn missing/directory/empty/unreadable paths into MediaError before a decoder sees them."""
-    try:
-        st = os.stat(name)
-    except FileNotFoundError:
-        raise MediaError(f"{name}: file not found") from None
-    except PermissionError:
-        raise MediaError(f"{name}: permission denied") from None
-    except OSError as e:
-        raise MediaError(f"{name}: cannot access ({describe(e)})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise MediaError(f"{name}: is a directory, not a file")
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-        raise MediaError(f"{name}: empty file")
-    if not os.access(name, os.R_OK):
-        raise MediaError(f"{name}: permission denied")
+    """Turn missing / URL / directory / FIFO / device / empty / unreadable paths into MediaError before a decoder
+    sees them (nothing is opened: a FIFO would block)."""
+    problem = input_problem(name, empty_ok=False)
+    if problem is not None:
+        raise MediaError(f"{name}: {problem}")

@@ -1,7 +1,17 @@
-"""Image decoding: any Pillow-readable file, bytes or stream to a fully loaded RGB image.
+"""Image decoding: any Pillow-readable file, bytes or stream to the RGB image a model's recipe starts from.
 
-EXIF orientation is applied, every mode (alpha, palette, 16-bit, float, CMYK) becomes RGB, decompression
-bombs are refused above ``Image.MAX_IMAGE_PIXELS`` and damaged files become a one-line MediaError.
+By default the pixels are exactly those of the original LLaVA code, ``Image.open(path).convert("RGB")``: the
+image as stored (an EXIF orientation is not applied), every mode converted as Pillow converts it (alpha
+dropped, so the colours stored under transparent pixels show; 16-bit and float values clipped to 0..255; CMYK
+by Pillow's formula), at its full size (the family's own resize is the only one). What a user may ask for
+instead is an :class:`ImageOptions`: ``upright`` (turn by the EXIF orientation first), ``alpha_background``
+(composite transparency onto a colour first) and ``fast_decode`` (large JPEGs decoded by libjpeg at 1/2, 1/4
+or 1/8 scale: faster, different pixels). :func:`open_image` returns the image with what was done to it
+(:meth:`Picture.fields`, the rows' ``upright`` / ``alpha`` / ``decode_scale``); :class:`ImageNotes` tells a
+run once about inputs whose EXIF orientation or transparency the recipe ignores.
+
+Decompression bombs are refused above ``Image.MAX_IMAGE_PIXELS`` (never resized), and damaged files become a
+one-line MediaError.
 """
 
 from __future__ import annotations
@@ -12,10 +22,11 @@ import math
 import os
 import re
 import warnings
-from typing import IO
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, UnidentifiedImageError
 
 from m3cli.errors import MediaError, describe
 from m3cli.media.files import AVIF_EXTS, HEIF_EXTS, check_readable_file
@@ -75,64 +86,233 @@ def _bomb_error(name: str, exc: BaseException | None, pixels: int | None = None)
     return MediaError(f"{name}: refused, image too large ({n} pixels > {Image.MAX_IMAGE_PIXELS})")
 
 
-def _to_8bit_gray(im: Image.Image) -> Image.Image:
-    """Scale high-bit-depth single-channel images (I;16*, I, F) to 8-bit without clipping."""
-    arr = np.asarray(im)
-    if im.mode.startswith("I;16"):
-        # Full 16-bit range maps onto 0..255 with rounding: 65535 -> 255, 32768 -> 128.
-        out = (arr.astype(np.uint32) * 255 + 32767) // 65535
-    else:
-        a = arr.astype(np.float64)
-        finite = a[np.isfinite(a)]
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 0.0
-        if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
-            scaled = a * 255.0  # float images in [0, 1] are the common convention
-        elif im.mode == "I" and lo >= 0 and hi <= 255:
-            scaled = a  # already 8-bit values stored in 32-bit ints
-        elif im.mode == "I" and lo >= 0 and hi <= 65535:
-            scaled = a * (255.0 / 65535.0)  # 16-bit data that Pillow widened to "I"
-        elif hi > lo:
-            scaled = (a - lo) * (255.0 / (hi - lo))  # arbitrary range: stretch rather than clip
-        else:
-            scaled = np.zeros_like(a)
-        out = np.nan_to_num(np.rint(scaled), nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB; transparency is composited onto white."""
-    mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return _to_8bit_gray(im).convert("RGB")
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    # convert() returns a fresh copy even for RGB input, so the result never references a file.
-    return im.convert("RGB")
+# --------------------------------------------------------------------------------------------------------
+# what a user may ask for instead of the recipe's pixels
+# --------------------------------------------------------------------------------------------------------
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transposition that shows the image upright (the EXIF table Pillow's exif_transpose uses)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+# --fast-decode keeps the short side at least this long: more than any LLaVA input needs (LLaVA-1.6's largest
+# pinpoint side is 1008 px; LLaVA-1.5 needs 336 on the long side (pad) or the short side (crop)).
+FAST_DECODE_MIN_SIDE = 1008
+
+# the row fields that say what was done to an image's pixels (see Picture.fields)
+PIXEL_FIELDS = ("upright", "alpha", "decode_scale")
 
 
-def load_image(
-    path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes], max_side: int = 2048
-) -> Image.Image:
-    """Decode an image to a fully loaded RGB ``PIL.Image`` whose longer side is at most ``max_side``.
+def parse_colour(text: str) -> tuple[int, int, int]:
+    """A colour name (the CSS names: ``white``, ``black``, ``grey``...) or ``#rgb`` / ``#rrggbb`` as ``(r, g, b)``.
 
-    Raises MediaError (one line, naming the file) for anything that is not a readable, sane image.
+    Raises ValueError (one line) for anything else, and for a colour with its own transparency.
     """
-    if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    value = str(text).strip()
+    try:
+        rgb = ImageColor.getrgb(value)
+    except ValueError:
+        raise ValueError(f"unknown colour {text!r} (use a name such as white or black, or #rrggbb)") from None
+    if len(rgb) != 3:
+        raise ValueError(f"colour {text!r} has its own transparency; give an opaque one (#rrggbb)")
+    return int(rgb[0]), int(rgb[1]), int(rgb[2])
+
+
+def colour_hex(rgb: tuple[int, int, int]) -> str:
+    """``(r, g, b)`` as ``#rrggbb``."""
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a user's image becomes pixels, when not exactly as the model's original code opens it.
+
+    The default (every field off) is the recipe: ``Image.open(p).convert("RGB")``. ``upright``: turn the image
+    by its EXIF orientation first. ``alpha_background``: composite transparent pixels onto this colour first
+    (``(r, g, b)``, or a name / ``#rrggbb`` string, parsed here). ``fast_decode``: decode a large JPEG at 1/2,
+    1/4 or 1/8 scale (libjpeg's DCT scaling) while its short side stays >= ``FAST_DECODE_MIN_SIDE``; faster,
+    but the pixels differ from the recipe's. Picklable and hashable: it crosses to Ray workers as it is.
+    """
+
+    upright: bool = False
+    alpha_background: tuple[int, int, int] | None = None
+    fast_decode: bool = False
+
+    def __post_init__(self) -> None:
+        colour = self.alpha_background
+        if isinstance(colour, str):
+            colour = parse_colour(colour)
+        elif colour is not None:
+            colour = tuple(int(c) for c in colour)
+            if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+                raise ValueError(f"alpha_background must be (r, g, b) in 0..255, got {self.alpha_background!r}")
+        object.__setattr__(self, "alpha_background", colour)
+        object.__setattr__(self, "upright", bool(self.upright))
+        object.__setattr__(self, "fast_decode", bool(self.fast_decode))
+
+    @property
+    def exact(self) -> bool:
+        """Whether every image gets exactly the recipe's pixels (no option on)."""
+        return not (self.upright or self.alpha_background is not None or self.fast_decode)
+
+    def record(self) -> dict[str, Any]:
+        """The options that are on, for a run's record (``{}`` by default, so older records still match)."""
+        out: dict[str, Any] = {}
+        if self.upright:
+            out["upright"] = True
+        if self.alpha_background is not None:
+            out["alpha_background"] = colour_hex(self.alpha_background)
+        if self.fast_decode:
+            out["fast_decode"] = True
+        return out
+
+
+EXACT = ImageOptions()
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A decoded image and what was done to it.
+
+    ``orientation``: the EXIF orientation as stored (1 when absent or already upright); ``transparent``: some
+    pixel is not opaque; ``upright`` / ``alpha_background`` / ``decode_scale``: what the options did to it.
+    """
+
+    image: Image.Image
+    orientation: int = 1
+    transparent: bool = False
+    upright: bool = False
+    alpha_background: tuple[int, int, int] | None = None
+    decode_scale: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The row fields (:data:`PIXEL_FIELDS`).
+
+        ``upright``: None (nothing to turn), True (turned by its EXIF orientation), False (it has one, not
+        applied: the model saw the pixels as stored). ``alpha``: None (every pixel opaque), ``"dropped"`` (the
+        recipe's conversion dropped the transparency), or the ``#rrggbb`` it was composited onto.
+        ``decode_scale``: None (full decode), else the JPEG's reduced decode scale (``--fast-decode``).
+        """
+        alpha = None
+        if self.transparent:
+            alpha = colour_hex(self.alpha_background) if self.alpha_background is not None else "dropped"
+        return {"upright": None if self.orientation == 1 else self.upright, "alpha": alpha,
+                "decode_scale": self.decode_scale}
+
+
+class ImageNotes:
+    """One note per run about inputs the recipe feeds differently from how a viewer shows them.
+
+    ``see`` takes a row's (or :meth:`Picture.fields`') fields: the first image with an EXIF orientation left
+    unapplied, and the first with transparency dropped, each get one line through ``say`` naming the option
+    that changes it; later ones are quiet. ``say`` None: silent.
+    """
+
+    def __init__(self, say: Callable[[str], None] | None) -> None:
+        self.say = say
+        self.told: set[str] = set()
+
+    def see(self, fields: Mapping[str, Any], source: Any = None) -> None:
+        """Note ``fields`` of the image ``source`` (a path or id, for the message), once per kind."""
+        if self.say is None:
+            return
+        name = "an input" if source is None else str(source)
+        if fields.get("upright") is False and "upright" not in self.told:
+            self.told.add("upright")
+            self.say(f"{name} has an EXIF orientation that is not applied: the model sees the pixels as stored, "
+                     "as its original code feeds them; --upright turns images by their EXIF orientation first "
+                     "(noted once per run)")
+        if fields.get("alpha") == "dropped" and "alpha" not in self.told:
+            self.told.add("alpha")
+            self.say(f"{name} has transparency, dropped as the model's original code does (the colours stored "
+                     "under transparent pixels show); --alpha-background COLOUR composites it onto a colour first "
+                     "(noted once per run)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------------------
+
+
+def _orientation(im: Image.Image, name: str) -> int:
+    """The image's EXIF orientation (2..8), or 1 when it has none, an upright one or an unreadable one."""
+    try:
+        value = im.getexif().get(ORIENTATION_TAG)
+    except Exception as e:  # noqa: BLE001 - broken EXIF must not cost an otherwise good image
+        log.debug("%s: ignoring unreadable EXIF: %s", name, e)
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
+def _transparent(im: Image.Image) -> bool:
+    """Whether some pixel of ``im`` is not fully opaque (an alpha band, or a transparent colour / palette index)."""
+    if im.mode in _ALPHA_MODES:
+        band = im.getchannel(len(im.getbands()) - 1)
+    elif im.info.get("transparency") is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Pillow's advice about palette transparency in bytes
+                band = im.convert("RGBA").getchannel("A")
+        except (ValueError, OSError):
+            return False
+    else:
+        return False
+    return band.getextrema()[0] < 255
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+    """``im.convert("RGB")`` as the recipe does it, or transparency composited onto ``background`` first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's advice about palette transparency in bytes: not the user's
+        if background is None:
+            # convert() returns a fresh copy even for RGB input, so the result never references a file.
+            return im.convert("RGB")
+        canvas = Image.new("RGBA", im.size, (*background, 255))
+        return Image.alpha_composite(canvas, im.convert("RGBA")).convert("RGB")
+
+
+def _fast_decode_size(width: int, height: int) -> tuple[int, int] | None:
+    """The size to ask libjpeg for (its DCT scaling keeps at least it), or None when no reduction is possible."""
+    scale = FAST_DECODE_MIN_SIDE / min(width, height)
+    if scale > 0.5:  # not even a halving keeps the short side long enough
+        return None
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def load_image(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
+               options: ImageOptions | None = None) -> Image.Image:
+    """The fully loaded RGB ``PIL.Image`` of a file, bytes or stream: exactly ``Image.open(p).convert("RGB")``
+    unless ``options`` asks otherwise (see :func:`open_image`, which also says what was done)."""
+    return open_image(path_or_bytes, options).image
+
+
+def open_image(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
+               options: ImageOptions | None = None) -> Picture:
+    """Decode an image to the RGB pixels a model's recipe starts from, and say what was done to it.
+
+    Raises MediaError (one line, naming the file) for anything that is not a readable, sane image, and for
+    one above ``Image.MAX_IMAGE_PIXELS`` (refused, never resized).
+    """
+    options = options or EXACT
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         name = "<bytes>"
         data = bytes(path_or_bytes)
         if not data:
             raise MediaError(f"{name}: empty input")
-        return _decode_image(io.BytesIO(data), name, max_side)
+        return _decode_image(io.BytesIO(data), name, options)
     if hasattr(path_or_bytes, "read"):
         name = str(getattr(path_or_bytes, "name", "<stream>"))
-        return _decode_image(path_or_bytes, name, max_side)  # type: ignore[arg-type]
+        return _decode_image(path_or_bytes, name, options)  # type: ignore[arg-type]
 
     name = os.fspath(path_or_bytes)  # type: ignore[arg-type]
     check_readable_file(name)
@@ -145,10 +325,10 @@ def load_image(
     except OSError as e:
         raise MediaError(f"{name}: cannot open ({describe(e)})") from None
     with fh:
-        return _decode_image(fh, name, max_side)
+        return _decode_image(fh, name, options)
 
 
-def _decode_image(fh: IO[bytes], name: str, max_side: int) -> Image.Image:
+def _decode_image(fh: IO[bytes], name: str, options: ImageOptions) -> Picture:
     head = b""
     try:
         if getattr(fh, "seekable", lambda: False)():
@@ -173,11 +353,12 @@ def _decode_image(fh: IO[bytes], name: str, max_side: int) -> Image.Image:
         w, h = im.size
         if Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS:
             raise _bomb_error(name, None, w * h)  # belt and braces if a plugin skipped the check
+        decode_scale = None
         try:
-            if im.format == "JPEG" and max(w, h) > max_side:
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: far cheaper than full decode + resize.
-                s = max_side / max(w, h)
-                im.draft(None, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+            if options.fast_decode and im.format == "JPEG" and (size := _fast_decode_size(w, h)) is not None:
+                im.draft(None, size)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, keeping at least ``size``
+                if im.size != (w, h):
+                    decode_scale = 1 / round(w / im.size[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 im.load()
@@ -186,16 +367,16 @@ def _decode_image(fh: IO[bytes], name: str, max_side: int) -> Image.Image:
         except _DECODE_ERRORS as e:
             raise MediaError(f"{name}: corrupt or truncated image ({describe(e)})") from None
 
+        orientation = _orientation(im, name)
+        transparent = _transparent(im)
+        background = options.alpha_background if transparent else None
         try:
-            oriented = ImageOps.exif_transpose(im)
-        except Exception as e:  # broken EXIF must not cost us an otherwise good image
-            log.debug("%s: ignoring unusable EXIF orientation: %s", name, e)
-            oriented = im
-        try:
-            rgb = _to_rgb(oriented)
+            rgb = _to_rgb(im, background)
         except (ValueError, OSError) as e:
             raise MediaError(f"{name}: unsupported image mode {im.mode} ({describe(e)})") from None
 
-    if max(rgb.size) > max_side:
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return rgb
+    upright = options.upright and orientation != 1
+    if upright:
+        rgb = rgb.transpose(_UPRIGHT[orientation])
+    return Picture(rgb, orientation=orientation, transparent=transparent, upright=upright,
+                   alpha_background=background, decode_scale=decode_scale)

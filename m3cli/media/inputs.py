@@ -12,6 +12,15 @@ A run that asks several questions (``m3 batch -q A -q B``) writes one row per (i
 question ``k`` (1-based, in the order given) has the id ``<item id>#q<k>`` (:func:`question_ids`); a video
 frame's is ``<video id>#<frame>#q<k>``. An item that brings its own question (a stdin JSONL row) is asked
 only that one and keeps its id, as does every item of a run with a single question.
+
+Ids name an input by what it is, never by where it stands, so ``--resume`` after rows were inserted,
+removed or reordered answers each input exactly once: a path's id is the path; a stdin JSONL row without
+``id`` that sets its own ``question`` or ``tokens`` gets ``<path>~<hash>`` (8 hex digits of its question and
+budget), and a line that is not a usable row ``stdin:<hash>`` (of the line). Only inputs that are the same in
+every respect share a base id; their repeats get ``~2``, ``~3`` in stream order.
+
+Stdin is read through the one bounded line reader (:func:`m3cli.fileio.iter_lines`): a line over its limit
+(input without newlines, ``< /dev/zero``) is one error row and ends the reading of stdin.
 """
 
 from __future__ import annotations
@@ -24,8 +33,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Literal, TypeVar
 
-from m3cli.errors import describe
-from m3cli.fileio import escape_surrogates
+from m3cli.errors import describe, escape_controls
+from m3cli.fileio import LineTooLong, content_hash, escape_surrogates, input_problem, iter_lines, special_kind
 from m3cli.media.files import media_kind, note_skipped
 
 log = logging.getLogger(__name__)
@@ -48,11 +57,14 @@ class Item:
 
 @dataclass(frozen=True)
 class BadInput:
-    """An input that could not become an Item; the caller writes it as an error row."""
+    """An input that could not become an Item; the caller writes it as an error row (one, labelled with
+    ``question`` when the input brought a question of its own, as its answer would have been; else one per
+    question of the run)."""
 
     id: str
     source: str
     error: str
+    question: str | None = None
 
 
 QUESTION_MARK = "#q"  # between an item's id and its question number in a several-question run
@@ -109,16 +121,29 @@ def _walk(root: str, visited: set[tuple[int, int]], skipped: set[str]) -> Iterat
                 continue
             yield entry.path, kind
         else:
-            log.debug("skipped special file or broken link: %s", entry.path)
+            _note_unreadable(entry.path)
+
+
+def _note_unreadable(path: str) -> None:
+    """A walk met a broken link, a FIFO, a device or a socket: skipped (opening a FIFO would block), and said."""
+    name = escape_controls(escape_surrogates(path))
+    try:
+        kind = special_kind(os.stat(path).st_mode) or "not a regular file"
+    except OSError:
+        kind = "a broken symbolic link" if os.path.islink(path) else "unreadable"
+    log.warning("skipped %s: %s (name it explicitly to get an error row for it)", name, kind)
 
 
 def _expand_path(
-    path: str, *, item_id: str | None = None, question: str | None = None, tokens: int | None = None
+    path: str, *, item_id: str | None = None, question: str | None = None, tokens: int | None = None,
+    suffix: str = "",
 ) -> Iterator[Item | BadInput]:
-    """Items for one explicitly named path (file, video or directory)."""
+    """Items for one explicitly named path (file, video or directory); ``suffix`` ends every default id."""
     norm = os.path.normpath(path)
     if not os.path.exists(path):
-        yield BadInput(id=item_id or norm, source=path, error=f"{path}: no such file or directory")
+        problem = input_problem(path)
+        why = problem if problem and problem != "file not found" else "no such file or directory"
+        yield BadInput(id=item_id or norm + suffix, source=path, error=f"{path}: {why}", question=question)
         return
     if os.path.isdir(path):
         root_id = item_id if item_id is not None else norm
@@ -129,7 +154,7 @@ def _expand_path(
             fpath, kind = found
             rel = os.path.relpath(fpath, path)
             yield Item(
-                id=os.path.normpath(os.path.join(root_id, rel)),
+                id=os.path.normpath(os.path.join(root_id, rel)) + ("" if item_id is not None else suffix),
                 source=fpath,
                 kind=kind,  # type: ignore[arg-type]
                 question=question,
@@ -139,12 +164,25 @@ def _expand_path(
     # An explicitly named file with an unknown extension is still tried as an image: the user asked for
     # it, and load_image gives a precise error if it is not one.
     kind = media_kind(path) or "image"
-    yield Item(id=item_id or norm, source=path, kind=kind, question=question, tokens=tokens)
+    yield Item(id=item_id or norm + suffix, source=path, kind=kind, question=question, tokens=tokens)
+
+
+def line_id(line: str) -> str:
+    """The id of a stdin line that is not a usable row: ``stdin:`` and a hash of the line (not its number, which
+    changes when lines are inserted above it)."""
+    return f"stdin:{content_hash(line.strip(), length=8)}"
+
+
+def _own_label(value: object) -> str | None:
+    """How a row's own ``question`` field labels its error row (None: the row sets none)."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) and value.strip() else json.dumps(value, ensure_ascii=False)
 
 
 def _jsonl_row(line: str, lineno: int) -> Iterator[Item | BadInput]:
     where = f"stdin line {lineno}"
-    bad_id = f"stdin:{lineno}"
+    bad_id = line_id(line)
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -156,11 +194,15 @@ def _jsonl_row(line: str, lineno: int) -> Iterator[Item | BadInput]:
     raw_id = row.get("id")
     item_id = str(raw_id) if raw_id is not None and not isinstance(raw_id, (dict, list)) else None
     image = row.get("image")
-    if not isinstance(image, str) or not image:
-        yield BadInput(id=item_id or bad_id, source="-", error=f"{where}: missing or non-string 'image'")
-        return
     question = row.get("question")
     tokens = row.get("tokens")
+    # a row that sets its own question or budget is another input than the bare image: its id says which
+    suffix = "" if item_id is not None or (question is None and tokens is None) else \
+        "~" + content_hash(question, tokens, length=8)
+    if not isinstance(image, str) or not image:
+        yield BadInput(id=item_id or bad_id, source="-", error=f"{where}: missing or non-string 'image'",
+                       question=_own_label(question))
+        return
     problem = None
     if question is not None and not isinstance(question, str):
         problem = "'question' must be a string"
@@ -169,24 +211,38 @@ def _jsonl_row(line: str, lineno: int) -> Iterator[Item | BadInput]:
     elif tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         problem = "'tokens' must be a positive integer"
     if problem:
-        yield BadInput(id=item_id or os.path.normpath(image), source=image, error=f"{where}: {problem}")
+        yield BadInput(id=item_id or os.path.normpath(image) + suffix, source=image, error=f"{where}: {problem}",
+                       question=_own_label(question))
         return
-    yield from _expand_path(image, item_id=item_id, question=question, tokens=tokens)
+    yield from _expand_path(image, item_id=item_id, question=question, tokens=tokens, suffix=suffix)
 
 
 def _stdin_lines(stdin: IO) -> Iterator[str]:
-    """Lines of stdin as text; read as bytes where possible, so a path that is not valid UTF-8 keeps its bytes
-    (``surrogateescape``, as the OS hands names to Python) whatever the stream's encoding or error mode."""
+    """Lines of stdin as text, through the bounded reader; read as bytes where possible, so a path that is not
+    valid UTF-8 keeps its bytes (``surrogateescape``, as the OS hands names to Python) whatever the stream's
+    encoding or error mode."""
     binary = getattr(stdin, "buffer", None)
     if binary is None:  # already text (a StringIO in tests and library use)
-        yield from stdin
+        yield from iter_lines(stdin)
         return
-    for raw in binary:
+    for raw in iter_lines(binary):
         yield raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
 
 
 def _read_stdin(stdin: IO) -> Iterator[Item | BadInput]:
-    for lineno, raw in enumerate(_stdin_lines(stdin), 1):
+    lines = _stdin_lines(stdin)
+    lineno = 0
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except LineTooLong as exc:  # no newline in sight: one error row, and stdin is not read further
+            yield BadInput(id=f"stdin:line-{exc.lineno}", source="-",
+                           error=f"stdin line {exc.lineno}: longer than {exc.shown} (no newline: not a list of "
+                                 "paths or JSONL rows); stdin was not read further")
+            return
+        lineno += 1
         line = raw.strip()
         if lineno == 1:
             line = line.lstrip("\ufeff")  # tolerate a UTF-8 BOM from Windows tools

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,11 +32,21 @@ def models_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """One registry entry. ``policy``: the model's tuned scale policy as the YAML states it (keys ``tokens``,
+    ``auto_scale``, ``threshold``, ``measure``, ``ladder``, ``on_miss``; checked by
+    :meth:`m3cli.matryoshka.policy.PolicySpec.from_mapping`), None when it has none."""
+
     name: str
     location: str
     format: str
     description: str = ""
     scales: tuple[int, ...] = ()
+    policy: dict[str, Any] | None = None
+
+    @property
+    def local(self) -> bool:
+        """Whether the entry names a local path (shipped) rather than a hub id."""
+        return Path(self.location).is_absolute()
 
 
 def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
@@ -58,8 +69,25 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
             format=spec.get("format", "hf"),
             description=spec.get("description", ""),
             scales=tuple(spec.get("scales", ())),
+            policy=dict(spec["policy"]) if isinstance(spec.get("policy"), dict) else spec.get("policy"),
         )
     return entries
+
+
+def find_entry(value: str | None) -> ModelEntry | None:
+    """The registry entry ``--model value`` names: by name, or a local path that is an entry's directory
+    (``--model models/m3-shapes`` is the shipped model too); None for anything else (None: the default)."""
+    entries = load_registry()
+    name = value or DEFAULT_MODEL
+    if name in entries:
+        return entries[name]
+    if value is None or not os.path.exists(value):
+        return None
+    real = os.path.realpath(value)
+    for entry in entries.values():
+        if entry.local and os.path.exists(entry.location) and os.path.realpath(entry.location) == real:
+            return entry
+    return None
 
 
 def resolve_model(value: str | None) -> str:

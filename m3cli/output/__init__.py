@@ -5,14 +5,24 @@ and flushes each one as soon as every row before it is done, so a killed run los
 buffered, and :func:`read_done_ids` can resume it from the JSONL file it left behind.
 
 ``sinks`` holds the schema and formats, ``ordered`` the writer, ``resume`` the JSONL scan and repair (and the
-checks ``--resume`` makes before it appends), ``target`` the locked ``-o`` file of a run, ``summary`` the
-end-of-run counts.
+checks ``--resume`` makes before it appends), ``target`` the output guard every file m3 writes goes through
+(:class:`OutputTarget` for results written row by row, :class:`OutputFile` for files written whole),
+``summary`` the end-of-run counts.
 """
 
 from __future__ import annotations
 
 from m3cli.output.ordered import OrderedWriter
-from m3cli.output.resume import ResumeState, prepare_resume, read_done_ids, read_error_ids, repair_jsonl
+from m3cli.output.resume import (
+    BATCH_ROWS,
+    ResumeState,
+    RowSchema,
+    looks_like,
+    prepare_resume,
+    read_done_ids,
+    read_error_ids,
+    repair_jsonl,
+)
 from m3cli.output.sinks import (
     CONFIDENCE_DIGITS,
     ROW_KEYS,
@@ -28,22 +38,38 @@ from m3cli.output.sinks import (
     round_confidences,
 )
 from m3cli.output.summary import Summary
-from m3cli.output.target import OutputTarget, is_stdout
+from m3cli.output.target import (
+    FolderInput,
+    OutputFile,
+    OutputTarget,
+    check_folder,
+    check_output_dir,
+    check_path,
+    is_stdout,
+)
 
 __all__ = [
+    "BATCH_ROWS",
     "CONFIDENCE_DIGITS",
     "ROW_KEYS",
     "CsvSink",
+    "FolderInput",
     "Format",
     "JsonlSink",
     "OrderedWriter",
+    "OutputFile",
     "OutputTarget",
     "OutputWriteError",
     "ResumeState",
+    "RowSchema",
     "RowSink",
     "Summary",
     "TextSink",
+    "check_folder",
+    "check_output_dir",
+    "check_path",
     "is_stdout",
+    "looks_like",
     "make_row",
     "open_sink",
     "prepare_resume",

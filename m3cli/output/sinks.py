@@ -18,7 +18,7 @@ from typing import IO, Any, Literal, Protocol, runtime_checkable
 
 from m3cli.errors import OutputError, describe, one_line
 from m3cli.fileio import dumps_row, escape_surrogates, has_surrogates, path_bytes_b64, text_safe
-from m3cli.output.resume import repair_jsonl
+from m3cli.output.resume import RowId, repair_jsonl
 
 ROW_KEYS: tuple[str, ...] = (
     "id",
@@ -35,11 +35,19 @@ ROW_KEYS: tuple[str, ...] = (
     "model",
     "backend",
     "timings",
+    "finish_reason",  # the final answer's: "stop" (end of sequence or a stop sequence) or "length" (cut short)
+    "prompt_tokens",  # positions the LM prefilled (text + visual), summed over every rung tried
+    "completion_tokens",  # tokens the LM generated, summed over every rung tried
     "error",
     "note",  # a remark on an answer that looks like none (an empty generation), else None
     "run",  # what the row was made with (model, run question, budget): --resume checks it
     "source_b64",  # the exact bytes of a source that is not valid UTF-8 (base64), else None
     "frames",  # a video collage's frame indices (m3 batch --video-mode collage), else None
+    # what was done to an image file's pixels (m3cli.media.Picture.fields; None for video frames and errors):
+    "upright",  # True: turned by its EXIF orientation (--upright); False: it has one, fed as stored; else None
+    "alpha",  # "dropped" (as the recipe does) or the "#rrggbb" transparency was composited onto; None: opaque
+    "decode_scale",  # --fast-decode: the JPEG's reduced decode scale (0.5, 0.25, 0.125), else None
+    "threshold_met",  # --auto-scale: whether the answer's rung reached the threshold; None for a fixed scale
 )
 
 _NESTED_KEYS = frozenset({"scales_tried", "timings", "run"})
@@ -193,11 +201,23 @@ class JsonlSink(_StreamSink):
         self._put(dumps_row(row) + "\n")
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...), +cmd|...); OWASP's
+# "CSV injection" advice: prefix such a cell with an apostrophe, which spreadsheets show as text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: str) -> str:
+    """A CSV cell that a spreadsheet shows as text: ``'`` prepended when ``value`` starts like a formula."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
 class CsvSink(_StreamSink):
     """CSV with a ``ROW_KEYS`` header (once), nested fields JSON-encoded in their cell, None as empty.
 
     The header is written with the first row, or at close if there were none (so an empty run still yields
-    a valid CSV); pass ``header=False`` when appending to a file that already has one.
+    a valid CSV); pass ``header=False`` when appending to a file that already has one. A text cell that
+    starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading apostrophe
+    (:func:`csv_safe`), so opening the file in a spreadsheet never runs a formula from a file name or answer.
     """
 
     def __init__(self, stream: IO[str], owns: bool = False, header: bool = True) -> None:
@@ -227,6 +247,8 @@ class CsvSink(_StreamSink):
             return dumps_row(value)
         if isinstance(value, float) and not math.isfinite(value):
             return ""
+        if isinstance(value, str):
+            return csv_safe(value)
         return value
 
     def write(self, row: dict[str, Any]) -> None:
@@ -250,7 +272,9 @@ class TextSink(_StreamSink):
     """Human format, one line per row: ``{id}<TAB>{answer}<TAB>[{tokens} tok, conf {confidence:.2f}]``.
 
     Error rows read ``{id}<TAB>ERROR: {error}``. Whitespace runs in answers are collapsed so each row stays
-    one line; bracket parts whose value is None are left out (the whole bracket if both are).
+    one line, and control characters (a file name's escape sequences) are written as escapes (``\\x1b``), so
+    printing rows never drives the terminal; bracket parts whose value is None are left out (the whole
+    bracket if both are).
     """
 
     def write(self, row: dict[str, Any]) -> None:
@@ -295,12 +319,14 @@ def _ends_with_newline(path: str) -> bool:
         return f.read(1) == b"\n"
 
 
-def open_sink(fmt: Format, path: str | os.PathLike[str] | None, append: bool = False) -> RowSink:
+def open_sink(fmt: Format, path: str | os.PathLike[str] | None, append: bool = False,
+              row_id: RowId | None = None) -> RowSink:
     """A sink for ``fmt`` writing to ``path`` (None or "-": stdout, which is never closed).
 
     With ``append`` an existing file is extended: a JSONL file is first repaired (a half-written last line
     would otherwise glue onto the next row), a CSV file that already has content gets no second header, and
-    a CSV/text file not ending in a newline gets one so new rows start on their own line.
+    a CSV/text file not ending in a newline gets one so new rows start on their own line. ``row_id`` finds the
+    id of a JSONL line's row for that repair (default: its ``id`` field; see :meth:`RowSchema.row_id`).
     """
     if fmt not in ("jsonl", "csv", "text"):
         raise ValueError(f"unknown output format {fmt!r} (expected jsonl, csv or text)")
@@ -314,7 +340,7 @@ def open_sink(fmt: Format, path: str | os.PathLike[str] | None, append: bool = F
         try:
             has_content = append and os.path.exists(path) and os.path.getsize(path) > 0
             if has_content and fmt == "jsonl":
-                repair_jsonl(path)
+                repair_jsonl(path, *(() if row_id is None else (row_id,)))
                 has_content = os.path.getsize(path) > 0
             needs_newline = has_content and fmt != "jsonl" and not _ends_with_newline(path)
             # newline="": we write "\n" ourselves and csv needs untranslated line ends.

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from m3cli.errors import UsageError
+from m3cli.fileio import input_problem
 from m3cli.matryoshka.scales import nested_scales
 from m3cli.models.build import ModelSpec
 
@@ -50,8 +51,11 @@ STAGE_KINDS = ("vision", "vqa", "m3")
 def load_config(path: str | Path) -> TrainConfig:
     """Read and validate a training YAML."""
     path = Path(path)
-    if not path.is_file():
+    problem = input_problem(path)
+    if problem == "file not found":
         raise ConfigError(f"config not found: {path}")
+    if problem is not None:
+        raise ConfigError(f"config {path}: {problem}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

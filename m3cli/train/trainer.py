@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from m3cli.data import drawings, phrasings, scenes
 from m3cli.errors import UsageError
-from m3cli.fileio import atomic_open
 from m3cli.matryoshka.scales import pool
 from m3cli.models.build import ModelSpec, build_model, build_processor, build_tokenizer, save_bundle
+from m3cli.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from m3cli.train.config import StageConfig, TrainConfig
 from m3cli.train.packing import IGNORE, IMAGE_SLOT, block_mask, pack, pad_batch
 
@@ -36,7 +36,6 @@ HEADS = {
     "glyph": len(scenes.LABEL_NAMES["glyph"]),
     "background": len(scenes.BACKGROUND_NAMES) + 1,
 }
-CHECKPOINT = "checkpoint.pt"
 
 
 class TrainError(UsageError, RuntimeError):
@@ -185,19 +184,15 @@ class Trainer:
         ids = self.tokenizer(" " + word, add_special_tokens=False).input_ids
         return ids[0]
 
-    # -- state ---------------------------------------------------------------------------
+    # -- state (m3cli.train.checkpoint: weights_only loading) ------------------------------
     def save_checkpoint(self, state: dict) -> None:
-        """Write ``state`` atomically: a run killed mid-write keeps its previous checkpoint."""
-        with atomic_open(self.out / CHECKPOINT, "wb") as fh:
-            torch.save(state, fh)
+        save_checkpoint(self.out, state)
 
     def load_checkpoint(self) -> dict | None:
-        path = self.out / CHECKPOINT
-        if not path.is_file():
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.heads.load_state_dict(state["heads"])
+        state = load_checkpoint(self.out)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.heads.load_state_dict(state["heads"])
         return state
 
     def record(self, **fields) -> None:

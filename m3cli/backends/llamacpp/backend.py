@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from m3cli.backends import visual_counts
-from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, stops_early
+from m3cli.backends.base import AnswerRequest, Encoded, Generation, ModelLoadError, finish, stop_index, stops_early
 from m3cli.backends.llamacpp import native
 from m3cli.backends.llamacpp.family import crop_arrays, gguf_family, tower_array
 from m3cli.backends.llamacpp.files import check_gguf_file, find_mmproj, gguf_metadata
@@ -73,13 +73,16 @@ class LlamaCppBackend:
     ``chat_template`` is ``--chat-template FILE|NAME`` (a jinja / ``chat_template.json`` file or a recipe
     name such as ``vicuna_v1``); without it the GGUF's own recipe or template is used, and a GGUF without
     either gets LLaVA-1.5's ``vicuna_v1`` with a one-line notice (:attr:`notice`, logged as a warning).
+    ``prefix_after_special`` states whether the source tokenizer put a "▁" after special tokens, for a pair
+    that does not record it (None: the pair's ``m3cli.prefix_after_special`` key, else yes for SentencePiece).
     """
 
     name = "llamacpp"
 
     def __init__(self, model: str, mmproj: str | None = None, n_gpu_layers: int | None = None,
                  mmproj_offload: bool = True, threads: int | None = None, ctx: int | None = None,
-                 verbose: bool = False, patch0: str = "auto", chat_template: str | None = None):
+                 verbose: bool = False, patch0: str = "auto", chat_template: str | None = None,
+                 prefix_after_special: bool | None = None):
         if patch0 not in PATCH0_MODES:
             raise ModelLoadError(f"unknown patch0 mode {patch0!r} (one of {', '.join(PATCH0_MODES)})")
         self._closed = False
@@ -99,7 +102,8 @@ class LlamaCppBackend:
             raise ModelLoadError(f"{model} is an mmproj, not a language model (pass it as --mmproj)")
         mm_path = check_gguf_file(mmproj, "mmproj file") if mmproj else find_mmproj(lm_path)
         # the family (recipe, preprocessing) before any weights load: anything m3 cannot run is refused here
-        self.family, self.notice = gguf_family(lm_path, lm_meta, gguf_metadata(mm_path), chat_template=chat_template)
+        self.family, self.notice = gguf_family(lm_path, lm_meta, gguf_metadata(mm_path), chat_template=chat_template,
+                                               prefix_after_special=prefix_after_special)
         self.spec = self.family.spec
         self.recipe = self.family.recipe
         self.next = self.spec.family == "llavanext"
@@ -384,23 +388,28 @@ class LlamaCppBackend:
         start = time.perf_counter()
         tokens: list[int] = []
         logprobs: list[float] = []
-        stopped = False
+        stopped = ended = False
         for _ in range(req.max_new_tokens):
             lp = native.last_logprobs(L, self.lctx, self.n_vocab)
             tok = int(lp.argmax())
             if L.llama_vocab_is_eog(self.vocab, tok):
+                ended = True
                 break
             tokens.append(tok)
             logprobs.append(float(lp[tok]))
             stopped = stops_early(req, logprobs)
             if stopped or len(tokens) >= req.max_new_tokens:
                 break
+            if req.stop and stop_index(self.detokenize(tokens), req.stop) is not None:
+                ended = True
+                break
             self._decode_tokens([tok], pos, want_logits=True)
             pos += 1
         decode_ms = (time.perf_counter() - start) * 1000
-        return Generation(text=self.detokenize(tokens).strip(), token_ids=tokens, logprobs=logprobs,
-                          prefill_ms=prefill_ms, decode_ms=decode_ms, stopped_early=stopped,
-                          visual_tokens=int(visual.shape[0]))
+        text, reason = finish(self.detokenize(tokens), req.stop, len(tokens), req.max_new_tokens, ended)
+        return Generation(text=text, token_ids=tokens, logprobs=logprobs, prefill_ms=prefill_ms, decode_ms=decode_ms,
+                          stopped_early=stopped, visual_tokens=int(visual.shape[0]), finish_reason=reason,
+                          prompt_tokens=len(pre) + len(visual) + len(post), completion_tokens=len(tokens))
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[Generation]:
         """One request at a time (KV of the shared text prefix is kept between requests)."""

@@ -3,7 +3,9 @@
 * :func:`gguf_family`: the :class:`~m3cli.families.Family` of a (language model, mmproj) pair and the one-line
   notice when its prompt recipe fell back (no chat template). Order of the recipe: ``--chat-template FILE|NAME``,
   the ``m3cli.prompt_recipe`` key ``m3 convert`` writes, the GGUF's ``tokenizer.chat_template`` (llava-hf's
-  ``{% generation %}`` tags render as their body), then the family's ``vicuna_v1``. Preprocessing: the
+  ``{% generation %}`` tags render as their body), then the family's ``vicuna_v1``; whether text after a special
+  token gets a "▁": ``--prefix-after-special/--no-prefix-after-special``, the ``m3cli.prefix_after_special`` key,
+  else yes for a SentencePiece vocabulary (:func:`gguf_prefix_after_special`). Preprocessing: the
   ``m3cli.image_aspect_ratio`` key, else ``pad`` (what llama.cpp does to LLaVA-1.5 images, and the recipe the
   original checkpoints were trained with); LLaVA-1.6 pairs (pinpoints in the mmproj) get ``anyres``. An mmproj
   that is not LLaVA's is refused in one line.
@@ -20,37 +22,40 @@ from typing import Any
 
 import numpy as np
 
-from m3cli.families import Family, PromptRecipe, family_for, gguf_family_spec, recipe_named
+from m3cli.families import Family, family_for, gguf_family_spec, recipe_named
 from m3cli.gguf.keys import PREFIX_AFTER_SPECIAL_KEY
 
 FALLBACK_RECIPE = "vicuna_v1"   # LLaVA-1.5's (conv_vicuna_v1), what liuhaotian-style GGUFs without a template need
 
 def gguf_family(lm_path: str | Path, lm_meta: Mapping[str, Any], mm_meta: Mapping[str, Any], *,
-                chat_template: str | None = None) -> tuple[Family, str | None]:
-    """(family, notice) of a GGUF pair from its metadata; ``chat_template`` is ``--chat-template FILE|NAME``."""
+                chat_template: str | None = None,
+                prefix_after_special: bool | None = None) -> tuple[Family, str | None]:
+    """(family, notice) of a GGUF pair from its metadata; ``chat_template`` is ``--chat-template FILE|NAME``,
+    ``prefix_after_special`` ``--prefix-after-special/--no-prefix-after-special`` (None: what the pair says)."""
     spec, recipe, notice = gguf_family_spec(lm_path, lm_meta, mm_meta, override=chat_template,
                                             fallback_recipe=FALLBACK_RECIPE)
-    if prefix_after_special(lm_meta):
-        recipe = _with_prefix_after_special(recipe)
+    prefix = gguf_prefix_after_special(lm_meta, prefix_after_special)
+    if prefix != getattr(recipe, "prefix_after_special", False):
+        recipe = recipe_named(recipe.name, template=getattr(recipe, "template", None), prefix_after_special=prefix)
     return family_for(spec, recipe), notice
 
 
-def prefix_after_special(lm_meta: Mapping[str, Any]) -> bool:
+def gguf_prefix_after_special(lm_meta: Mapping[str, Any], stated: bool | None = None) -> bool:
     """Whether text after a special token gets SentencePiece's ``▁`` (as transformers tokenises for this model).
 
-    ``m3 convert`` records it; a GGUF from elsewhere with a SentencePiece (``llama``) vocabulary gets it: that
-    is how the llava-hf tokenizers (their ``tokenizer.json`` normaliser prefixes every piece), the original
-    per-piece tokenisation and llama.cpp itself treat such text.
+    ``stated`` (the user's ``--prefix-after-special`` / ``--no-prefix-after-special``) wins; else the
+    ``m3cli.prefix_after_special`` key that ``m3 convert`` records; else, for a GGUF from elsewhere (llama.cpp's
+    converter does not record it), yes for a SentencePiece (``llama``) vocabulary: that is how the llava-hf
+    tokenizers of transformers 4.x (their ``tokenizer.json`` normaliser prefixes every piece), the original
+    per-piece tokenisation and llama.cpp itself treat such text. A tokenizer re-saved by transformers 5 with a
+    Metaspace ``prepend_scheme: first`` does not: its pairs need ``--no-prefix-after-special``.
     """
+    if stated is not None:
+        return bool(stated)
     recorded = lm_meta.get(PREFIX_AFTER_SPECIAL_KEY)
     if recorded is not None:
         return bool(recorded)
     return lm_meta.get("tokenizer.ggml.model") == "llama"
-
-
-def _with_prefix_after_special(recipe: PromptRecipe) -> PromptRecipe:
-    template = getattr(recipe, "template", None)
-    return recipe_named(recipe.name, template=template, prefix_after_special=True)
 
 
 def crop_arrays(family: Family, image: Any) -> list[np.ndarray]:

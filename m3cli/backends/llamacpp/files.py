@@ -7,6 +7,7 @@ from typing import Any
 
 from m3cli.backends.base import ModelLoadError
 from m3cli.errors import describe
+from m3cli.fileio import input_problem
 from m3cli.gguf.layout import ROT_SUFFIX
 from m3cli.gguf.reader import has_gguf_magic, read_metadata
 
@@ -14,10 +15,11 @@ from m3cli.gguf.reader import has_gguf_magic, read_metadata
 def check_gguf_file(path: str, what: str) -> Path:
     """``path`` as a Path, or a one-line ModelLoadError unless it is a readable GGUF file."""
     p = Path(path).expanduser()
-    if not p.exists():
+    problem = input_problem(p, empty_ok=False)  # by type first: a FIFO would block, a device never end
+    if problem == "file not found":
         raise ModelLoadError(f"{what} not found: {path}")
-    if not p.is_file():
-        raise ModelLoadError(f"{what} is not a file: {path}")
+    if problem is not None:
+        raise ModelLoadError(f"{what} {path}: {problem}")
     try:
         is_gguf = has_gguf_magic(p)
     except OSError as exc:
