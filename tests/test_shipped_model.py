@@ -58,3 +58,42 @@ def test_readme_first_command():
     res = CliRunner().invoke(cli, ["ask", str(EXAMPLES / "scene-0.png"), "what colour is the background?",
                                    "--tokens", "1"])
     assert res.exit_code == 0 and res.stdout.strip() == "brown"
+
+
+# People's wording and people's pictures: no answer runs on to the token cap, at any scale.
+ONE_WORD = ["What color is the background?", "what colour is the background", "Name the background colour.",
+            "How many shapes are there?", "count the shapes", "Is there a red shape?",
+            "Which shape is in the top-left corner?", "What's the colour of the disc?", "What letter is written?"]
+OPEN = ["What is this?", "Describe the picture."]
+CAP = 8
+
+
+def _disc_on_blue():
+    """A person's first try: a red disc on a blue 336 px canvas (not a 48 px scene)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (336, 336), (35, 85, 245))
+    ImageDraw.Draw(image).ellipse((100, 100, 236, 236), fill=(220, 20, 20))
+    return image
+
+
+# The shipped weights know their training templates only (docs/models.md, "Wording and pictures"): this is
+# what weights that replace them must pass. strict: it fails loudly once they do, so the mark goes.
+@pytest.mark.xfail(strict=True, reason="the shipped weights run on to the cap on wording they were not trained on")
+@pytest.mark.parametrize("image", ["disc", "scene-0"])
+def test_answers_end_at_every_scale_however_asked(shipped, image):
+    from m3cli.backends.base import AnswerRequest
+
+    encoded = shipped.encode([_disc_on_blue() if image == "disc" else _image(0)])[0]
+    scales = shipped.scales
+    asked = [(q, s, CAP) for q in ONE_WORD for s in scales] + [(q, s, 16) for q in OPEN for s in scales]
+    generations = shipped.answer([AnswerRequest(encoded, s, q, n) for q, s, n in asked])
+    for (question, scale, cap), gen in zip(asked, generations, strict=True):
+        where = f"{question!r} at {scale} tokens: {gen.text!r}"
+        assert len(gen.token_ids) < cap, "ran to the cap: " + where
+        words = gen.text.split()
+        if cap == CAP:
+            assert len(words) == 1, where
+        else:  # a description: the background first, no word said twice in a row
+            assert words[1:2] == ["background"], where
+            assert all(a != b for a, b in zip(words, words[1:], strict=False)), where

@@ -85,6 +85,11 @@ def _data_options(fn):
               help="Questions (scenes: balanced over the families, default 600; --data: the first N rows).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="Scene split (default test).")
 @click.option("--family", "families", multiple=True, help="Only these question families (repeatable).")
+@click.option("--phrasing", type=click.Choice(["template", "train", "held-out"]), default=None,
+              help="Scenes: ask each question in its template (default), in a training phrasing or in a phrasing "
+                   "held out of training (docs/models.md).")
+@click.option("--drawings", "drawn", is_flag=True,
+              help="Scenes: ask about the split's drawings (48-512 px, larger shapes) instead of its 48 px scenes.")
 @click.option("--auto-scale", is_flag=True,
               help="Also replay confidence escalation at each --thresholds value (always on with --data).")
 @click.option("--thresholds", type=NumberList(float, 0.0, 1.0), default="0.5,0.8,0.9,0.95", show_default=True)
@@ -101,8 +106,8 @@ def _data_options(fn):
               help="Write accuracy vs mean visual tokens as a PNG (needs matplotlib).")
 @question_limit_option
 @_data_options
-def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tune, batch_size, json_path,
-             plot_path, max_question_chars, data, metric, prompt_suffix, question_suffix, short_answer,
+def eval_cmd(scales, count, split, families, phrasing, drawn, auto_scale, thresholds, measure, tune, batch_size,
+             json_path, plot_path, max_question_chars, data, metric, prompt_suffix, question_suffix, short_answer,
              max_new_tokens, samples_path, samples_format, circular, image_folder, answers_out, resume, overwrite,
              retry_errors, encode_cache, export_dir, export_format, progress, image_options, **model_kw):
     """Accuracy per question family and scale, with the oracle, on the synthetic scenes or --data rows.
@@ -112,6 +117,7 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
       m3 eval --n 600 --split test --plot docs/img/accuracy.png
       m3 eval --auto-scale --thresholds 0.5,0.8,0.9,0.95 --split val
       m3 eval --export-data demo -n 60
+      m3 eval --phrasing held-out --split test
       m3 eval --data demo/test.jsonl --plot acc.png --samples s.jsonl
       m3 eval --data mmbench_dev.tsv --model llava-v1.5-7b-m3 --circular --plot mmbench.png
 
@@ -131,6 +137,8 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
         raise click.UsageError(f"--measure must be one of {', '.join(MEASURES)}")
     _check_flags(data, export_dir, split, auto_scale, tune, metric, prompt_suffix, question_suffix, short_answer,
                  samples_path, resume, retry_errors)
+    if data and (phrasing or drawn):
+        raise click.UsageError("--phrasing and --drawings pick synthetic questions; they do not go with --data")
     if overwrite and resume:
         raise click.UsageError("--overwrite replaces the --samples file and --resume completes it: give one of them")
     if not image_options.exact and not data:  # the scenes are drawn in memory: no file, no EXIF, no alpha
@@ -145,7 +153,7 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
         OutputFile.check(export_path(export_dir, split or "test", export_format), "--export-data",
                          overwrite=overwrite, ours=is_eval_data, create_parent=True)
         path, n_rows, n_images = export_scenes(export_dir, split or "test", count or 600, list(families) or None,
-                                               export_format)
+                                               export_format, phrasing or "template", drawn)
         click.echo(f"wrote {n_rows} questions on {n_images} images: {path}")
         return
     # a bad source fails before the model loads
@@ -174,7 +182,8 @@ def eval_cmd(scales, count, split, families, auto_scale, thresholds, measure, tu
     target = open_samples(opts, *_data_inputs(data), schema=samples_schema(samples_format)) if opts else None
     try:
         _run_eval(rows, opts, bench, target, outputs, scales, split, count, families, batch_size, max_new_tokens,
-                  measure, thresholds if auto_scale or rows is not None else [], tune, data, progress, model_kw)
+                  measure, thresholds if auto_scale or rows is not None else [], tune, data, progress, model_kw,
+                  phrasing=phrasing or "template", drawn=drawn)
     finally:
         if target is not None:
             target.close()
@@ -209,7 +218,7 @@ def _check_outputs(data, json_path, plot_path, overwrite: bool) -> dict:
 
 
 def _run_eval(rows, opts, bench, target, outputs, scales, split, count, families, batch_size, max_new_tokens,
-              measure, levels, tune, data, progress, model_kw) -> None:
+              measure, levels, tune, data, progress, model_kw, phrasing: str = "template", drawn: bool = False) -> None:
     """Load the model, evaluate, print the tables and write the reports (the outputs were checked before)."""
     from m3cli.backends import open_backend
 
@@ -223,7 +232,8 @@ def _run_eval(rows, opts, bench, target, outputs, scales, split, count, families
             result = None
             report = evaluate(backend, split=split or "test", n=count or 600, scales=picked,
                               families=list(families) or None, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens or 4, progress=bar)
+                              max_new_tokens=max_new_tokens or 4, progress=bar,
+                              phrasing=phrasing, drawn=drawn)
         else:
             from dataclasses import replace
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -495,10 +495,12 @@ def sample(split: str, index: int) -> Sample:
 
 
 def iter_questions(
-    split: str, n: int, families: Sequence[str] | None = None, max_lookahead: int = 1000
+    split: str, n: int, families: Sequence[str] | None = None, max_lookahead: int = 1000,
+    source: Callable[[str, int], Sample] = sample,
 ) -> Iterator[tuple[Sample, QA]]:
     """First ``n`` (sample, qa) pairs of a split, round-robin over ``families`` (default: the one-word
-    ``FAMILIES``; ``describe`` is asked when named).
+    ``FAMILIES``; ``describe`` is asked when named). ``source`` builds item i of the split (default: the
+    scenes; ``drawings.sample`` for drawings).
 
     Samples are read in index order; each turn takes the earliest unused question of the next family, so a
     family's questions do not depend on which other families are asked. A family with no question in
@@ -517,7 +519,7 @@ def iter_questions(
         fam = fams[turn % len(fams)]
         start = next_index
         while not queues[fam] and next_index - start < max_lookahead:
-            item = sample(split, next_index)
+            item = source(split, next_index)
             next_index += 1
             for qa in (*item.qas, *((item.describe,) if item.describe else ())):
                 if qa.family in queues:

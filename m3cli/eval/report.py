@@ -48,6 +48,7 @@ class Record:
     id: str = ""
     pass_mark: float = 1.0  # the score that counts as correct (describe: m3cli.data.describe.PASS_MARK)
     visual: dict[int, int] | None = None  # visual tokens the LM received per scale (LLaVA-NeXT); None: the scale
+    capped: dict[int, bool] | None = None  # the answer ran to its token cap (did not end by itself) per scale
     parts: tuple[Record, ...] = ()  # the ways this question was asked (CircularEval); () for one plain question
 
     def score(self, scale: int) -> float:
@@ -100,11 +101,18 @@ class EvalReport:
     seconds: float
     families: list[str] = field(default_factory=list)
     data: str | None = None
+    questions: str | None = None  # the scenes asked otherwise than by their templates: "held-out phrasings"
 
     @property
     def label(self) -> str:
         """What was evaluated, for headers and titles."""
-        return f"data `{self.data}`" if self.data is not None else f"split `{self.split}`"
+        if self.data is not None:
+            return f"data `{self.data}`"
+        return f"split `{self.split}`" + (f" ({self.questions})" if self.questions else "")
+
+    def capped(self, scale: int, family: str | None = None) -> int:
+        """Answers (of one family if given) that ran to their token cap at ``scale`` instead of ending."""
+        return sum(bool(r.capped and r.capped[scale]) for r in self.records if family is None or r.family == family)
 
     def accuracy(self, scale: int, family: str | None = None) -> float:
         """Mean score at ``scale`` (over one family's records if given)."""
@@ -206,6 +214,10 @@ class EvalReport:
             out["visual_tokens"] = {str(s): self.visual_tokens(s) for s in self.scales}
         if self.data is not None:
             out["data"] = self.data
+        if self.questions is not None:
+            out["questions"] = self.questions
+        if any(r.capped is not None for r in self.records):
+            out["capped"] = {f: {str(s): self.capped(s, f) for s in self.scales} for f in self.families}
         return out
 
 

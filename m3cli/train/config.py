@@ -29,6 +29,7 @@ class StageConfig:
     scales: list[int] = field(default_factory=lambda: [576])
     align_weight: float = 0.0  # projected patches vs. the tied embeddings of the words naming them
     describe_rate: float = 0.0  # chance per image per step of also packing an open "describe" question
+    phrasing_rate: float = 0.0  # chance per packed question of a drawn phrasing instead of its template
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     model: ModelSpec
     stages: dict[str, StageConfig]
     pool_images: int = 8000  # train-split scenes whose frozen tower features are cached after stage 0
+    pool_drawings: int = 0  # train-split drawings (other sizes, larger shapes) cached with them
     checkpoint_every: int = 100
     threads: int | None = None
     init: str | None = None  # start from this model directory or registry name (``--init`` overrides)
@@ -65,8 +67,9 @@ def load_config(path: str | Path) -> TrainConfig:
             stage = StageConfig(**body)
             if stage.kind not in STAGE_KINDS:
                 raise ConfigError(f"{path}: stage {name}: kind must be one of {STAGE_KINDS}")
-            if not 0.0 <= stage.describe_rate <= 1.0:
-                raise ConfigError(f"{path}: stage {name}: describe_rate must be between 0 and 1")
+            for key in ("describe_rate", "phrasing_rate"):
+                if not 0.0 <= getattr(stage, key) <= 1.0:
+                    raise ConfigError(f"{path}: stage {name}: {key} must be between 0 and 1")
             stages[name] = stage
         config = TrainConfig(
             name=raw.get("name", path.stem),
@@ -74,6 +77,7 @@ def load_config(path: str | Path) -> TrainConfig:
             model=spec,
             stages=stages,
             pool_images=int(raw.get("pool_images", 8000)),
+            pool_drawings=int(raw.get("pool_drawings", 0)),
             checkpoint_every=int(raw.get("checkpoint_every", 100)),
             threads=raw.get("threads"),
             init=str(raw["init"]) if raw.get("init") else None,

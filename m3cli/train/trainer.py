@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3cli.data import scenes
+from m3cli.data import drawings, phrasings, scenes
 from m3cli.errors import UsageError
 from m3cli.matryoshka.scales import pool
 from m3cli.models.build import ModelSpec, build_model, build_processor, build_tokenizer, save_bundle
@@ -323,27 +323,41 @@ class Trainer:
 
     # -- cached tower features for the LM stages ------------------------------------------
     def ensure_features(self) -> None:
+        """Cache the frozen tower's features of the first ``pool_images`` train scenes, then of the first
+        ``pool_drawings`` train drawings (resized to the tower's input as the model's image processor does)."""
         if self.features is not None:
             return
         t0 = time.perf_counter()
         self.model.eval()
-        n = self.config.pool_images
+        n, n_drawn = self.config.pool_images, self.config.pool_drawings
         chunks, labels = [], {k: [] for k in HEADS}
-        pool_samples = []
-        for start in range(0, n, 64):
-            samples = [scenes.sample("train", i) for i in range(start, min(n, start + 64))]
-            pool_samples += samples
-            chunks.append(self.tower_features([scenes.render(s.scene) for s in samples]))
-            for s in samples:
-                lab = scenes.patch_labels(s.scene)
+        pool_scenes = []
+        for start in range(0, n + n_drawn, 64):
+            batch = range(start, min(n + n_drawn, start + 64))
+            items = [scenes.sample("train", i).scene if i < n else drawings.drawing("train", i - n) for i in batch]
+            images = [scenes.render(x) if isinstance(x, scenes.Scene) else self.tower_input(drawings.render(x))
+                      for x in items]
+            chunks.append(self.tower_features(images))
+            for x in items:
+                scene = x if isinstance(x, scenes.Scene) else x.scene
+                pool_scenes.append(scene)
+                lab = drawings.drawing_labels(scene)
                 for k in labels:
                     labels[k].append(lab[k].reshape(-1))
         self.features = torch.cat(chunks)
         self.pool_labels = {k: np.stack(v) for k, v in labels.items()}
-        self.pool_qas = [scenes.all_questions(s.scene) for s in pool_samples]
-        self.pool_descriptions = [scenes.description(s.scene) for s in pool_samples]
+        self.pool_qas = [scenes.all_questions(s) for s in pool_scenes]
+        self.pool_descriptions = [scenes.description(s) for s in pool_scenes]
         self.model.train()
-        self.record(stage="features", images=n, seconds=round(time.perf_counter() - t0, 1))
+        self.record(stage="features", images=n, drawings=n_drawn, seconds=round(time.perf_counter() - t0, 1))
+
+    def tower_input(self, image):
+        """The 48 px bitmap the tower sees for a user-sized image: CLIP's resize and crop, as at inference."""
+        from m3cli.families import ImageSpec, tower_image
+
+        spec = ImageSpec(size=self.spec.image_size, mean=tuple(self.spec.image_mean), std=tuple(self.spec.image_std),
+                         shortest_edge=self.spec.image_size)
+        return tower_image(image, spec, "crop")
 
     def align_targets(self, idx: np.ndarray) -> torch.Tensor:
         """Multi-hot vocabulary targets per patch: the words that name what covers it."""
@@ -369,14 +383,18 @@ class Trainer:
         return target
 
     # -- stages 1 and 2: the LM loss at one or many scales ----------------------------------
-    def step_questions(self, idx: np.ndarray, rng: np.random.Generator, describe_rate: float) -> list[list]:
+    def step_questions(self, idx: np.ndarray, rng: np.random.Generator, describe_rate: float,
+                       phrasing_rate: float = 0.0) -> list[list]:
         """Every packed question of each pooled image ``idx``: all its one-word questions and, with chance
-        ``describe_rate``, one open question in a phrasing drawn from ``rng`` (answered by its description)."""
+        ``describe_rate``, one open question in a phrasing drawn from ``rng`` (answered by its description);
+        then each question, with chance ``phrasing_rate``, in a training phrasing (``phrasings.TRAIN``)."""
         out = []
         for i in idx:
             qas = list(self.pool_qas[i])
             if describe_rate > 0 and rng.random() < describe_rate:
                 qas.append(scenes.QA(scenes.DESCRIBE, scenes.describe_question(rng), self.pool_descriptions[i]))
+            if phrasing_rate > 0:
+                qas = [phrasings.rephrase(qa, rng) if rng.random() < phrasing_rate else qa for qa in qas]
             out.append(qas)
         return out
 
@@ -427,8 +445,9 @@ class Trainer:
         for step in range(start, stage.steps):
             rng = self._step_rng(name, step)
             idx = rng.choice(n_pool, size=stage.batch, replace=False)
-            # drawn after the images, so a stage without describe questions samples what it always did
-            losses = self.lm_losses(idx, stage.scales, self.step_questions(idx, rng, stage.describe_rate))
+            # drawn after the images, so a stage without describe questions or phrasings samples what it always did
+            qas = self.step_questions(idx, rng, stage.describe_rate, stage.phrasing_rate)
+            losses = self.lm_losses(idx, stage.scales, qas)
             loss = sum(losses.values()) / len(losses)
             shown = {str(s): v.item() for s, v in losses.items()}
             if stage.align_weight > 0:
