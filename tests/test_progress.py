@@ -214,8 +214,8 @@ def test_bench_help_says_where_results_go():
     assert "Nothing is written to disk unless --workdir DIR is given" in text
 
 
-def test_escalation_of_one_item_shows_no_spread(tiny_model_dir):
-    res = CliRunner().invoke(cli, ["bench", "escalation", "--model", str(tiny_model_dir), "-n", "1"])
+def test_escalation_of_one_timing_shows_no_spread(tiny_model_dir):
+    res = CliRunner().invoke(cli, ["bench", "escalation", "--model", str(tiny_model_dir), "-n", "1", "--repeat", "1"])
     assert res.exit_code == 0, res.output
     row = next(ln for ln in res.stdout.splitlines() if ln.startswith("| 1 "))
     assert row.rstrip().endswith("| - |")
