@@ -14,38 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from PIL import Image
-
-from m3cli.cli import cli
+from cli_helpers import one_error_line as _one_error_line
+from cli_helpers import png as _img
+from cli_helpers import rows as _rows
+from cli_helpers import run_cli as _run
+from cli_helpers import run_m3 as _m3
 
 Q = "what colour is the background?"
-
-
-def _run(args, input=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
-
-
-def _m3(args, **kw):
-    return subprocess.run([sys.executable, "-m", "m3cli", *map(str, args)], capture_output=True, **kw)
-
-
-def _img(path: Path, colour=(200, 0, 0)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (48, 48), colour).save(path)
-    return path
-
-
-def _rows(text) -> list[dict]:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _one_error_line(stderr: str, needle: str) -> None:
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and needle in errors[0], stderr
-    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
 
 
 def _fifo(path: Path) -> Path:

@@ -18,27 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import one_error_line as _one_error_line
+from cli_helpers import run_cli as _run
+from cli_helpers import run_m3 as _m3
 from PIL import Image, ImageOps
-
-from m3cli.cli import cli
 
 Q = "what colour is the background?"
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "models" / "examples"
 SHIPPED = REPO / "models" / "m3-shapes"
 TIMINGS = re.compile(rb'"timings":\{[^{}]*\}')
-
-
-def _run(args, input=None, env=None):
-    return CliRunner().invoke(cli, [a if isinstance(a, str) else os.fsdecode(a) for a in args], input=input,
-                              env=env, catch_exceptions=False)
-
-
-def _m3(args, **kw):
-    """m3 in a subprocess (the real stdin/stdout encodings, signals, resource limits)."""
-    return subprocess.run([sys.executable, "-m", "m3cli", *[os.fsdecode(a) if isinstance(a, bytes) else str(a)
-                                                           for a in args]], capture_output=True, **kw)
 
 
 def _img(path: Path | bytes, colour=(200, 0, 0)) -> bytes:
@@ -50,12 +39,6 @@ def _img(path: Path | bytes, colour=(200, 0, 0)) -> bytes:
 
 def _rows(data: bytes) -> list[dict]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-
-
-def _one_error_line(stderr: str, needle: str) -> None:
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and needle in errors[0], stderr
-    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
 
 
 def _base(model, *extra):
@@ -456,20 +439,7 @@ def test_random_kills_then_resume_equal_a_straight_run(tmp_path):
     rng = random.Random(20261201)
     out = tmp_path / "out.jsonl"
     for kill in (signal.SIGINT, signal.SIGKILL, rng.choice([signal.SIGINT, signal.SIGKILL])):
-        have = out.read_bytes().count(b"\n") if out.exists() else 0
-        proc = subprocess.Popen([sys.executable, "-m", "m3cli", *args, "-o", str(out), "--resume"],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        proc.stdin.write(stdin)
-        proc.stdin.close()
-        wanted = have + rng.randint(1, 3)  # then a random moment a little later: mid-batch, mid-write
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            if out.exists() and out.read_bytes().count(b"\n") >= wanted:
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.15))
-        proc.send_signal(kill)
-        proc.wait(timeout=60)
+        _kill_at_random(args + ["-o", str(out), "--resume"], stdin, out, rng, kill)
     final = _run(args + ["-o", str(out), "--resume"], input=stdin)
     assert final.exit_code == 1, final.output
     assert TIMINGS.sub(b'"timings":null', out.read_bytes()) == reference

@@ -17,10 +17,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import one_error_line as _one_error_line
+from cli_helpers import run_cli as _run
 from PIL import Image
-
-from m3cli.cli import cli
 
 Q = "what colour is the background?"
 TINY_TRAIN = """
@@ -33,16 +32,6 @@ checkpoint_every: 1
 stages:
   vision: {kind: vision, steps: 1, batch: 2, lr: 0.001}
 """
-
-
-def _run(args, input=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
-
-
-def _one_error_line(stderr: str, needle: str) -> None:
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and needle in errors[0], stderr
-    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
 
 
 # ------------------------------------------------------------------------------- 8: train --resume
