@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -352,8 +351,7 @@ def _progress(job: BatchJob, opts: BatchOptions):
             if not any(isinstance(f, _NotFromCounter) for f in logger.filters):
                 logger.addFilter(_NotFromCounter())
         count = count_requests if job.input_format == "openai" else count_rows
-        threading.Thread(target=lambda: bar.set_total(count(job.inputs, opts)), daemon=True,
-                         name=COUNT_THREAD).start()
+        bar.count_in_background(lambda: count(job.inputs, opts), COUNT_THREAD)
     return bar
 
 

@@ -13,11 +13,13 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Literal
 
 Mode = Literal["bar", "log", "off"]
 ENV_SECONDS = "M3_PROGRESS_SECONDS"
 DEFAULT_SECONDS = 30.0
+COUNT_WAIT_S = 2.0  # how long ``close`` waits for a background count, so a short run's last line has its total
 
 
 def log_interval() -> float:
@@ -76,6 +78,7 @@ class Progress:
         self._last_line = self._started
         self._lines = 0
         self._closed = False
+        self._counter: threading.Thread | None = None
         self._bar = None
         if self.mode == "bar":
             from tqdm import tqdm
@@ -88,6 +91,12 @@ class Progress:
         """The number of units in all, once known (thread-safe; shown from the next update)."""
         with self._lock:
             self._pending_total = total
+
+    def count_in_background(self, count: Callable[[], int | None], name: str) -> None:
+        """Count the total in a daemon thread (``count()`` becomes the total when it returns); ``close`` waits
+        for it up to ``COUNT_WAIT_S``."""
+        self._counter = threading.Thread(target=lambda: self.set_total(count()), daemon=True, name=name)
+        self._counter.start()
 
     def update(self, n: int = 1, note: str | None = None) -> None:
         """``n`` more units done (``note``: the status to show with them from now on)."""
@@ -149,6 +158,8 @@ class Progress:
         if self._closed:
             return
         self._closed = True
+        if self._counter is not None:
+            self._counter.join(COUNT_WAIT_S)
         self._take_total()
         if self._bar is not None:
             self._bar.close()
