@@ -46,6 +46,7 @@ def live(shipped):
 
 def _local(backend, scene: int, question: str, policy_kw: dict, max_new: int = 8) -> dict:
     """What ``m3 ask`` answers (its core call) with the same flags: over the model's tuned policy."""
+    policy_kw = dict(policy_kw)  # the caller's (parametrized) flags are asked again for the next question
     cap = policy_kw.pop("max_visual_tokens", None)
     flags = PolicySpec(**{**policy_kw, "ladder": tuple(policy_kw["ladder"]) if "ladder" in policy_kw else None})
     policy = policy_from_spec(backend.grid_side, flags, cap, model_policy(None))
