@@ -77,9 +77,6 @@ def _disc_on_blue():
     return image
 
 
-# The shipped weights know their training templates only (docs/models.md, "Wording and pictures"): this is
-# what weights that replace them must pass. strict: it fails loudly once they do, so the mark goes.
-@pytest.mark.xfail(strict=True, reason="the shipped weights run on to the cap on wording they were not trained on")
 @pytest.mark.parametrize("image", ["disc", "scene-0"])
 def test_answers_end_at_every_scale_however_asked(shipped, image):
     from m3cli.backends.base import AnswerRequest
