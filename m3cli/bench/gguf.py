@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from m3cli.backends.base import Backend
 from m3cli.bench.scenes import BENCH_QUESTION, scene_files
-from m3cli.bench.stats import Spread
-from m3cli.bench.throughput import ThroughputRow, batch_throughput
+from m3cli.bench.throughput import ThroughputRow, batch_throughput, one_by_one
 from m3cli.errors import UsageError
 
 
@@ -66,17 +64,8 @@ def stock_llava15_loop(lm_path: str, mmproj_path: str, paths: Sequence[str], que
 
     try:
         ask(paths[0])  # warm-up (first encode allocates the CLIP graph)
-        start = time.perf_counter()
-        tokens, each = [], []
-        for path in paths:
-            t0 = time.perf_counter()
-            tokens.append(ask(path))
-            each.append(1000 * (time.perf_counter() - t0))
-            if progress is not None:
-                progress(1)
         label = "stock `Llava15ChatHandler`, 576 tokens, one by one" + (", flash_attn=True" if flash_attn else "")
-        return ThroughputRow(label, len(paths), time.perf_counter() - start, sum(tokens) / len(tokens),
-                             Spread.of(each))
+        return one_by_one(label, paths, ask, progress)
     finally:
         llm.close()
 

@@ -24,6 +24,22 @@ class ThroughputRow:
         return self.items / self.seconds if self.seconds > 0 else float("nan")
 
 
+def one_by_one(label: str, paths: Sequence[str], answer: Callable[[str], int],
+               progress: Callable[[int], None] | None = None) -> ThroughputRow:
+    """Time ``answer(path)`` (which returns its new tokens) over ``paths``, one image at a time: the whole run,
+    the mean new tokens, and the per-image spread (the loops a user writes without m3cli)."""
+    start = time.perf_counter()
+    tokens, each = [], []
+    for path in paths:
+        t0 = time.perf_counter()
+        tokens.append(answer(path))
+        each.append(1000 * (time.perf_counter() - t0))
+        if progress is not None:
+            progress(1)
+    return ThroughputRow(label, len(paths), time.perf_counter() - start, sum(tokens) / max(len(tokens), 1),
+                         Spread.of(each))
+
+
 def naive_generate_loop(backend, paths: Sequence[str], question: str, max_new_tokens: int,
                         progress: Callable[[int], None] | None = None) -> ThroughputRow:
     """What a user would write without m3cli: stock ``generate(pixel_values)`` at the full grid, one by one."""
@@ -49,8 +65,6 @@ def stock_generate_loop(model, processor, device: str, paths: Sequence[str], que
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     extra = {"min_new_tokens": max_new_tokens} if fixed_length else {}
-    new_tokens, each = [], []
-
     def one(path: str) -> int:
         inputs = processor(images=[load_image(path)], text=[prompt], return_tensors="pt").to(device)
         if "pixel_values" in inputs:
@@ -63,15 +77,7 @@ def stock_generate_loop(model, processor, device: str, paths: Sequence[str], que
 
     if warm_up:
         one(paths[0])
-    start = time.perf_counter()
-    for path in paths:
-        t0 = time.perf_counter()
-        new_tokens.append(one(path))
-        each.append(1000 * (time.perf_counter() - t0))
-        if progress is not None:
-            progress(1)
-    return ThroughputRow("naive loop: stock generate(pixel_values), 576 tokens, batch 1", len(paths),
-                         time.perf_counter() - start, sum(new_tokens) / max(len(new_tokens), 1), Spread.of(each))
+    return one_by_one("naive loop: stock generate(pixel_values), 576 tokens, batch 1", paths, one, progress)
 
 
 class TokenCounter:
